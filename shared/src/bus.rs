@@ -1,0 +1,290 @@
+//! NATS JetStream: connecting, creating streams and consumers idempotently, publishing with a
+//! de-duplication id, and the consume loop whose handler's result decides the ack.
+//!
+//! DESIGN.md facts applied here: publish with `Nats-Msg-Id` and treat an ack timeout as
+//! "unknown" (republish with the same id); explicit acks; a message that can never be handled
+//! is `Term`-acked and dead-lettered with the reason, and so is one whose deliveries ran out.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer, stream, AckKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::config::CommonConfig;
+use crate::error::HandleError;
+use crate::subjects::{self, StreamSpec, ALL_STREAMS};
+use crate::wire::{self, DeadLetter, Version};
+
+pub use async_nats::jetstream::Context as JetStream;
+
+/// Connects to NATS; the client reconnects by itself, forever.
+pub async fn connect(config: &CommonConfig) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(Duration::from_secs(5))
+        .connect(config.nats_url.as_str())
+        .await
+        .with_context(|| format!("connecting to NATS at {}", config.nats_url))
+}
+
+/// Creates every stream of [`ALL_STREAMS`] that does not exist yet. Safe to run from every
+/// instance at every start.
+pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
+    for spec in ALL_STREAMS {
+        ensure_stream(js, spec).await?;
+    }
+    Ok(())
+}
+
+async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<stream::Stream> {
+    js.get_or_create_stream(stream::Config {
+        name: spec.name.to_owned(),
+        subjects: vec![spec.subjects.to_owned()],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        max_age: Duration::from_secs(spec.max_age_hours * 3600),
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating stream {}", spec.name))
+}
+
+/// A durable pull consumer of one stream, as the workers use it.
+#[derive(Clone, Debug)]
+pub struct ConsumerSpec {
+    pub stream: StreamSpec,
+    pub durable: &'static str,
+    /// Empty: the whole stream.
+    pub filter_subject: String,
+}
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id: msg_id` and waits for the stream's ack.
+/// An ack that does not come is "unknown": it publishes again with the same id, which the
+/// stream drops if the first one was stored. Returns whether the stream saw a duplicate.
+pub async fn publish(
+    js: &JetStream,
+    subject: String,
+    msg_id: &str,
+    mut headers: HeaderMap,
+    payload: Bytes,
+) -> anyhow::Result<bool> {
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(ack) => return Ok(ack.duplicate),
+            Err(e) if attempt < 8 => {
+                tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(e.context(format!("publishing {msg_id} to {subject}")));
+            }
+        }
+    }
+}
+
+/// One message as a handler sees it.
+#[derive(Debug)]
+pub struct Delivered {
+    pub subject: String,
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub stream_sequence: u64,
+    /// 1 on the first delivery.
+    pub delivered: i64,
+}
+
+impl Delivered {
+    /// The tenant token of the subject (`fl.<tenant>.…`), unchecked.
+    pub fn tenant_token(&self) -> &str {
+        subjects::split(&self.subject)
+            .map(|(t, _, _)| t)
+            .unwrap_or("_")
+    }
+}
+
+/// Pulls from `spec` until `shutdown`, handing each message to `handler` one at a time (the
+/// order of the stream is kept within one consumer). The result decides the ack:
+/// `Ok` -> ack; [`HandleError::Poison`] -> dead letter + `Term`; [`HandleError::Transient`] ->
+/// `Nak` with a growing delay, and dead letter + `Term` on the last allowed delivery.
+pub async fn consume<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    spec: ConsumerSpec,
+    shutdown: CancellationToken,
+    mut handler: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Delivered) -> Fut,
+    Fut: Future<Output = Result<(), HandleError>>,
+{
+    let stream = ensure_stream(js, spec.stream).await?;
+    let consumer: consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            spec.durable,
+            consumer::pull::Config {
+                durable_name: Some(spec.durable.to_owned()),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(config.ack_wait_secs),
+                max_deliver: config.max_deliver,
+                max_ack_pending: 1_000,
+                filter_subject: spec.filter_subject.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("creating consumer {}", spec.durable))?;
+    tracing::info!(
+        stream = spec.stream.name,
+        consumer = spec.durable,
+        "consuming"
+    );
+
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = spec.durable, "pull failed, retrying: {e:#}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = messages.next() => next,
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    // Missed heartbeats while the server restarts, and the like: pull again.
+                    tracing::warn!(consumer = spec.durable, "message stream error: {e:#}");
+                    break;
+                }
+                None => break,
+            };
+            let (stream_sequence, delivered) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.delivered),
+                Err(e) => {
+                    tracing::warn!("message without JetStream info: {e}");
+                    continue;
+                }
+            };
+            let delivered_msg = Delivered {
+                subject: message.subject.to_string(),
+                payload: message.payload.clone(),
+                headers: message.headers.clone(),
+                stream_sequence,
+                delivered,
+            };
+            let span = tracing::info_span!(
+                "handle",
+                otel.name = %format!("{} {}", spec.durable, delivered_msg.subject),
+                subject = %delivered_msg.subject,
+                tenant = tracing::field::Empty,
+                stream_sequence,
+                delivered,
+            );
+            crate::telemetry::set_parent_from(&span, delivered_msg.headers.as_ref());
+            let result = handler(delivered_msg).instrument(span.clone()).await;
+            let ack = match result {
+                Ok(()) => AckKind::Ack,
+                Err(HandleError::Poison(reason)) => {
+                    span.in_scope(|| tracing::warn!(%reason, "dead-lettering poison message"));
+                    dead_letter(js, &spec, &message, stream_sequence, delivered, &reason).await?;
+                    AckKind::Term
+                }
+                Err(HandleError::Transient(e)) if delivered >= config.max_deliver => {
+                    let reason = format!("gave up after {delivered} deliveries: {e:#}");
+                    span.in_scope(|| tracing::error!(%reason, "dead-lettering"));
+                    dead_letter(js, &spec, &message, stream_sequence, delivered, &reason).await?;
+                    AckKind::Term
+                }
+                Err(HandleError::Transient(e)) => {
+                    span.in_scope(|| tracing::warn!("transient failure, will retry: {e:#}"));
+                    let secs = 1u64 << delivered.clamp(0, 5) as u32;
+                    AckKind::Nak(Some(Duration::from_millis(250 * secs)))
+                }
+            };
+            if let Err(e) = message.ack_with(ack).await {
+                // The message comes again after ack_wait; handlers are idempotent.
+                tracing::warn!("ack failed: {e}");
+            }
+        }
+    }
+    tracing::info!(consumer = spec.durable, "stopped");
+    Ok(())
+}
+
+async fn dead_letter(
+    js: &JetStream,
+    spec: &ConsumerSpec,
+    message: &jetstream::Message,
+    stream_sequence: u64,
+    deliveries: i64,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let headers: BTreeMap<String, String> = message
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(k, v)| {
+            let v = v.iter().map(|v| v.as_str()).collect::<Vec<_>>().join(", ");
+            (k.to_string(), v)
+        })
+        .collect();
+    let subject = message.subject.to_string();
+    let tenant = subjects::split(&subject)
+        .map(|(t, _, _)| t)
+        .filter(|t| crate::domain::TenantId::parse(*t).is_ok())
+        .unwrap_or("_")
+        .to_owned();
+    let letter = DeadLetter {
+        version: Version,
+        reason: reason.to_owned(),
+        stream: spec.stream.name.to_owned(),
+        consumer: spec.durable.to_owned(),
+        subject,
+        stream_sequence,
+        deliveries: deliveries.max(0) as u64,
+        payload: String::from_utf8_lossy(&message.payload).into_owned(),
+        headers,
+        at: Utc::now(),
+    };
+    let msg_id = format!(
+        "dl:{}:{}:{}",
+        spec.stream.name, spec.durable, stream_sequence
+    );
+    publish(
+        js,
+        subjects::dead_letter(&tenant, spec.stream.name),
+        &msg_id,
+        HeaderMap::new(),
+        wire::encode(&letter),
+    )
+    .await
+    .map(|_| ())
+}

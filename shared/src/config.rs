@@ -1,0 +1,89 @@
+//! Settings every worker reads: command-line flags, else `FL_*` environment variables, else
+//! defaults. The database URL may hold a password: it is never logged ([`CommonConfig::redacted`]).
+
+use clap::Args;
+
+#[derive(Clone, Debug, Args)]
+pub struct CommonConfig {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "FL_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Postgres connection string (URL or key=value form).
+    #[arg(
+        long,
+        env = "FL_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/firstline"
+    )]
+    pub database_url: String,
+    /// Largest number of Postgres connections this process opens.
+    #[arg(long, env = "FL_DB_POOL_SIZE", default_value_t = 8)]
+    pub db_pool_size: usize,
+    /// How long a consumer waits for an ack before redelivering (seconds).
+    #[arg(long, env = "FL_ACK_WAIT_SECS", default_value_t = 30)]
+    pub ack_wait_secs: u64,
+    /// Deliveries of one message before it is dead-lettered.
+    #[arg(long, env = "FL_MAX_DELIVER", default_value_t = 8)]
+    pub max_deliver: i64,
+}
+
+impl CommonConfig {
+    /// The settings with the database password replaced, for logs.
+    pub fn redacted(&self) -> String {
+        format!(
+            "nats_url={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={}",
+            self.nats_url,
+            redact_url(&self.database_url),
+            self.db_pool_size,
+            self.ack_wait_secs,
+            self.max_deliver
+        )
+    }
+
+    /// Defaults with the given servers: for tests and the all-in-one binary.
+    pub fn new(nats_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            database_url: database_url.into(),
+            db_pool_size: 8,
+            ack_wait_secs: 30,
+            max_deliver: 8,
+        }
+    }
+}
+
+fn redact_url(url: &str) -> String {
+    // postgres://user:secret@host -> postgres://user:***@host
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_the_log() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("host=h user=u password=pw"),
+            "host=h user=u password=***"
+        );
+    }
+}

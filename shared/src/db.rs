@@ -1,0 +1,332 @@
+//! Postgres: the pool, the migrations, and the queries several workers share (loading a
+//! conversation, recording a state transition with its event). Each worker keeps its own
+//! queries in its own `db` module.
+
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use tokio_postgres::NoTls;
+use uuid::Uuid;
+
+use crate::config::CommonConfig;
+use crate::domain::{AgentId, ChannelId, ConversationState, SkillSet, TenantId};
+use crate::outbox::Outbox;
+use crate::subjects;
+use crate::wire::{ConversationEvent, QueueSignal, Version};
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// A connection pool. Connections are opened lazily and re-opened after a Postgres restart.
+pub fn pool(config: &CommonConfig) -> anyhow::Result<Pool> {
+    let pg: tokio_postgres::Config = config
+        .database_url
+        .parse()
+        .context("parsing the database URL")?;
+    let manager = deadpool_postgres::Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.db_pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(std::time::Duration::from_secs(10)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .build()
+        .context("building the Postgres pool")
+}
+
+/// Applies the migrations in `shared/migrations/`, once even when several processes start
+/// together (a session advisory lock on a dedicated connection, closed afterwards).
+pub async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls)
+        .await
+        .context("connecting to Postgres to migrate")?;
+    let conn = tokio::spawn(connection);
+    client
+        .execute("SELECT pg_advisory_lock(7254460001)", &[])
+        .await?;
+    let report = embedded::migrations::runner()
+        .run_async(&mut client)
+        .await
+        .context("running migrations")?;
+    for m in report.applied_migrations() {
+        tracing::info!(migration = %m, "migration applied");
+    }
+    drop(client);
+    let _ = conn.await;
+    Ok(())
+}
+
+/// Creates the database named in `database_url` if it does not exist (the demo and tests).
+pub async fn create_database_if_missing(database_url: &str) -> anyhow::Result<()> {
+    let config: tokio_postgres::Config = database_url.parse()?;
+    let name = config
+        .get_dbname()
+        .context("the database URL names no database")?
+        .to_owned();
+    let mut admin = config.clone();
+    admin.dbname("postgres");
+    let (client, connection) = admin
+        .connect(NoTls)
+        .await
+        .context("connecting to Postgres")?;
+    tokio::spawn(connection);
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        if let Err(e) = client
+            .batch_execute(&format!("CREATE DATABASE {quoted}"))
+            .await
+        {
+            // Another process may have created it meanwhile.
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A tenant's settings.
+#[derive(Clone, Debug)]
+pub struct TenantSettings {
+    pub id: TenantId,
+    /// SPEC D8.
+    pub dispatch_cycle_seconds: i32,
+    /// SPEC D1.
+    pub offer_limit: i32,
+    pub handover_keywords: Vec<String>,
+    pub bot_reply: String,
+    pub handover_reply: String,
+}
+
+pub async fn tenant_settings(
+    client: &impl deadpool_postgres::GenericClient,
+    tenant: &TenantId,
+) -> Result<Option<TenantSettings>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply
+             FROM tenants WHERE id = $1",
+            &[&tenant.as_str()],
+        )
+        .await?;
+    Ok(row.map(|r| TenantSettings {
+        id: tenant.clone(),
+        dispatch_cycle_seconds: r.get(0),
+        offer_limit: r.get(1),
+        handover_keywords: r.get(2),
+        bot_reply: r.get(3),
+        handover_reply: r.get(4),
+    }))
+}
+
+/// A conversation with what events and notifications need to say about it.
+#[derive(Clone, Debug)]
+pub struct Conversation {
+    pub id: Uuid,
+    pub tenant: TenantId,
+    pub channel: ChannelId,
+    pub customer_id: Uuid,
+    pub customer_external_id: String,
+    pub customer_name: Option<String>,
+    pub state: ConversationState,
+    pub agent_id: Option<AgentId>,
+    pub required_skills: SkillSet,
+    pub queued_at: Option<DateTime<Utc>>,
+}
+
+const CONVERSATION_COLUMNS: &str =
+    "c.id, c.tenant_id, c.channel_id, c.customer_id, cu.external_id, cu.display_name,
+     c.state, c.agent_id, c.required_skills, c.queued_at";
+
+fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conversation> {
+    Ok(Conversation {
+        id: row.get(0),
+        tenant: TenantId::parse(row.get::<_, String>(1))?,
+        channel: ChannelId::parse(row.get::<_, String>(2))?,
+        customer_id: row.get(3),
+        customer_external_id: row.get(4),
+        customer_name: row.get(5),
+        state: ConversationState::from_str(row.get(6))?,
+        agent_id: row
+            .get::<_, Option<String>>(7)
+            .map(AgentId::parse)
+            .transpose()?,
+        required_skills: SkillSet::new(row.get::<_, Vec<String>>(8)),
+        queued_at: row.get(9),
+    })
+}
+
+/// Loads a conversation of `tenant` and locks its row until the transaction ends, so that
+/// two handlers never change one conversation at once.
+pub async fn conversation_for_update(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    id: Uuid,
+) -> anyhow::Result<Option<Conversation>> {
+    let sql = format!(
+        "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+         WHERE c.id = $1 AND c.tenant_id = $2 FOR UPDATE OF c"
+    );
+    let stmt = tx.prepare_cached(&sql).await?;
+    tx.query_opt(&stmt, &[&id, &tenant.as_str()])
+        .await?
+        .map(|r| conversation_from_row(&r))
+        .transpose()
+}
+
+/// Loads a conversation without locking it.
+pub async fn conversation(
+    client: &impl deadpool_postgres::GenericClient,
+    tenant: &TenantId,
+    id: Uuid,
+) -> anyhow::Result<Option<Conversation>> {
+    let sql = format!(
+        "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+         WHERE c.id = $1 AND c.tenant_id = $2"
+    );
+    client
+        .query_opt(&sql, &[&id, &tenant.as_str()])
+        .await?
+        .map(|r| conversation_from_row(&r))
+        .transpose()
+}
+
+/// One state change (SPEC S, L).
+#[derive(Clone, Copy, Debug)]
+pub struct Transition<'a> {
+    pub to: ConversationState,
+    /// The agent offered (assigning) or serving (processing); `None` keeps the stored one.
+    pub agent: Option<&'a AgentId>,
+    pub reason: &'a str,
+}
+
+/// Moves `conversation` to `t.to`: updates the row and its transition timestamp, appends the
+/// history row, and stages the `events.conversation` event (and, on entering `waiting`, the
+/// waiting-queue signal that wakes the dispatcher). Refuses an edge the lifecycle does not have.
+pub async fn transition(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    conversation: &mut Conversation,
+    t: Transition<'_>,
+) -> anyhow::Result<()> {
+    let from = conversation.state;
+    anyhow::ensure!(
+        from.can_become(t.to),
+        "conversation {} cannot go from {from} to {}",
+        conversation.id,
+        t.to
+    );
+    let agent = t
+        .agent
+        .or(conversation.agent_id.as_ref())
+        .map(|a| a.as_str());
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE conversations SET
+                 state = $2,
+                 agent_id = CASE WHEN $2 IN ('waiting', 'assigning') THEN NULL ELSE $3 END,
+                 updated_at = now(),
+                 bot_at = CASE WHEN $2 IN ('bot', 'script') THEN coalesce(bot_at, now()) ELSE bot_at END,
+                 queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, now()) ELSE queued_at END,
+                 assigning_at = CASE WHEN $2 = 'assigning' THEN now() ELSE assigning_at END,
+                 processing_at = CASE WHEN $2 = 'processing' THEN now() ELSE processing_at END,
+                 completed_at = CASE WHEN $2 = 'completed' THEN now() ELSE completed_at END,
+                 closed_by = CASE WHEN $2 = 'completed' THEN $4 ELSE closed_by END
+             WHERE id = $1
+             RETURNING queued_at",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[&conversation.id, &t.to.as_str(), &agent, &t.reason],
+        )
+        .await?;
+    conversation.queued_at = row.get(0);
+    record_history(tx, outbox, conversation, Some(from), t).await?;
+    conversation.state = t.to;
+    if !matches!(
+        t.to,
+        ConversationState::Waiting | ConversationState::Assigning
+    ) {
+        conversation.agent_id = agent.map(|a| AgentId::parse(a)).transpose()?;
+    }
+    Ok(())
+}
+
+/// Appends the history row and stages the event for a state the conversation just entered
+/// (`from` is `None` for a new conversation).
+pub async fn record_history(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    conversation: &Conversation,
+    from: Option<ConversationState>,
+    t: Transition<'_>,
+) -> anyhow::Result<()> {
+    let agent = t.agent.or(conversation.agent_id.as_ref());
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id, at",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &conversation.id,
+                &from.map(|f| f.as_str()),
+                &t.to.as_str(),
+                &agent.map(|a| a.as_str()),
+                &t.reason,
+            ],
+        )
+        .await?;
+    let transition_id: i64 = row.get(0);
+    let at: DateTime<Utc> = row.get(1);
+    // The event id derives from the history row, so a replayed outbox row is deduplicated.
+    let event_id = Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("transition:{transition_id}").as_bytes(),
+    );
+    outbox.push(
+        subjects::conversation_events(&conversation.tenant),
+        format!("event:{event_id}"),
+        &ConversationEvent {
+            version: Version,
+            event_id,
+            conversation_id: conversation.id,
+            channel: conversation.channel.clone(),
+            customer_id: conversation.customer_external_id.clone(),
+            from,
+            to: t.to,
+            agent_id: agent.cloned(),
+            reason: t.reason.to_owned(),
+            at,
+        },
+    );
+    if t.to == ConversationState::Waiting {
+        outbox.push(
+            subjects::queue(&conversation.tenant, "waiting"),
+            format!("queue:{event_id}"),
+            &QueueSignal {
+                version: Version,
+                conversation_id: Some(conversation.id),
+                reason: t.reason.to_owned(),
+            },
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,331 @@
+//! Domain types: ids that are safe to put in a NATS subject, skill sets, and the
+//! conversation states of SPEC S with the transitions the lifecycle (SPEC L) allows.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::str::FromStr;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Why a value was refused by a checking constructor.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid {what} {value:?}: {why}")]
+pub struct InvalidValue {
+    pub what: &'static str,
+    pub value: String,
+    pub why: &'static str,
+}
+
+/// Checks a token that becomes one element of a NATS subject: 1 to 64 characters of
+/// `A-Z a-z 0-9 _ -`. Dots, spaces and wildcards would change the subject's meaning.
+fn check_token(what: &'static str, value: &str) -> Result<(), InvalidValue> {
+    let fail = |why| {
+        Err(InvalidValue {
+            what,
+            value: value.to_owned(),
+            why,
+        })
+    };
+    if value.is_empty() {
+        return fail("must not be empty");
+    }
+    if value.len() > 64 {
+        return fail("must be at most 64 characters");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return fail("may contain only letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+macro_rules! subject_token {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn parse(value: impl Into<String>) -> Result<Self, InvalidValue> {
+                let value = value.into();
+                check_token($what, &value)?;
+                Ok(Self(value))
+            }
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+        impl TryFrom<String> for $name {
+            type Error = InvalidValue;
+            fn try_from(value: String) -> Result<Self, Self::Error> {
+                Self::parse(value)
+            }
+        }
+        impl From<$name> for String {
+            fn from(value: $name) -> String {
+                value.0
+            }
+        }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+        impl FromStr for $name {
+            type Err = InvalidValue;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse(s)
+            }
+        }
+    };
+}
+
+subject_token!(
+    /// A tenant: one customer-service organisation. First token of every subject.
+    TenantId,
+    "tenant id"
+);
+subject_token!(
+    /// A channel of a tenant: a LINE official account, a web-chat widget, a mailbox...
+    ChannelId,
+    "channel id"
+);
+subject_token!(
+    /// An agent (專員) of a tenant.
+    AgentId,
+    "agent id"
+);
+
+/// A set of skills (技能). SPEC D4: a conversation is offered only to an agent whose
+/// skills are a superset of the conversation's required skills.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct SkillSet(BTreeSet<String>);
+
+impl SkillSet {
+    /// Skills are trimmed and compared case-insensitively (stored lower-case); empty names are dropped.
+    pub fn new<I, S>(skills: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        SkillSet(
+            skills
+                .into_iter()
+                .map(|s| s.as_ref().trim().to_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        )
+    }
+    /// SPEC D4: every skill of `required` is in `self`.
+    pub fn covers(&self, required: &SkillSet) -> bool {
+        required.0.is_subset(&self.0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn to_vec(&self) -> Vec<String> {
+        self.0.iter().cloned().collect()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+}
+
+/// The states of a conversation (SPEC S).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConversationState {
+    /// 對話腳本: in a scripted bot flow.
+    Script,
+    /// 機器人: the bot is answering.
+    Bot,
+    /// 等待中: queued for a human, in order.
+    Waiting,
+    /// 分派中: offered to an agent, waiting for the accept.
+    Assigning,
+    /// 處理中: an agent accepted and serves the customer.
+    Processing,
+    /// 已完成: done.
+    Completed,
+}
+
+impl ConversationState {
+    pub const ALL: [ConversationState; 6] = [
+        Self::Script,
+        Self::Bot,
+        Self::Waiting,
+        Self::Assigning,
+        Self::Processing,
+        Self::Completed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Script => "script",
+            Self::Bot => "bot",
+            Self::Waiting => "waiting",
+            Self::Assigning => "assigning",
+            Self::Processing => "processing",
+            Self::Completed => "completed",
+        }
+    }
+
+    /// SPEC L5: in `waiting`, `assigning` and `processing` the conversation has left the bot.
+    pub fn is_bot(self) -> bool {
+        matches!(self, Self::Script | Self::Bot)
+    }
+
+    /// SPEC L1/L9: every state but `completed` is open.
+    pub fn is_open(self) -> bool {
+        self != Self::Completed
+    }
+
+    /// The lifecycle's edges (SPEC L2-L8), plus the ones our reading of the open points adds:
+    /// `assigning -> waiting` (a declined or expired offer with nobody else to take it is
+    /// re-queued only by an explicit decline), and `processing -> waiting` (transfer).
+    pub fn can_become(self, to: ConversationState) -> bool {
+        use ConversationState::*;
+        matches!(
+            (self, to),
+            (Script, Bot)
+                | (Bot, Script)
+                | (Script | Bot, Waiting)   // L4 hand-over
+                | (Script | Bot, Completed) // L3 the bot finishes it
+                | (Waiting, Assigning)      // L6
+                | (Assigning, Processing)   // L7
+                | (Assigning, Waiting)      // decline with no other agent (README)
+                | (Processing, Waiting)     // transfer (README)
+                | (Waiting | Assigning | Processing, Completed) // L8, and a close by a supervisor
+        )
+    }
+}
+
+impl fmt::Display for ConversationState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ConversationState {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| InvalidValue {
+                what: "conversation state",
+                value: s.to_owned(),
+                why: "not one of script, bot, waiting, assigning, processing, completed",
+            })
+    }
+}
+
+/// An agent's service status (SPEC words: online, ready). `not_ready` is online but not
+/// taking work (break, meeting...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Ready,
+    NotReady,
+    Offline,
+}
+
+impl AgentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::NotReady => "not_ready",
+            Self::Offline => "offline",
+        }
+    }
+    pub fn is_online(self) -> bool {
+        self != Self::Offline
+    }
+}
+
+impl FromStr for AgentStatus {
+    type Err = InvalidValue;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "ready" => Ok(Self::Ready),
+            "not_ready" => Ok(Self::NotReady),
+            "offline" => Ok(Self::Offline),
+            _ => Err(InvalidValue {
+                what: "agent status",
+                value: s.to_owned(),
+                why: "not one of ready, not_ready, offline",
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn ids_refuse_what_would_break_a_subject() {
+        assert!(TenantId::parse("acme").is_ok());
+        assert!(ChannelId::parse("line-main_2").is_ok());
+        for bad in ["", "a.b", "a b", "*", ">", "租戶", &"x".repeat(65)] {
+            let err = TenantId::parse(bad).unwrap_err();
+            assert_eq!(err.what, "tenant id");
+        }
+    }
+
+    #[test]
+    fn ids_deserialize_through_the_check() {
+        let err = serde_json::from_str::<AgentId>("\"a.b\"").unwrap_err();
+        assert!(err.to_string().contains("invalid agent id"), "{err}");
+    }
+
+    #[test]
+    fn skills_are_normalised_and_covered_as_sets() {
+        let agent = SkillSet::new([" English", "billing", "VIP"]);
+        assert!(agent.covers(&SkillSet::new(["english", "vip"])));
+        assert!(agent.covers(&SkillSet::default()));
+        assert!(!agent.covers(&SkillSet::new(["english", "日本語"])));
+        assert_eq!(SkillSet::new(["a", " ", "A"]).len(), 1);
+    }
+
+    #[test]
+    fn lifecycle_edges_follow_the_flowchart() {
+        use ConversationState::*;
+        // SPEC L2-L8
+        assert!(Bot.can_become(Waiting));
+        assert!(Bot.can_become(Completed));
+        assert!(Waiting.can_become(Assigning));
+        assert!(Assigning.can_become(Processing));
+        assert!(Processing.can_become(Completed));
+        // L5: a conversation that left the bot never goes back to it.
+        for s in [Waiting, Assigning, Processing, Completed] {
+            assert!(!s.can_become(Bot) && !s.can_become(Script));
+        }
+        // L9: completed is final; the next message opens a new conversation.
+        for s in ConversationState::ALL {
+            assert!(!Completed.can_become(s));
+        }
+        // L6/L7: no skipping the offer.
+        assert!(!Waiting.can_become(Processing));
+    }
+
+    proptest! {
+        #[test]
+        fn state_names_round_trip(i in 0usize..6) {
+            let s = ConversationState::ALL[i];
+            prop_assert_eq!(s.as_str().parse::<ConversationState>().unwrap(), s);
+            prop_assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! The common crate of FIRST LINE routing: what every worker shares.
+//!
+//! - [`domain`]: typed ids, skill sets and the conversation states of SPEC S.
+//! - [`wire`]: the versioned JSON messages on NATS and their decoding rules.
+//! - [`subjects`]: the subject names (tenant first, DESIGN.md) and streams.
+//! - [`config`]: the settings every worker reads (flags or `FL_*` variables).
+//! - [`telemetry`]: tracing and OpenTelemetry set-up, trace context in NATS headers.
+//! - [`bus`]: NATS JetStream set-up, publishing, and the consume loop that decides acks and dead letters.
+//! - [`db`]: the Postgres pool, migrations and the queries shared by several workers.
+//! - [`outbox`]: messages written in the same transaction as the state change, published after commit.
+//! - [`shutdown`]: one cancellation token for SIGINT/SIGTERM.
+//! - [`worker`]: start-up and the `main` shared by the worker binaries.
+
+pub mod bus;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod error;
+pub mod outbox;
+pub mod shutdown;
+pub mod subjects;
+pub mod telemetry;
+pub mod wire;
+pub mod worker;
+
+pub use error::HandleError;

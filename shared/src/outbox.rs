@@ -1,0 +1,218 @@
+//! Transactional outbox: a handler stages the messages its decision produces in the same
+//! Postgres transaction as the decision, commits, then publishes them. If the process dies
+//! between the commit and the publish, [`sweep`] (run by every worker) publishes them later;
+//! each has a fixed `Nats-Msg-Id`, so a message published twice is stored once by the stream.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use deadpool_postgres::{Pool, Transaction};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, JetStream};
+use crate::wire::{self, WireMessage};
+
+/// One message waiting for its transaction to commit.
+#[derive(Clone, Debug)]
+pub struct Pending {
+    pub subject: String,
+    pub msg_id: String,
+    pub payload: Bytes,
+    pub traceparent: Option<String>,
+}
+
+/// The messages a handler's transaction produces, in order.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pending: Vec<Pending>,
+}
+
+/// Messages written to the outbox table, to publish once the transaction has committed.
+#[derive(Debug, Default)]
+#[must_use = "publish the staged messages after commit"]
+pub struct Staged {
+    rows: Vec<(i64, Pending)>,
+}
+
+impl Outbox {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a message; `msg_id` must be the same whenever the same decision is replayed.
+    pub fn push<T: WireMessage>(&mut self, subject: String, msg_id: String, message: &T) {
+        self.pending.push(Pending {
+            subject,
+            msg_id,
+            payload: wire::encode(message),
+            traceparent: crate::telemetry::current_traceparent(),
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Writes the messages in `tx`. Call just before `tx.commit()`.
+    pub async fn stage(self, tx: &Transaction<'_>) -> Result<Staged, tokio_postgres::Error> {
+        if self.pending.is_empty() {
+            return Ok(Staged::default());
+        }
+        let subjects: Vec<&str> = self.pending.iter().map(|p| p.subject.as_str()).collect();
+        let ids: Vec<&str> = self.pending.iter().map(|p| p.msg_id.as_str()).collect();
+        let payloads: Vec<&[u8]> = self.pending.iter().map(|p| p.payload.as_ref()).collect();
+        let traces: Vec<Option<&str>> = self
+            .pending
+            .iter()
+            .map(|p| p.traceparent.as_deref())
+            .collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO outbox (subject, msg_id, payload, traceparent)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[])
+                 RETURNING id",
+            )
+            .await?;
+        let rows = tx
+            .query(&stmt, &[&subjects, &ids, &payloads, &traces])
+            .await?;
+        Ok(Staged {
+            rows: rows
+                .iter()
+                .map(|r| r.get::<_, i64>(0))
+                .zip(self.pending)
+                .collect(),
+        })
+    }
+}
+
+impl Staged {
+    /// Publishes the committed messages and removes them from the table. A failure leaves
+    /// them for [`sweep`]; the decision itself is already safe in Postgres.
+    pub async fn publish(self, js: &JetStream, pool: &Pool) {
+        if self.rows.is_empty() {
+            return;
+        }
+        let mut done = Vec::with_capacity(self.rows.len());
+        for (id, pending) in self.rows {
+            match publish_one(js, &pending).await {
+                Ok(()) => done.push(id),
+                Err(e) => {
+                    tracing::warn!(
+                        msg_id = pending.msg_id,
+                        "outbox publish deferred to the sweeper: {e:#}"
+                    );
+                    break; // keep the order: later messages wait with this one
+                }
+            }
+        }
+        if let Err(e) = delete(pool, &done).await {
+            tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
+        }
+    }
+}
+
+async fn publish_one(js: &JetStream, pending: &Pending) -> anyhow::Result<()> {
+    let mut headers = HeaderMap::new();
+    if let Some(tp) = &pending.traceparent {
+        headers.insert("traceparent", tp.as_str());
+    }
+    bus::publish(
+        js,
+        pending.subject.clone(),
+        &pending.msg_id,
+        headers,
+        pending.payload.clone(),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn delete(pool: &Pool, ids: &[i64]) -> anyhow::Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
+        .await?;
+    client.execute(&stmt, &[&ids]).await?;
+    Ok(())
+}
+
+/// Publishes rows older than `min_age` that no handler published (its process died, or NATS
+/// was away). Rows are locked with `SKIP LOCKED`, so several workers can sweep at once.
+pub async fn sweep_once(js: &JetStream, pool: &Pool, min_age: Duration) -> anyhow::Result<usize> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let rows = tx
+        .query(
+            "SELECT id, subject, msg_id, payload, traceparent FROM outbox
+             WHERE created_at < now() - make_interval(secs => $1)
+             ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED",
+            &[&min_age.as_secs_f64()],
+        )
+        .await?;
+    let mut done = Vec::new();
+    for row in &rows {
+        let pending = Pending {
+            subject: row.get(1),
+            msg_id: row.get(2),
+            payload: Bytes::from(row.get::<_, Vec<u8>>(3)),
+            traceparent: row.get(4),
+        };
+        if let Err(e) = publish_one(js, &pending).await {
+            tracing::warn!("outbox sweep: {e:#}");
+            break;
+        }
+        done.push(row.get::<_, i64>(0));
+    }
+    tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&done])
+        .await?;
+    tx.commit().await?;
+    Ok(done.len())
+}
+
+/// Runs [`sweep_once`] every `every` until shutdown.
+pub async fn sweep(js: JetStream, pool: Pool, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match sweep_once(&js, &pool, every).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(published = n, "outbox sweep published stale messages"),
+            Err(e) => tracing::warn!("outbox sweep failed: {e:#}"),
+        }
+    }
+}
+
+impl Outbox {
+    /// Stages a notification for `agent`, delivered by the notifier on
+    /// `fl.<tenant>.notify.<agent>`. `notification_id` must be fixed for a replayed decision.
+    pub fn notify_agent(
+        &mut self,
+        tenant: &crate::domain::TenantId,
+        agent: &crate::domain::AgentId,
+        conversation_id: uuid::Uuid,
+        notification_id: uuid::Uuid,
+        kind: crate::wire::NotificationKind,
+    ) {
+        self.push(
+            crate::subjects::delivery(tenant, "agent"),
+            format!("delivery:{notification_id}"),
+            &crate::wire::Delivery::ToAgent {
+                version: crate::wire::Version,
+                agent_id: agent.clone(),
+                notification: crate::wire::AgentNotification {
+                    version: crate::wire::Version,
+                    notification_id,
+                    conversation_id,
+                    kind,
+                },
+            },
+        );
+    }
+}

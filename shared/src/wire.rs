@@ -1,0 +1,422 @@
+//! The wire contract: every JSON body that travels on NATS, versioned.
+//!
+//! Every body has `"version": 1`. A body with another version, bad JSON or a missing
+//! field cannot be handled and is dead-lettered with the reason ([`decode`]). Each type
+//! here has a JSON Schema in `schemas/`, generated from these types ([`all_schemas`]) and
+//! kept equal to them by a test.
+//!
+//! Tagged bodies (`AgentAction`, `AgentNotification`, `Delivery`) carry a `"type"` field.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+use crate::domain::{AgentId, AgentStatus, ChannelId, ConversationState, SkillSet};
+
+/// The `version` field: serializes as the number `N` and refuses any other number.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Version<const N: u8>;
+
+/// The current version of every message.
+pub type V1 = Version<1>;
+
+impl<const N: u8> fmt::Debug for Version<N> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{N}")
+    }
+}
+
+impl<const N: u8> Serialize for Version<N> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u8(N)
+    }
+}
+
+impl<'de, const N: u8> Deserialize<'de> for Version<N> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let got = serde_json::Value::deserialize(deserializer)?;
+        if got.as_u64() == Some(u64::from(N)) {
+            Ok(Version)
+        } else {
+            Err(serde::de::Error::custom(format_args!(
+                "unsupported version {got}: this build understands version {N}"
+            )))
+        }
+    }
+}
+
+impl<const N: u8> JsonSchema for Version<N> {
+    fn schema_name() -> Cow<'static, str> {
+        format!("Version{N}").into()
+    }
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        schemars::json_schema!({
+            "description": "Version of the message format.",
+            "type": "integer",
+            "const": N,
+        })
+    }
+}
+
+/// Why a body could not be decoded. Always poison: the same bytes never decode later.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode {message}: {reason}")]
+pub struct DecodeError {
+    pub message: &'static str,
+    pub reason: String,
+}
+
+/// Decodes a body, naming the message and the serde error (field, line and column).
+pub fn decode<T: WireMessage>(payload: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(payload).map_err(|e| DecodeError {
+        message: T::NAME,
+        reason: e.to_string(),
+    })
+}
+
+/// Encodes a body. Our types always serialize.
+pub fn encode<T: WireMessage>(message: &T) -> bytes::Bytes {
+    serde_json::to_vec(message)
+        .expect("wire messages serialize")
+        .into()
+}
+
+/// A message of the wire contract, with the name of its schema file.
+pub trait WireMessage: Serialize + DeserializeOwned + JsonSchema {
+    /// The schema's file stem in `schemas/`.
+    const NAME: &'static str;
+}
+
+macro_rules! wire_messages {
+    ($($ty:ty => $name:literal),* $(,)?) => {
+        $(impl WireMessage for $ty { const NAME: &'static str = $name; })*
+        /// Every message's schema, by file stem: the source of `schemas/*.schema.json`.
+        pub fn all_schemas() -> Vec<(&'static str, Schema)> {
+            vec![$(($name, schemars::schema_for!($ty))),*]
+        }
+    };
+}
+
+wire_messages! {
+    InboundMessage => "inbound-message",
+    AgentPresence => "agent-presence",
+    AgentAction => "agent-action",
+    AgentNotification => "agent-notification",
+    OutboundMessage => "outbound-message",
+    ConversationEvent => "conversation-event",
+    BotWork => "bot-work",
+    QueueSignal => "queue-signal",
+    Delivery => "delivery",
+    DeadLetter => "dead-letter",
+}
+
+/// The customer as the channel knows them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CustomerRef {
+    /// The channel's own id for the customer (a LINE user id, a chat visitor id, an address...).
+    pub id: String,
+    /// A display name, when the channel has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// `fl.<tenant>.inbound.<channel>`, published by a gateway: a customer's message.
+///
+/// The gateway sets the header `Nats-Msg-Id: <channel>:<message_id>`; with or without it the
+/// message is stored once (unique on tenant, channel, message_id). SPEC L1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct InboundMessage {
+    pub version: V1,
+    /// The channel's id of this message; unique within the channel.
+    pub message_id: String,
+    pub customer: CustomerRef,
+    /// The text the customer typed (may be empty for a sticker or an attachment).
+    #[serde(default)]
+    pub text: String,
+    /// When the customer sent it, by the channel's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<DateTime<Utc>>,
+}
+
+/// `fl.<tenant>.presence.<agent>`, published by the agent desktop or the API.
+///
+/// `capacity` and `skills` replace the stored values when present and keep them when absent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentPresence {
+    pub version: V1,
+    pub status: AgentStatus,
+    /// Why the agent is not ready (break, meeting...), shown on dashboards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// SPEC capacity (服務上限): conversations the agent may hold in `processing` at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    /// SPEC D4: the agent's skills.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skills: Option<SkillSet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// `fl.<tenant>.agent.<agent>.action`, published by the agent desktop or the API.
+/// Publish with `Nats-Msg-Id: <action_id>`; an action is applied once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentAction {
+    pub version: V1,
+    /// Chosen by the client; makes the action idempotent.
+    pub action_id: Uuid,
+    #[serde(flatten)]
+    pub kind: AgentActionKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentActionKind {
+    /// SPEC L7: take the offered conversation.
+    Accept { conversation_id: Uuid },
+    /// Refuse the offer: it is re-dispatched at once, never to the same agent (README).
+    Decline {
+        conversation_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A message to the customer of a conversation the agent is serving.
+    Reply { conversation_id: Uuid, text: String },
+    /// SPEC L8: the problem is solved.
+    Close { conversation_id: Uuid },
+}
+
+impl AgentActionKind {
+    pub fn conversation_id(&self) -> Uuid {
+        match self {
+            Self::Accept { conversation_id }
+            | Self::Decline {
+                conversation_id, ..
+            }
+            | Self::Reply {
+                conversation_id, ..
+            }
+            | Self::Close { conversation_id } => *conversation_id,
+        }
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Accept { .. } => "accept",
+            Self::Decline { .. } => "decline",
+            Self::Reply { .. } => "reply",
+            Self::Close { .. } => "close",
+        }
+    }
+}
+
+/// `fl.<tenant>.notify.<agent>`, published by the notifier for the agent's desktop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentNotification {
+    pub version: V1,
+    pub notification_id: Uuid,
+    pub conversation_id: Uuid,
+    #[serde(flatten)]
+    pub kind: NotificationKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NotificationKind {
+    /// SPEC 分派: a conversation is offered to you; accept before `deadline` (SPEC D8).
+    Offer {
+        offer_id: Uuid,
+        channel: ChannelId,
+        customer: CustomerRef,
+        required_skills: SkillSet,
+        deadline: DateTime<Utc>,
+    },
+    /// The offer is withdrawn (timed out, taken back); do not accept it.
+    OfferRevoked { offer_id: Uuid, reason: String },
+    /// Your accept went through: the conversation is yours (`processing`).
+    Assigned { offer_id: Uuid },
+    /// A customer message in a conversation you serve.
+    CustomerMessage {
+        message_id: Uuid,
+        customer: CustomerRef,
+        text: String,
+        at: DateTime<Utc>,
+    },
+    /// The conversation is `completed`.
+    Closed,
+    /// An action of yours could not be applied.
+    ActionRejected { action_id: Uuid, reason: String },
+}
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Author {
+    Customer,
+    Bot,
+    Agent,
+}
+
+impl Author {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Customer => "customer",
+            Self::Bot => "bot",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// `fl.<tenant>.outbound.<channel>`, published by the notifier for the gateway to deliver.
+/// `Nats-Msg-Id` is `message_id`: a gateway that sees it twice sends it once.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OutboundMessage {
+    pub version: V1,
+    pub message_id: Uuid,
+    pub conversation_id: Uuid,
+    /// To whom: the channel's id of the customer.
+    pub customer_id: String,
+    pub author: Author,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    pub text: String,
+    pub at: DateTime<Utc>,
+}
+
+/// `fl.<tenant>.events.conversation`: one state change of a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ConversationEvent {
+    pub version: V1,
+    pub event_id: Uuid,
+    pub conversation_id: Uuid,
+    pub channel: ChannelId,
+    pub customer_id: String,
+    /// `null` when the conversation was created.
+    pub from: Option<ConversationState>,
+    pub to: ConversationState,
+    /// The agent offered or serving, where there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<AgentId>,
+    /// What caused it: `new_conversation`, `handover_keyword`, `offered`, `accepted`, `closed_by_agent`...
+    pub reason: String,
+    pub at: DateTime<Utc>,
+}
+
+/// Internal, `fl.<tenant>.bot.<channel>`: a customer message for the bot (ingest -> bot-router).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BotWork {
+    pub version: V1,
+    pub conversation_id: Uuid,
+    pub message_id: Uuid,
+    pub text: String,
+}
+
+/// Internal, `fl.<tenant>.queue.<reason>`: the waiting queue or the offers of a tenant
+/// changed; the dispatcher runs a pass.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QueueSignal {
+    pub version: V1,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversation_id: Option<Uuid>,
+    pub reason: String,
+}
+
+/// Internal, `fl.<tenant>.delivery.<customer|agent>`: something the notifier delivers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Delivery {
+    /// To the customer through the gateway of `channel`.
+    ToCustomer {
+        version: V1,
+        channel: ChannelId,
+        message: OutboundMessage,
+    },
+    /// To an agent's desktop.
+    ToAgent {
+        version: V1,
+        agent_id: AgentId,
+        notification: AgentNotification,
+    },
+}
+
+/// `fl.<tenant>.deadletter.<stream>`: a message that can never be handled, with the reason.
+/// The original bytes are kept, so it can be inspected and replayed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct DeadLetter {
+    pub version: V1,
+    pub reason: String,
+    pub stream: String,
+    pub consumer: String,
+    pub subject: String,
+    pub stream_sequence: u64,
+    pub deliveries: u64,
+    /// The original body, as text (invalid UTF-8 replaced).
+    pub payload: String,
+    pub headers: BTreeMap<String, String>,
+    pub at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbound_decodes_a_gateways_hand_written_json() {
+        let body =
+            r#"{"version":1,"message_id":"m1","customer":{"id":"U1","name":"小明"},"text":"你好"}"#;
+        let m: InboundMessage = decode(body.as_bytes()).unwrap();
+        assert_eq!(m.customer.name.as_deref(), Some("小明"));
+        assert_eq!(m.text, "你好");
+    }
+
+    #[test]
+    fn decode_errors_name_the_problem() {
+        let bad_json = decode::<InboundMessage>(b"{not json").unwrap_err();
+        assert!(
+            bad_json.reason.contains("key must be a string"),
+            "{bad_json}"
+        );
+        let missing =
+            decode::<InboundMessage>(br#"{"version":1,"customer":{"id":"U1"}}"#).unwrap_err();
+        assert!(
+            missing.reason.contains("missing field `message_id`"),
+            "{missing}"
+        );
+        let version =
+            decode::<InboundMessage>(br#"{"version":2,"message_id":"m","customer":{"id":"U1"}}"#)
+                .unwrap_err();
+        assert!(
+            version.reason.contains("unsupported version 2"),
+            "{version}"
+        );
+        assert_eq!(version.message, "inbound-message");
+    }
+
+    #[test]
+    fn actions_are_tagged_by_type() {
+        let id = Uuid::nil();
+        let body = format!(
+            r#"{{"version":1,"action_id":"{id}","type":"reply","conversation_id":"{id}","text":"hi"}}"#
+        );
+        let a: AgentAction = decode(body.as_bytes()).unwrap();
+        assert_eq!(
+            a.kind,
+            AgentActionKind::Reply {
+                conversation_id: id,
+                text: "hi".into()
+            }
+        );
+        let round: AgentAction = decode(&encode(&a)).unwrap();
+        assert_eq!(round, a);
+        let unknown = format!(r#"{{"version":1,"action_id":"{id}","type":"dance"}}"#);
+        assert!(decode::<AgentAction>(unknown.as_bytes())
+            .unwrap_err()
+            .reason
+            .contains("unknown variant `dance`"));
+    }
+}

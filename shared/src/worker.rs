@@ -1,0 +1,68 @@
+//! What every worker does at start and stop: connect to NATS and Postgres, create the
+//! streams, apply migrations, sweep the outbox; and a `main` shared by the worker binaries
+//! (parse settings, set up telemetry, run until SIGINT/SIGTERM, flush telemetry).
+
+use std::future::Future;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{self, JetStream};
+use crate::config::CommonConfig;
+use crate::{db, outbox, shutdown, telemetry};
+
+/// The connections a worker works with.
+#[derive(Clone)]
+pub struct Services {
+    pub nats: async_nats::Client,
+    pub js: JetStream,
+    pub pool: Pool,
+}
+
+impl Services {
+    /// Connects, creates the streams and applies the migrations (idempotent, safe from
+    /// several instances at once), and starts the outbox sweeper until `shutdown`.
+    pub async fn start(
+        config: &CommonConfig,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<Self> {
+        tracing::info!(config = %config.redacted(), "starting");
+        let nats = bus::connect(config).await?;
+        let js = async_nats::jetstream::new(nats.clone());
+        bus::ensure_streams(&js).await?;
+        db::migrate(&config.database_url).await?;
+        let pool = db::pool(config)?;
+        tokio::spawn(outbox::sweep(
+            js.clone(),
+            pool.clone(),
+            Duration::from_secs(2),
+            shutdown.clone(),
+        ));
+        Ok(Self { nats, js, pool })
+    }
+
+    /// Flushes what the client still buffers before the process exits.
+    pub async fn close(self) {
+        if let Err(e) = self.nats.flush().await {
+            tracing::warn!("flushing NATS on shutdown: {e}");
+        }
+    }
+}
+
+/// The body of every worker binary's `main`.
+pub async fn main<C, F, Fut>(service: &'static str, run: F) -> anyhow::Result<()>
+where
+    C: clap::Parser,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let config = C::parse();
+    let telemetry = telemetry::init(service)?;
+    let result = run(config, shutdown::on_signals()).await;
+    if let Err(e) = &result {
+        tracing::error!("{service} failed: {e:#}");
+    }
+    telemetry.shutdown();
+    result
+}

@@ -1,0 +1,338 @@
+//! The dispatcher's decision, with no I/O: given the agents with their presence and load,
+//! the queue in dispatch order and the tenant's offer limit, which conversation is offered
+//! to which agent. The I/O around it (`db`) loads the inputs and writes the offers under the
+//! tenant's advisory lock.
+//!
+//! The reading of SPEC D1-D6 that this implements (SPEC "How D2, D4 and D6 fit together"):
+//! a conversation enters `assigning` only together with an offer to a suitable agent who has
+//! a free slot, a slot being one of an agent's `min(offer_limit, remaining capacity)` places.
+//! One pass walks the queue in order and gives each conversation to the best suitable agent
+//! with a free slot; it stops when no slot is left.
+
+use chrono::{DateTime, Utc};
+use firstline_shared::domain::{AgentId, SkillSet};
+use uuid::Uuid;
+
+/// An agent as the dispatcher sees them.
+#[derive(Clone, Debug)]
+pub struct AgentLoad {
+    pub id: AgentId,
+    /// Online and ready (SPEC words).
+    pub ready: bool,
+    /// SPEC capacity: conversations in `processing` at once.
+    pub capacity: u32,
+    /// Conversations in `processing` with this agent.
+    pub processing: u32,
+    /// Open offers to this agent.
+    pub open_offers: u32,
+    pub skills: SkillSet,
+    /// SPEC D5 tie-break: the agent idle longest (earliest) goes first.
+    pub idle_since: DateTime<Utc>,
+}
+
+impl AgentLoad {
+    /// SPEC D1/D2: the agent's places for offers, `min(offer_limit, capacity - processing)`,
+    /// 0 unless online and ready (D3).
+    pub fn places(&self, offer_limit: u32) -> u32 {
+        if self.ready {
+            offer_limit.min(self.capacity.saturating_sub(self.processing))
+        } else {
+            0
+        }
+    }
+
+    /// Places not yet taken by open offers.
+    pub fn free_slots(&self, offer_limit: u32) -> u32 {
+        self.places(offer_limit).saturating_sub(self.open_offers)
+    }
+}
+
+/// SPEC D2: the most conversations that may be in `assigning` with an offer: the sum over
+/// online and ready agents of `min(offer_limit, remaining capacity)`.
+pub fn assigning_cap(agents: &[AgentLoad], offer_limit: u32) -> u32 {
+    agents.iter().map(|a| a.places(offer_limit)).sum()
+}
+
+/// A conversation that may be offered: `waiting`, or `assigning` without an open offer
+/// (its offer expired with nobody else to take it, SPEC D7/D8).
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    pub conversation_id: Uuid,
+    /// SPEC D4.
+    pub required_skills: SkillSet,
+    /// Agents who declined it: never offered it again (README: decline).
+    pub declined_by: Vec<AgentId>,
+    /// Agents whose offer of it expired: chosen only when no other suitable agent has room
+    /// (SPEC D8: "to another suitable agent if there is one").
+    pub expired_for: Vec<AgentId>,
+}
+
+/// One decision: offer `conversation_id` to `agent`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedOffer {
+    pub conversation_id: Uuid,
+    pub agent: AgentId,
+}
+
+/// The pass. `queue` must be in dispatch order (SPEC D5: priority, then earliest queued).
+///
+/// - D1: no agent gets more offers than their free slots.
+/// - D2/D3: so the offers never exceed the cap, and are none without a ready agent.
+/// - D4/D6: a conversation no agent with room can take is skipped; the ones behind it go on.
+/// - D5: each conversation goes to the suitable agent with room who is least loaded
+///   (processing + open offers), then idle longest, then by id (deterministic).
+pub fn plan(agents: &[AgentLoad], queue: &[Candidate], offer_limit: u32) -> Vec<PlannedOffer> {
+    let mut free: Vec<u32> = agents.iter().map(|a| a.free_slots(offer_limit)).collect();
+    let mut load: Vec<u32> = agents
+        .iter()
+        .map(|a| a.processing + a.open_offers)
+        .collect();
+    let mut left: u32 = free.iter().sum();
+    let mut offers = Vec::new();
+    for candidate in queue {
+        if left == 0 {
+            break;
+        }
+        let best = agents
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| {
+                free[*i] > 0
+                    && a.skills.covers(&candidate.required_skills)
+                    && !candidate.declined_by.contains(&a.id)
+            })
+            .min_by_key(|(i, a)| {
+                (
+                    candidate.expired_for.contains(&a.id),
+                    load[*i],
+                    a.idle_since,
+                    a.id.clone(),
+                )
+            })
+            .map(|(i, _)| i);
+        if let Some(i) = best {
+            free[i] -= 1;
+            load[i] += 1;
+            left -= 1;
+            offers.push(PlannedOffer {
+                conversation_id: candidate.conversation_id,
+                agent: agents[i].id.clone(),
+            });
+        }
+    }
+    offers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn agent(id: &str, capacity: u32, processing: u32, skills: &[&str]) -> AgentLoad {
+        AgentLoad {
+            id: AgentId::parse(id).unwrap(),
+            ready: true,
+            capacity,
+            processing,
+            open_offers: 0,
+            skills: SkillSet::new(skills),
+            idle_since: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    fn queue(n: usize, skills: &[&str]) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate {
+                conversation_id: Uuid::from_u128(i as u128 + 1),
+                required_skills: SkillSet::new(skills),
+                declined_by: vec![],
+                expired_for: vec![],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seed_example_five_ready_agents_with_ten_remaining_cap_fifteen() {
+        // SPEC D2, 交談佇列 FAQ: 5 ready agents with 10 remaining each -> 15 in assigning.
+        let agents: Vec<_> = (0..5)
+            .map(|i| agent(&format!("a{i}"), 10, 0, &[]))
+            .collect();
+        assert_eq!(assigning_cap(&agents, 3), 15);
+        assert_eq!(plan(&agents, &queue(100, &[]), 3).len(), 15);
+    }
+
+    #[test]
+    fn seed_example_one_agent_with_one_remaining_cap_thirteen() {
+        // SPEC D2: the same but one agent with 1 remaining -> 4*3+1 = 13.
+        let mut agents: Vec<_> = (0..5)
+            .map(|i| agent(&format!("a{i}"), 10, 0, &[]))
+            .collect();
+        agents[4].processing = 9;
+        assert_eq!(assigning_cap(&agents, 3), 13);
+        let offers = plan(&agents, &queue(100, &[]), 3);
+        assert_eq!(offers.len(), 13);
+        assert_eq!(
+            offers.iter().filter(|o| o.agent.as_str() == "a4").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_ready_agent_or_all_full_means_cap_zero() {
+        // SPEC D3
+        let mut not_ready = agent("a", 10, 0, &[]);
+        not_ready.ready = false;
+        let full = agent("b", 4, 4, &[]);
+        let agents = vec![not_ready, full];
+        assert_eq!(assigning_cap(&agents, 3), 0);
+        assert!(plan(&agents, &queue(5, &[]), 3).is_empty());
+    }
+
+    #[test]
+    fn a_conversation_nobody_can_take_does_not_hold_up_the_rest() {
+        // SPEC D4
+        let agents = vec![agent("a", 10, 0, &["english"])];
+        let mut q = queue(1, &["日本語"]);
+        q.extend(queue(3, &["english"]).into_iter().map(|mut c| {
+            c.conversation_id = Uuid::from_u128(c.conversation_id.as_u128() + 100);
+            c
+        }));
+        let offers = plan(&agents, &q, 3);
+        assert_eq!(offers.len(), 3);
+        assert!(offers
+            .iter()
+            .all(|o| o.conversation_id != q[0].conversation_id));
+    }
+
+    #[test]
+    fn least_loaded_then_idle_longest() {
+        // SPEC D5
+        let busy = agent("busy", 10, 5, &[]);
+        let mut idle_long = agent("idle-long", 10, 1, &[]);
+        idle_long.idle_since = Utc.timestamp_opt(1_600_000_000, 0).unwrap();
+        let idle_short = agent("idle-short", 10, 1, &[]);
+        let offers = plan(&[busy, idle_short, idle_long], &queue(1, &[]), 3);
+        assert_eq!(offers[0].agent.as_str(), "idle-long");
+    }
+
+    #[test]
+    fn declined_never_again_and_expired_only_when_no_one_else() {
+        let a = agent("a", 10, 0, &[]);
+        let b = agent("b", 10, 3, &[]);
+        let mut q = queue(1, &[]);
+        q[0].declined_by = vec![a.id.clone()];
+        assert_eq!(plan(&[a.clone(), b.clone()], &q, 3)[0].agent.as_str(), "b");
+        assert!(plan(&[a.clone()], &q, 3).is_empty());
+        // D8: another suitable agent first, even a busier one...
+        let mut q = queue(1, &[]);
+        q[0].expired_for = vec![a.id.clone()];
+        assert_eq!(plan(&[a.clone(), b], &q, 3)[0].agent.as_str(), "b");
+        // ...and the same agent again when nobody else can (D7).
+        assert_eq!(plan(&[a], &q, 3)[0].agent.as_str(), "a");
+    }
+
+    // ---- properties against a reference model ----
+
+    fn arb_agents() -> impl Strategy<Value = Vec<AgentLoad>> {
+        prop::collection::vec(
+            (
+                any::<bool>(),
+                0u32..6,
+                0u32..6,
+                0u32..4,
+                prop::collection::vec(0usize..3, 0..3),
+                0i64..100,
+            ),
+            0..8,
+        )
+        .prop_map(|rows| {
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, (ready, capacity, processing, offers, skills, idle))| {
+                    let processing = processing.min(capacity);
+                    let names = ["en", "ja", "vip"];
+                    let mut a = agent(
+                        &format!("a{i}"),
+                        capacity,
+                        processing,
+                        &skills.iter().map(|s| names[*s]).collect::<Vec<_>>(),
+                    );
+                    a.ready = ready;
+                    a.open_offers = offers.min(3.min(capacity - processing));
+                    a.idle_since = Utc.timestamp_opt(idle, 0).unwrap();
+                    a
+                })
+                .collect()
+        })
+    }
+
+    fn arb_queue() -> impl Strategy<Value = Vec<Candidate>> {
+        prop::collection::vec(prop::collection::vec(0usize..3, 0..2), 0..30).prop_map(|rows| {
+            rows.into_iter()
+                .enumerate()
+                .map(|(i, skills)| {
+                    let names = ["en", "ja", "vip"];
+                    Candidate {
+                        conversation_id: Uuid::from_u128(i as u128 + 1),
+                        required_skills: SkillSet::new(skills.iter().map(|s| names[*s])),
+                        declined_by: vec![],
+                        expired_for: vec![],
+                    }
+                })
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_pass_keeps_the_dispatch_rules(agents in arb_agents(), q in arb_queue(), limit in 1u32..4) {
+            let offers = plan(&agents, &q, limit);
+            let by_id: HashMap<_, _> = agents.iter().map(|a| (a.id.clone(), a)).collect();
+            let mut given: HashMap<AgentId, u32> = HashMap::new();
+            let mut seen = std::collections::HashSet::new();
+            for o in &offers {
+                let a = by_id[&o.agent];
+                let c = q.iter().find(|c| c.conversation_id == o.conversation_id).unwrap();
+                prop_assert!(seen.insert(o.conversation_id), "offered twice");
+                prop_assert!(a.ready, "D3: offer to an agent not ready");
+                prop_assert!(a.skills.covers(&c.required_skills), "D4: skills");
+                *given.entry(o.agent.clone()).or_default() += 1;
+            }
+            // D1: open offers <= min(limit, capacity - processing)
+            for a in &agents {
+                let total = a.open_offers + given.get(&a.id).copied().unwrap_or(0);
+                if given.contains_key(&a.id) {
+                    prop_assert!(total <= limit.min(a.capacity - a.processing), "D1");
+                }
+            }
+            // D2: everything with an offer fits under the cap.
+            let open: u32 = agents.iter().map(|a| a.open_offers.min(a.places(limit))).sum();
+            prop_assert!(open + offers.len() as u32 <= assigning_cap(&agents, limit), "D2");
+            // No idle capacity left behind (D6): no unoffered conversation that an agent
+            // with a slot left could take.
+            for c in q.iter().filter(|c| !seen.contains(&c.conversation_id)) {
+                for a in &agents {
+                    let left = a.free_slots(limit) - given.get(&a.id).copied().unwrap_or(0);
+                    prop_assert!(!(left > 0 && a.skills.covers(&c.required_skills)),
+                        "{} could take {} but it was left waiting", a.id, c.conversation_id);
+                }
+            }
+            // D5 FIFO: an agent never gets a later conversation while an earlier one it could
+            // take was left waiting.
+            for (pos, o) in offers.iter().enumerate() {
+                let a = by_id[&o.agent];
+                let qpos = q.iter().position(|c| c.conversation_id == o.conversation_id).unwrap();
+                for earlier in &q[..qpos] {
+                    prop_assert!(
+                        seen.contains(&earlier.conversation_id) || !a.skills.covers(&earlier.required_skills),
+                        "offer #{pos} skipped an earlier conversation its agent could take"
+                    );
+                }
+            }
+        }
+    }
+}

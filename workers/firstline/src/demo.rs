@@ -1,0 +1,326 @@
+//! The demo: a simulated gateway and simulated agents driving the real workers over NATS,
+//! printing each conversation's states as they change (from `fl.<tenant>.events.conversation`).
+//!
+//! Customers write on `line` (the bot answers; they type 轉真人 to reach a person) and on
+//! `webchat` (no bot, needs the `english` skill). Agents go ready, accept offers after a
+//! moment (now and then one declines), greet the customer, and close the conversation.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use firstline_shared::bus;
+use firstline_shared::domain::{AgentId, AgentStatus, ChannelId, SkillSet, TenantId};
+use firstline_shared::subjects;
+use firstline_shared::wire::{
+    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, ConversationEvent,
+    CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
+};
+use futures::StreamExt;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::setup::SetupFile;
+
+/// The demo tenant, its channels and agents.
+pub const DEMO_SETUP: &str = r#"{"tenants":[{
+    "id": "demo", "name": "FIRST LINE demo", "dispatch_cycle_seconds": 15, "offer_limit": 3,
+    "channels": [
+        {"id": "line", "kind": "line", "name": "LINE 官方帳號", "bot_enabled": true},
+        {"id": "webchat", "kind": "webchat", "name": "Web chat (English)", "bot_enabled": false, "required_skills": ["english"]}
+    ],
+    "agents": [
+        {"id": "amy", "name": "Amy", "skills": ["zh", "english"], "capacity": 3},
+        {"id": "ben", "name": "Ben", "skills": ["zh"], "capacity": 2},
+        {"id": "chen", "name": "Chen", "skills": ["english"], "capacity": 2}
+    ]
+}]}"#;
+
+/// Options of `firstline demo`.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Stop after this many conversations are completed (None: until Ctrl-C).
+    pub conversations: Option<usize>,
+    /// Seconds between two new customers.
+    pub every: Duration,
+}
+
+/// Runs the simulation against running workers until `shutdown`, or until
+/// `options.conversations` are completed. Returns how many were completed.
+pub async fn run(
+    nats_url: &str,
+    database_url: &str,
+    options: DemoOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<usize> {
+    let setup = SetupFile::parse(DEMO_SETUP)?;
+    crate::setup::configure(database_url, &setup).await?;
+    let client = async_nats::connect(nats_url).await?;
+    let js = jetstream::new(client.clone());
+    bus::ensure_streams(&js).await?;
+    let tenant = TenantId::parse("demo")?;
+
+    let completed = Arc::new(Mutex::new(HashSet::<Uuid>::new()));
+    let done = CancellationToken::new();
+    let mut events = client
+        .subscribe(subjects::conversation_events(&tenant))
+        .await?;
+    let mut outbound = client.subscribe(format!("fl.{tenant}.outbound.*")).await?;
+    {
+        let completed = completed.clone();
+        let done = done.clone();
+        let limit = options.conversations;
+        tokio::spawn(async move {
+            while let Some(m) = events.next().await {
+                let Ok(e) = wire::decode::<ConversationEvent>(&m.payload) else {
+                    continue;
+                };
+                let from = e.from.map(|s| s.as_str()).unwrap_or("(new)");
+                let agent = e
+                    .agent_id
+                    .map(|a| format!(" agent={a}"))
+                    .unwrap_or_default();
+                println!(
+                    "{}  {:<8} {:<9} {:>10} -> {:<10} {}{agent}",
+                    e.at.format("%H:%M:%S%.3f"),
+                    &e.conversation_id.to_string()[28..],
+                    e.channel,
+                    from,
+                    e.to,
+                    e.reason
+                );
+                if e.to == firstline_shared::domain::ConversationState::Completed {
+                    let mut c = completed.lock().await;
+                    c.insert(e.conversation_id);
+                    if limit.is_some_and(|n| c.len() >= n) {
+                        done.cancel();
+                    }
+                }
+            }
+        });
+    }
+    tokio::spawn(async move {
+        while let Some(m) = outbound.next().await {
+            if let Ok(o) = wire::decode::<OutboundMessage>(&m.payload) {
+                println!(
+                    "              -> customer {:<6} [{}] {}",
+                    o.customer_id,
+                    o.author.as_str(),
+                    o.text
+                );
+            }
+        }
+    });
+
+    for (id, skills, capacity) in [
+        ("amy", &["zh", "english"][..], 3),
+        ("ben", &["zh"][..], 2),
+        ("chen", &["english"][..], 2),
+    ] {
+        let agent = AgentId::parse(id)?;
+        tokio::spawn(simulated_agent(
+            client.clone(),
+            js.clone(),
+            tenant.clone(),
+            agent.clone(),
+            done.clone(),
+        ));
+        let presence = AgentPresence {
+            version: Version,
+            status: AgentStatus::Ready,
+            reason: None,
+            capacity: Some(capacity),
+            skills: Some(SkillSet::new(skills)),
+            display_name: None,
+        };
+        bus::publish(
+            &js,
+            subjects::presence(&tenant, &agent),
+            &Uuid::now_v7().to_string(),
+            Default::default(),
+            wire::encode(&presence),
+        )
+        .await?;
+    }
+
+    let mut n = 0u32;
+    loop {
+        n += 1;
+        let (channel, handover) = if n % 3 == 0 {
+            ("webchat", false)
+        } else {
+            ("line", true)
+        };
+        tokio::spawn(simulated_customer(
+            js.clone(),
+            tenant.clone(),
+            ChannelId::parse(channel)?,
+            n,
+            handover,
+        ));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = done.cancelled() => break,
+            _ = tokio::time::sleep(options.every) => {}
+        }
+        if options
+            .conversations
+            .is_some_and(|limit| n as usize >= limit)
+        {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = done.cancelled() => break,
+            }
+        }
+    }
+    done.cancel();
+    let count = completed.lock().await.len();
+    Ok(count)
+}
+
+async fn send_inbound(
+    js: &jetstream::Context,
+    tenant: &TenantId,
+    channel: &ChannelId,
+    customer: &CustomerRef,
+    text: &str,
+) -> anyhow::Result<()> {
+    let message_id = Uuid::now_v7().to_string();
+    let body = InboundMessage {
+        version: Version,
+        message_id: message_id.clone(),
+        customer: customer.clone(),
+        text: text.to_owned(),
+        sent_at: Some(chrono::Utc::now()),
+    };
+    bus::publish(
+        js,
+        subjects::inbound(tenant, channel),
+        &format!("{channel}:{message_id}"),
+        Default::default(),
+        wire::encode(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn simulated_customer(
+    js: jetstream::Context,
+    tenant: TenantId,
+    channel: ChannelId,
+    n: u32,
+    handover: bool,
+) {
+    let names = ["王小明", "陳美玲", "Alice", "林志豪", "Bob", "張雅婷"];
+    let customer = CustomerRef {
+        id: format!("U{n:03}"),
+        name: Some(names[n as usize % names.len()].to_owned()),
+    };
+    let result = async {
+        send_inbound(&js, &tenant, &channel, &customer, "你好，我的訂單還沒到").await?;
+        if handover {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            send_inbound(&js, &tenant, &channel, &customer, "轉真人").await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("customer {}: {e:#}", customer.id);
+    }
+}
+
+async fn act(
+    js: &jetstream::Context,
+    tenant: &TenantId,
+    agent: &AgentId,
+    kind: AgentActionKind,
+) -> anyhow::Result<()> {
+    let action = AgentAction {
+        version: Version,
+        action_id: Uuid::now_v7(),
+        kind,
+    };
+    bus::publish(
+        js,
+        subjects::agent_action(tenant, agent),
+        &action.action_id.to_string(),
+        Default::default(),
+        wire::encode(&action),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn simulated_agent(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    tenant: TenantId,
+    agent: AgentId,
+    done: CancellationToken,
+) {
+    let Ok(mut notes) = client.subscribe(subjects::notify(&tenant, &agent)).await else {
+        return;
+    };
+    let mut offers_seen = 0u32;
+    loop {
+        let m = tokio::select! {
+            _ = done.cancelled() => return,
+            m = notes.next() => match m { Some(m) => m, None => return },
+        };
+        let Ok(note) = wire::decode::<AgentNotification>(&m.payload) else {
+            continue;
+        };
+        let (js, tenant, agent) = (js.clone(), tenant.clone(), agent.clone());
+        let conversation_id = note.conversation_id;
+        match note.kind {
+            NotificationKind::Offer { customer, .. } => {
+                offers_seen += 1;
+                let decline = offers_seen % 7 == 0;
+                println!(
+                    "              => offer to {agent:<5} {} ({})",
+                    customer.id,
+                    customer.name.unwrap_or_default()
+                );
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    let kind = if decline {
+                        AgentActionKind::Decline {
+                            conversation_id,
+                            reason: Some("on another call".into()),
+                        }
+                    } else {
+                        AgentActionKind::Accept { conversation_id }
+                    };
+                    let _ = act(&js, &tenant, &agent, kind).await;
+                });
+            }
+            NotificationKind::Assigned { .. } => {
+                tokio::spawn(async move {
+                    let text = format!("您好，我是 {agent}，很高興為您服務！");
+                    let _ = act(
+                        &js,
+                        &tenant,
+                        &agent,
+                        AgentActionKind::Reply {
+                            conversation_id,
+                            text,
+                        },
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    let _ = act(
+                        &js,
+                        &tenant,
+                        &agent,
+                        AgentActionKind::Close { conversation_id },
+                    )
+                    .await;
+                });
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! FIRST LINE routing in one process, and the commands around it: run every worker
+//! together ([`run_all`]), load tenants, channels and agents from a file ([`setup`]), and the
+//! demo ([`demo`]): a simulated gateway and simulated agents driving the real workers.
+
+pub mod demo;
+pub mod setup;
+
+use firstline_shared::config::CommonConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Runs ingest, bot-router, dispatcher and notifier in this process until `shutdown`.
+/// Each keeps its own connections, exactly as when they run as separate processes.
+pub async fn run_all(common: CommonConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Create the streams and schema once before four workers race to do it.
+    firstline_shared::db::migrate(&common.database_url).await?;
+    let ingest = firstline_ingest::run(
+        firstline_ingest::Config {
+            common: common.clone(),
+        },
+        shutdown.clone(),
+    );
+    let bot = firstline_bot_router::run(
+        firstline_bot_router::Config {
+            common: common.clone(),
+        },
+        shutdown.clone(),
+    );
+    let dispatcher = firstline_dispatcher::run(
+        firstline_dispatcher::Config {
+            common: common.clone(),
+            scan_limit: 5_000,
+            backstop_secs: 10,
+        },
+        shutdown.clone(),
+    );
+    let notifier = firstline_notifier::run(firstline_notifier::Config { common }, shutdown.clone());
+    let result = tokio::try_join!(ingest, bot, dispatcher, notifier).map(|_| ());
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    result
+}

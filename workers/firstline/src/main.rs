@@ -1,0 +1,104 @@
+//! `firstline`: every worker in one process, migrations, configuration and the demo.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use firstline::{demo, setup};
+use firstline_shared::config::CommonConfig;
+
+#[derive(Debug, Parser)]
+#[command(name = "firstline", about = "FIRST LINE routing", version)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonConfig,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run ingest, bot-router, dispatcher and notifier in this process.
+    Run,
+    /// Create the database if missing and apply the migrations.
+    Migrate,
+    /// Create or update tenants, channels and agents from a JSON file.
+    Configure {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Run every worker and the simulated gateway and agents, printing state changes.
+    Demo {
+        /// Stop after this many conversations are completed (default: run until Ctrl-C).
+        #[arg(long)]
+        conversations: Option<usize>,
+        /// Seconds between new customers.
+        #[arg(long, default_value_t = 2.0)]
+        every: f64,
+    },
+    /// Write the JSON Schema of every wire message into DIR.
+    Schemas {
+        #[arg(long, default_value = "schemas")]
+        dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let telemetry = firstline_shared::telemetry::init("firstline")?;
+    let shutdown = firstline_shared::shutdown::on_signals();
+    let result = match cli.command {
+        Command::Run => {
+            firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
+            firstline::run_all(cli.common, shutdown).await
+        }
+        Command::Migrate => {
+            firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
+            firstline_shared::db::migrate(&cli.common.database_url).await
+        }
+        Command::Configure { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let parsed =
+                setup::SetupFile::parse(&text).with_context(|| format!("in {}", file.display()))?;
+            setup::configure(&cli.common.database_url, &parsed).await
+        }
+        Command::Demo {
+            conversations,
+            every,
+        } => {
+            firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
+            firstline_shared::db::migrate(&cli.common.database_url).await?;
+            let workers = tokio::spawn(firstline::run_all(cli.common.clone(), shutdown.clone()));
+            let options = demo::DemoOptions {
+                conversations,
+                every: Duration::from_secs_f64(every),
+            };
+            let completed = demo::run(
+                &cli.common.nats_url,
+                &cli.common.database_url,
+                options,
+                shutdown.clone(),
+            )
+            .await;
+            shutdown.cancel();
+            let _ = workers.await;
+            completed.map(|n| println!("demo finished: {n} conversations completed"))
+        }
+        Command::Schemas { dir } => write_schemas(&dir),
+    };
+    telemetry.shutdown();
+    result
+}
+
+fn write_schemas(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, schema) in firstline_shared::wire::all_schemas() {
+        let path = dir.join(format!("{name}.schema.json"));
+        std::fs::write(&path, serde_json::to_string_pretty(&schema)? + "\n")?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! Tenants, channels and agents from a JSON file (`firstline configure --file F`): each entry
+//! is created or updated; what the file does not mention is left as it is. The whole file is
+//! checked first and applied in one transaction, so a bad file changes nothing.
+
+use firstline_shared::domain::{AgentId, ChannelId, SkillSet, TenantId};
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupFile {
+    pub tenants: Vec<TenantSetup>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSetup {
+    pub id: TenantId,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// SPEC D8, seconds.
+    #[serde(default)]
+    pub dispatch_cycle_seconds: Option<i32>,
+    /// SPEC D1.
+    #[serde(default)]
+    pub offer_limit: Option<i32>,
+    /// SPEC L4.
+    #[serde(default)]
+    pub handover_keywords: Option<Vec<String>>,
+    #[serde(default)]
+    pub bot_reply: Option<String>,
+    #[serde(default)]
+    pub handover_reply: Option<String>,
+    #[serde(default)]
+    pub channels: Vec<ChannelSetup>,
+    #[serde(default)]
+    pub agents: Vec<AgentSetup>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelSetup {
+    pub id: ChannelId,
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    /// SPEC D4.
+    #[serde(default)]
+    pub required_skills: SkillSet,
+    /// SPEC L2.
+    #[serde(default = "yes")]
+    pub bot_enabled: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSetup {
+    pub id: AgentId,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub skills: SkillSet,
+    #[serde(default = "default_capacity")]
+    pub capacity: i32,
+}
+
+fn default_kind() -> String {
+    "webchat".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_capacity() -> i32 {
+    10
+}
+
+impl SetupFile {
+    /// Parses and checks a file's text; the error names the problem.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let file: SetupFile = serde_json::from_str(text)?;
+        for t in &file.tenants {
+            if let Some(c) = t.dispatch_cycle_seconds {
+                anyhow::ensure!(
+                    (5..=86_400).contains(&c),
+                    "tenant {}: dispatch_cycle_seconds must be 5 to 86400, not {c}",
+                    t.id
+                );
+            }
+            if let Some(l) = t.offer_limit {
+                anyhow::ensure!(
+                    (1..=50).contains(&l),
+                    "tenant {}: offer_limit must be 1 to 50, not {l}",
+                    t.id
+                );
+            }
+            for a in &t.agents {
+                anyhow::ensure!(
+                    (0..=1000).contains(&a.capacity),
+                    "tenant {} agent {}: capacity must be 0 to 1000",
+                    t.id,
+                    a.id
+                );
+            }
+        }
+        Ok(file)
+    }
+
+    /// Writes everything in one transaction.
+    pub async fn apply(&self, client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
+        let tx = client.transaction().await?;
+        for t in &self.tenants {
+            tx.execute(
+                "INSERT INTO tenants AS t (id, name) VALUES ($1, coalesce($2, $1))
+                 ON CONFLICT (id) DO UPDATE SET name = coalesce($2, t.name)",
+                &[&t.id.as_str(), &t.name],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE tenants SET
+                     dispatch_cycle_seconds = coalesce($2, dispatch_cycle_seconds),
+                     offer_limit = coalesce($3, offer_limit),
+                     handover_keywords = coalesce($4, handover_keywords),
+                     bot_reply = coalesce($5, bot_reply),
+                     handover_reply = coalesce($6, handover_reply)
+                 WHERE id = $1",
+                &[
+                    &t.id.as_str(),
+                    &t.dispatch_cycle_seconds,
+                    &t.offer_limit,
+                    &t.handover_keywords,
+                    &t.bot_reply,
+                    &t.handover_reply,
+                ],
+            )
+            .await?;
+            for c in &t.channels {
+                tx.execute(
+                    "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled)
+                     VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5, bot_enabled = $6",
+                    &[&t.id.as_str(), &c.id.as_str(), &c.kind, &c.name, &c.required_skills.to_vec(), &c.bot_enabled],
+                )
+                .await?;
+            }
+            for a in &t.agents {
+                tx.execute(
+                    "INSERT INTO agents (tenant_id, id, display_name, skills, capacity)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (tenant_id, id) DO UPDATE SET display_name = $3, skills = $4, capacity = $5",
+                    &[&t.id.as_str(), &a.id.as_str(), &a.name, &a.skills.to_vec(), &a.capacity],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Connects, migrates and applies `file`.
+pub async fn configure(database_url: &str, file: &SetupFile) -> anyhow::Result<()> {
+    firstline_shared::db::migrate(database_url).await?;
+    let (mut client, connection) =
+        tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    file.apply(&mut client).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_files_are_refused_with_the_problem_named() {
+        let err = SetupFile::parse(r#"{"tenants":[{"id":"a.b"}]}"#).unwrap_err();
+        assert!(err.to_string().contains("invalid tenant id"), "{err}");
+        let err = SetupFile::parse(r#"{"tenants":[{"id":"a","offer_limit":0}]}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("offer_limit must be 1 to 50"),
+            "{err}"
+        );
+        let err = SetupFile::parse(r#"{"tenants":[{"id":"a","chanels":[]}]}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `chanels`"), "{err}");
+        let ok = SetupFile::parse(
+            r#"{"tenants":[{"id":"a","channels":[{"id":"line","required_skills":["EN"]}]}]}"#,
+        )
+        .unwrap();
+        assert!(ok.tenants[0].channels[0].bot_enabled);
+        assert_eq!(
+            ok.tenants[0].channels[0].required_skills.to_vec(),
+            vec!["en"]
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! The ingest worker's queries.
+
+use deadpool_postgres::Transaction;
+use firstline_shared::db::{self, Conversation, Transition};
+use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
+use firstline_shared::outbox::Outbox;
+use firstline_shared::wire::{CustomerRef, InboundMessage};
+use uuid::Uuid;
+
+/// What ingest needs of a channel.
+pub struct ChannelSettings {
+    pub required_skills: SkillSet,
+    /// SPEC L2.
+    pub bot_enabled: bool,
+}
+
+pub async fn channel(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    channel: &ChannelId,
+) -> Result<Option<ChannelSettings>, tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT required_skills, bot_enabled FROM channels WHERE tenant_id = $1 AND id = $2",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(&stmt, &[&tenant.as_str(), &channel.as_str()])
+        .await?
+        .map(|r| ChannelSettings {
+            required_skills: SkillSet::new(r.get::<_, Vec<String>>(0)),
+            bot_enabled: r.get(1),
+        }))
+}
+
+/// Finds or creates the customer and locks their row until the transaction ends: two first
+/// messages of one customer, handled at once, are serialized here (SPEC L1).
+pub async fn upsert_customer(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    channel: &ChannelId,
+    customer: &CustomerRef,
+) -> Result<Uuid, tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO customers (id, tenant_id, channel_id, external_id, display_name)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (tenant_id, channel_id, external_id)
+             DO UPDATE SET display_name = coalesce(EXCLUDED.display_name, customers.display_name)
+             RETURNING id",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &Uuid::now_v7(),
+                &tenant.as_str(),
+                &channel.as_str(),
+                &customer.id,
+                &customer.name,
+            ],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// SPEC L1/L9: the customer's open conversation, or a new one (L2: to the bot when the
+/// channel's bot takes new conversations, else to `waiting`). The unique index
+/// `conversations_one_open_per_customer` backs the customer row lock.
+pub async fn open_conversation(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    tenant: &TenantId,
+    channel: &ChannelId,
+    customer_id: Uuid,
+    settings: &ChannelSettings,
+) -> anyhow::Result<Conversation> {
+    let find = tx
+        .prepare_cached(
+            "SELECT id FROM conversations WHERE customer_id = $1 AND state <> 'completed' FOR UPDATE",
+        )
+        .await?;
+    if let Some(row) = tx.query_opt(&find, &[&customer_id]).await? {
+        let id: Uuid = row.get(0);
+        return db::conversation_for_update(tx, tenant, id)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("conversation {id} vanished"));
+    }
+    let state = if settings.bot_enabled {
+        ConversationState::Bot
+    } else {
+        ConversationState::Waiting
+    };
+    let id = Uuid::now_v7();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, bot_at, queued_at)
+             VALUES ($1, $2, $3, $4, $5, $6,
+                     CASE WHEN $5 = 'bot' THEN now() END,
+                     CASE WHEN $5 = 'waiting' THEN now() END)",
+        )
+        .await?;
+    tx.execute(
+        &insert,
+        &[
+            &id,
+            &tenant.as_str(),
+            &channel.as_str(),
+            &customer_id,
+            &state.as_str(),
+            &settings.required_skills.to_vec(),
+        ],
+    )
+    .await?;
+    let conversation = db::conversation_for_update(tx, tenant, id)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("conversation {id} vanished"))?;
+    db::record_history(
+        tx,
+        outbox,
+        &conversation,
+        None,
+        Transition {
+            to: state,
+            agent: None,
+            reason: "new_conversation",
+        },
+    )
+    .await?;
+    Ok(conversation)
+}
+
+/// Stores the customer's message; `false` when this (tenant, channel, message id) is
+/// already stored (DESIGN.md: the unique key behind `Nats-Msg-Id`).
+pub async fn insert_customer_message(
+    tx: &Transaction<'_>,
+    conversation: &Conversation,
+    id: Uuid,
+    inbound: &InboundMessage,
+    routed_to: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, routed_to, sent_at)
+             VALUES ($1, $2, $3, $4, $5, 'customer', $6, $7, $8)
+             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING",
+        )
+        .await?;
+    let n = tx
+        .execute(
+            &stmt,
+            &[
+                &id,
+                &conversation.tenant.as_str(),
+                &conversation.channel.as_str(),
+                &conversation.id,
+                &inbound.message_id,
+                &inbound.text,
+                &routed_to,
+                &inbound.sent_at,
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}

@@ -1,0 +1,191 @@
+//! The notifier worker: the one place that talks to gateways and agent desktops.
+//!
+//! - Deliveries (`fl.<tenant>.delivery.*`, from the other workers): a message for a customer
+//!   goes out on `fl.<tenant>.outbound.<channel>`; a notification for an agent (offer,
+//!   revocation, customer message...) on `fl.<tenant>.notify.<agent>`.
+//! - Agent replies (`fl.<tenant>.agent.<agent>.action` with `type: reply`): stored in the
+//!   transcript and sent to the customer, only from the agent serving the conversation.
+//!   Accept, decline and close belong to the dispatcher, which owns agents' load.
+//!
+//! Every publish carries a fixed `Nats-Msg-Id` (the message or notification id), so a
+//! redelivered delivery reaches the gateway or desktop once.
+
+use async_nats::HeaderMap;
+use firstline_shared::bus::{self, ConsumerSpec, Delivered};
+use firstline_shared::config::CommonConfig;
+use firstline_shared::db;
+use firstline_shared::domain::{AgentId, ConversationState, TenantId};
+use firstline_shared::outbox::Outbox;
+use firstline_shared::wire::{
+    self, AgentAction, AgentActionKind, AgentNotification, Author, Delivery, NotificationKind,
+    OutboundMessage, Version,
+};
+use firstline_shared::worker::Services;
+use firstline_shared::{subjects, telemetry, HandleError};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "firstline-notifier",
+    about = "Delivers to gateways and agent desktops; stores agent replies"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+}
+
+/// Consumes `FL_DELIVERY` and the replies of `FL_ACTIONS` until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let services = Services::start(&config.common, &shutdown).await?;
+    let deliveries = bus::consume(
+        &services.js,
+        &config.common,
+        ConsumerSpec {
+            stream: subjects::DELIVERY,
+            durable: "notifier",
+            filter_subject: String::new(),
+        },
+        shutdown.clone(),
+        |m| deliver(&services, m),
+    );
+    let replies = bus::consume(
+        &services.js,
+        &config.common,
+        ConsumerSpec {
+            stream: subjects::ACTIONS,
+            durable: "notifier-actions",
+            filter_subject: String::new(),
+        },
+        shutdown,
+        |m| reply(&services, m),
+    );
+    let result = tokio::try_join!(deliveries, replies).map(|_| ());
+    services.close().await;
+    result
+}
+
+async fn deliver(services: &Services, m: Delivered) -> Result<(), HandleError> {
+    let tenant =
+        TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
+    let delivery: Delivery = wire::decode(&m.payload)?;
+    let mut headers = HeaderMap::new();
+    telemetry::inject_current(&mut headers);
+    let (subject, msg_id, payload) = match &delivery {
+        Delivery::ToCustomer {
+            channel, message, ..
+        } => (
+            subjects::outbound(&tenant, channel),
+            message.message_id.to_string(),
+            wire::encode(message),
+        ),
+        Delivery::ToAgent {
+            agent_id,
+            notification,
+            ..
+        } => (
+            subjects::notify(&tenant, agent_id),
+            notification.notification_id.to_string(),
+            wire::encode(notification),
+        ),
+    };
+    bus::publish(&services.js, subject, &msg_id, headers, payload).await?;
+    Ok(())
+}
+
+async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
+    let (tenant, agent) = subjects::parse_agent_action(&m.subject).map_err(HandleError::Poison)?;
+    let action: AgentAction = wire::decode(&m.payload)?;
+    let AgentActionKind::Reply {
+        conversation_id,
+        text,
+    } = action.kind
+    else {
+        return Ok(()); // the dispatcher's
+    };
+    let mut client = services.pool.get().await?;
+    let tx = client.transaction().await?;
+    let mut outbox = Outbox::new();
+    let conversation = db::conversation_for_update(&tx, &tenant, conversation_id).await?;
+    let serving = conversation.as_ref().is_some_and(|c| {
+        c.state == ConversationState::Processing && c.agent_id.as_ref() == Some(&agent)
+    });
+    let Some(conversation) = conversation.filter(|_| serving) else {
+        reject(
+            &mut outbox,
+            &tenant,
+            &agent,
+            conversation_id,
+            action.action_id,
+            "you are not serving this conversation",
+        );
+        let staged = outbox.stage(&tx).await?;
+        tx.commit().await?;
+        staged.publish(&services.js, &services.pool).await;
+        return Ok(());
+    };
+    let id = Uuid::now_v7();
+    let row = tx
+        .query_opt(
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, agent_id, body)
+             VALUES ($1, $2, $3, $4, $5, 'agent', $6, $7)
+             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
+             RETURNING created_at",
+            &[
+                &id,
+                &tenant.as_str(),
+                &conversation.channel.as_str(),
+                &conversation.id,
+                &format!("action:{}", action.action_id),
+                &agent.as_str(),
+                &text,
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(()); // this action was applied already
+    };
+    outbox.push(
+        subjects::outbound(&tenant, &conversation.channel),
+        id.to_string(),
+        &OutboundMessage {
+            version: Version,
+            message_id: id,
+            conversation_id: conversation.id,
+            customer_id: conversation.customer_external_id.clone(),
+            author: Author::Agent,
+            agent_id: Some(agent),
+            text,
+            at: row.get(0),
+        },
+    );
+    let staged = outbox.stage(&tx).await?;
+    tx.commit().await?;
+    staged.publish(&services.js, &services.pool).await;
+    Ok(())
+}
+
+/// Stages an `action_rejected` notification for the agent.
+pub fn reject(
+    outbox: &mut Outbox,
+    tenant: &TenantId,
+    agent: &AgentId,
+    conversation_id: Uuid,
+    action_id: Uuid,
+    reason: &str,
+) {
+    let notification_id = Uuid::new_v5(&action_id, b"rejected");
+    outbox.push(
+        subjects::notify(tenant, agent),
+        notification_id.to_string(),
+        &AgentNotification {
+            version: Version,
+            notification_id,
+            conversation_id,
+            kind: NotificationKind::ActionRejected {
+                action_id,
+                reason: reason.to_owned(),
+            },
+        },
+    );
+}
