@@ -1,1 +1,410 @@
-//! placeholder
+//! Helpers of the end-to-end tests: each test gets its own NATS JetStream server (on a free
+//! port, with a temporary store) and its own Postgres database, and runs the real workers
+//! over them. Nothing here fakes NATS or Postgres.
+//!
+//! - `NATS_SERVER_BIN`: the server binary (default `nats-server` on PATH; 2.10 or later).
+//! - `FL_TEST_PG_URL`: an admin connection (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - `TEST_LOG=1`: show the workers' logs.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use async_nats::HeaderMap;
+use firstline_shared::config::CommonConfig;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// A NATS server of this test's own, killed when dropped.
+pub struct TestNats {
+    child: Child,
+    dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl TestNats {
+    pub async fn start() -> Self {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin}: {e}; run scripts/test, which installs NATS")
+            });
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        assert!(
+            !version.contains("v2.9.") && !version.contains("v2.8."),
+            "{bin} is {version}: the tests need NATS 2.10 or later (scripts/test installs the pinned release)"
+        );
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("fl-test-nats-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let url = format!("nats://127.0.0.1:{port}");
+        let nats = TestNats {
+            child,
+            dir,
+            port,
+            url,
+        };
+        eventually(
+            "NATS accepts connections",
+            Duration::from_secs(10),
+            || async { async_nats::connect(&nats.url).await.ok().map(|_| ()) },
+        )
+        .await;
+        nats
+    }
+
+    /// Stops the server (as a crash would: SIGKILL), keeping its store.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh database, dropped with the test.
+pub struct TestDb {
+    admin_url: String,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let admin_url = std::env::var("FL_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("fl_test_{}", Uuid::new_v4().simple());
+        let base = admin_url
+            .rsplit_once('/')
+            .map(|(b, _)| b)
+            .expect("FL_TEST_PG_URL must be a URL ending in /<database>");
+        let url = format!("{base}/{name}");
+        firstline_shared::db::create_database_if_missing(&url)
+            .await
+            .expect("create the test database (is Postgres running? scripts/test starts it)");
+        firstline_shared::db::migrate(&url).await.expect("migrate");
+        TestDb {
+            admin_url,
+            name,
+            url,
+        }
+    }
+
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test database");
+        tokio::spawn(connection);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin_url.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&admin, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The whole system over a test's own NATS and Postgres, with a client to drive it.
+pub struct TestApp {
+    pub db: TestDb,
+    pub pg: tokio_postgres::Client,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub shutdown: CancellationToken,
+    pub config: CommonConfig,
+    workers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    // Last, so that the workers stop before the server does.
+    pub nats: TestNats,
+}
+
+impl TestApp {
+    /// Starts NATS, a database configured with `setup` (a `firstline configure` file), and
+    /// every worker ([`firstline::run_all`]).
+    pub async fn spawn(setup: &str) -> Self {
+        firstline_shared::telemetry::init_for_tests();
+        let nats = TestNats::start().await;
+        let db = TestDb::create().await;
+        let file = firstline::setup::SetupFile::parse(setup).expect("test setup file");
+        firstline::setup::configure(&db.url, &file)
+            .await
+            .expect("configure");
+        let mut config = CommonConfig::new(&nats.url, &db.url);
+        config.ack_wait_secs = 5;
+        config.max_deliver = 3;
+        let client = async_nats::connect(&nats.url).await.unwrap();
+        let js = jetstream::new(client.clone());
+        firstline_shared::bus::ensure_streams(&js).await.unwrap();
+        let pg = db.connect().await;
+        let shutdown = CancellationToken::new();
+        let workers = vec![tokio::spawn(firstline::run_all(
+            config.clone(),
+            shutdown.clone(),
+        ))];
+        TestApp {
+            db,
+            pg,
+            client,
+            js,
+            shutdown,
+            config,
+            workers,
+            nats,
+        }
+    }
+
+    /// Starts one more instance of a worker, as another process would be.
+    pub fn spawn_worker<F>(&mut self, worker: F)
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        self.workers.push(tokio::spawn(worker));
+    }
+
+    /// Publishes a hand-written body, as a gateway or an agent desktop would: plain
+    /// async-nats, not our crate. Returns whether JetStream reported a duplicate.
+    pub async fn publish_json(&self, subject: &str, msg_id: Option<&str>, body: &str) -> bool {
+        let mut headers = HeaderMap::new();
+        if let Some(id) = msg_id {
+            headers.insert("Nats-Msg-Id", id);
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_owned(), headers, body.to_owned().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stream ack");
+        ack.duplicate
+    }
+
+    /// A customer message on `fl.<tenant>.inbound.<channel>`, hand-written JSON.
+    pub async fn customer_says(
+        &self,
+        tenant: &str,
+        channel: &str,
+        customer: &str,
+        text: &str,
+    ) -> String {
+        let message_id = Uuid::new_v4().to_string();
+        let body = serde_json::json!({
+            "version": 1,
+            "message_id": message_id,
+            "customer": {"id": customer, "name": format!("customer {customer}")},
+            "text": text,
+        })
+        .to_string();
+        self.publish_json(
+            &format!("fl.{tenant}.inbound.{channel}"),
+            Some(&format!("{channel}:{message_id}")),
+            &body,
+        )
+        .await;
+        message_id
+    }
+
+    /// Agent presence, hand-written JSON.
+    pub async fn presence(
+        &self,
+        tenant: &str,
+        agent: &str,
+        status: &str,
+        capacity: u32,
+        skills: &[&str],
+    ) {
+        let body = serde_json::json!({
+            "version": 1, "status": status, "capacity": capacity, "skills": skills,
+        })
+        .to_string();
+        self.publish_json(&format!("fl.{tenant}.presence.{agent}"), None, &body)
+            .await;
+    }
+
+    /// An agent action (`accept`, `decline`, `close`, `reply` with `extra` fields), hand-written JSON.
+    pub async fn agent_does(
+        &self,
+        tenant: &str,
+        agent: &str,
+        kind: &str,
+        conversation: Uuid,
+        extra: serde_json::Value,
+    ) {
+        let action_id = Uuid::new_v4();
+        let mut body = serde_json::json!({
+            "version": 1, "action_id": action_id, "type": kind, "conversation_id": conversation,
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            b.extend(e.clone());
+        }
+        self.publish_json(
+            &format!("fl.{tenant}.agent.{agent}.action"),
+            Some(&action_id.to_string()),
+            &body.to_string(),
+        )
+        .await;
+    }
+
+    /// The state of `customer`'s newest conversation on `channel`.
+    pub async fn state_of(&self, tenant: &str, channel: &str, customer: &str) -> Option<String> {
+        self.pg
+            .query_opt(
+                "SELECT c.state FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+                 WHERE cu.tenant_id = $1 AND cu.channel_id = $2 AND cu.external_id = $3
+                 ORDER BY c.created_at DESC LIMIT 1",
+                &[&tenant, &channel, &customer],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get(0))
+    }
+
+    /// Waits until `customer`'s newest conversation is in `state`.
+    pub async fn wait_for_state(&self, tenant: &str, channel: &str, customer: &str, state: &str) {
+        eventually(
+            &format!("{customer} in {state}"),
+            Duration::from_secs(20),
+            || async {
+                (self.state_of(tenant, channel, customer).await.as_deref() == Some(state))
+                    .then_some(())
+            },
+        )
+        .await
+    }
+
+    /// Every message stored so far on `subject` in `stream`, as JSON.
+    pub async fn stored(&self, stream: &str, subject: &str) -> Vec<serde_json::Value> {
+        let stream = self.js.get_stream(stream).await.unwrap();
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending as usize;
+        let mut out = Vec::new();
+        if pending == 0 {
+            return out;
+        }
+        let mut messages = consumer.messages().await.unwrap();
+        while out.len() < pending {
+            let m = tokio::time::timeout(Duration::from_secs(5), messages.next())
+                .await
+                .expect("stored messages arrive")
+                .unwrap()
+                .unwrap();
+            out.push(serde_json::from_slice(&m.payload).unwrap());
+        }
+        out
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        for w in &self.workers {
+            w.abort();
+        }
+    }
+}
+
+/// Receives the next message on a subscription as JSON, within `timeout`.
+pub async fn next_json(sub: &mut async_nats::Subscriber, what: &str) -> serde_json::Value {
+    let m = tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .expect("subscription open");
+    serde_json::from_slice(&m.payload).unwrap_or_else(|e| panic!("{what} is not JSON: {e}"))
+}
+
+/// Receives messages until one satisfies `pred`, within 20 s.
+pub async fn next_matching(
+    sub: &mut async_nats::Subscriber,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = tokio::time::timeout(left, sub.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("subscription open");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        if pred(&v) {
+            return v;
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Reads one `i64` (a count) from a query.
+pub async fn count(
+    pg: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    pg.query_one(sql, params).await.unwrap().get(0)
+}

@@ -102,11 +102,16 @@ subject_token!(
 
 /// A set of skills (技能). SPEC D4: a conversation is offered only to an agent whose
 /// skills are a superset of the conversation's required skills.
-#[derive(
-    Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
 #[serde(transparent)]
 pub struct SkillSet(BTreeSet<String>);
+
+/// Deserialized through [`SkillSet::new`], so that JSON skills are normalised like stored ones.
+impl<'de> Deserialize<'de> for SkillSet {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<String>::deserialize(deserializer).map(SkillSet::new)
+    }
+}
 
 impl SkillSet {
     /// Skills are trimmed and compared case-insensitively (stored lower-case); empty names are dropped.
@@ -297,6 +302,8 @@ mod tests {
         assert!(agent.covers(&SkillSet::default()));
         assert!(!agent.covers(&SkillSet::new(["english", "日本語"])));
         assert_eq!(SkillSet::new(["a", " ", "A"]).len(), 1);
+        let from_json: SkillSet = serde_json::from_str(r#"["English ", "VIP"]"#).unwrap();
+        assert!(from_json.covers(&SkillSet::new(["english", "vip"])));
     }
 
     #[test]
