@@ -51,8 +51,9 @@ CREATE TABLE agents (
     status_since   timestamptz NOT NULL DEFAULT now(),
     -- SPEC D5 tie-break: when the agent last received an offer or was made ready.
     idle_since     timestamptz NOT NULL DEFAULT now(),
-    -- Stream sequence of the last presence message applied: older ones redelivered late are ignored.
-    presence_seq   bigint NOT NULL DEFAULT 0,
+    -- When the server received the last presence message applied: an older one redelivered
+    -- late is ignored. (Not the stream sequence: it restarts if the stream is ever recreated.)
+    presence_at    timestamptz NOT NULL DEFAULT '-infinity',
     PRIMARY KEY (tenant_id, id)
 );
 

@@ -113,6 +113,8 @@ pub struct Delivered {
     pub stream_sequence: u64,
     /// 1 on the first delivery.
     pub delivered: i64,
+    /// When the server received it from its publisher.
+    pub published: chrono::DateTime<Utc>,
 }
 
 impl Delivered {
@@ -186,8 +188,8 @@ where
                 }
                 None => break,
             };
-            let (stream_sequence, delivered) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.delivered),
+            let (stream_sequence, delivered, published) = match message.info() {
+                Ok(info) => (info.stream_sequence, info.delivered, info.published),
                 Err(e) => {
                     tracing::warn!("message without JetStream info: {e}");
                     continue;
@@ -199,6 +201,7 @@ where
                 headers: message.headers.clone(),
                 stream_sequence,
                 delivered,
+                published,
             };
             let span = tracing::info_span!(
                 "handle",

@@ -261,7 +261,7 @@ pub async fn transition(
         t.to,
         ConversationState::Waiting | ConversationState::Assigning
     ) {
-        conversation.agent_id = agent.map(|a| AgentId::parse(a)).transpose()?;
+        conversation.agent_id = agent.map(AgentId::parse).transpose()?;
     }
     Ok(())
 }

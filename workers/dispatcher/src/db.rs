@@ -22,18 +22,18 @@ pub async fn lock_tenant(
     Ok(())
 }
 
-/// Applies a presence message unless a later one (higher stream sequence) was applied
-/// already. The agent is created on first presence. Returns whether it was applied.
+/// Applies a presence message unless a later one (received later by the server) was
+/// applied already. The agent is created on first presence. Returns whether it was applied.
 pub async fn apply_presence(
     tx: &Transaction<'_>,
     tenant: &TenantId,
     agent: &AgentId,
     presence: &AgentPresence,
-    sequence: u64,
+    published: DateTime<Utc>,
 ) -> Result<bool, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO agents AS a (tenant_id, id, display_name, skills, capacity, status, status_reason, presence_seq)
+            "INSERT INTO agents AS a (tenant_id, id, display_name, skills, capacity, status, status_reason, presence_at)
              VALUES ($1, $2, coalesce($3::text, ''), coalesce($4::text[], '{}'), coalesce($5::int, 10), $6, $7, $8)
              ON CONFLICT (tenant_id, id) DO UPDATE SET
                  display_name = coalesce($3, a.display_name),
@@ -43,8 +43,8 @@ pub async fn apply_presence(
                  status_reason = $7,
                  status_since = CASE WHEN a.status = $6 THEN a.status_since ELSE now() END,
                  idle_since = CASE WHEN a.status <> 'ready' AND $6 = 'ready' THEN now() ELSE a.idle_since END,
-                 presence_seq = $8
-             WHERE a.presence_seq < $8
+                 presence_at = $8
+             WHERE a.presence_at <= $8
              RETURNING 1",
         )
         .await?;
@@ -61,7 +61,7 @@ pub async fn apply_presence(
                 &capacity,
                 &presence.status.as_str(),
                 &presence.reason,
-                &(sequence as i64),
+                &published,
             ],
         )
         .await?;

@@ -122,10 +122,10 @@ impl Dispatcher {
         let tenant = tenant_of(&m)?;
         let (_, agent) = subjects::parse_presence(&m.subject).map_err(HandleError::Poison)?;
         let presence: AgentPresence = wire::decode(&m.payload)?;
-        let sequence = m.stream_sequence;
+        let published = m.published;
         self.with_tenant(&tenant, move |tx, _, settings| {
             Box::pin(async move {
-                if !db::apply_presence(tx, &settings.id, &agent, &presence, sequence).await? {
+                if !db::apply_presence(tx, &settings.id, &agent, &presence, published).await? {
                     tracing::debug!(%agent, "stale presence ignored");
                 }
                 Ok(())

@@ -224,7 +224,7 @@ mod tests {
         let mut q = queue(1, &[]);
         q[0].declined_by = vec![a.id.clone()];
         assert_eq!(plan(&[a.clone(), b.clone()], &q, 3)[0].agent.as_str(), "b");
-        assert!(plan(&[a.clone()], &q, 3).is_empty());
+        assert!(plan(std::slice::from_ref(&a), &q, 3).is_empty());
         // D8: another suitable agent first, even a busier one...
         let mut q = queue(1, &[]);
         q[0].expired_for = vec![a.id.clone()];

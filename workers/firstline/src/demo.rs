@@ -148,7 +148,7 @@ pub async fn run(
     let mut n = 0u32;
     loop {
         n += 1;
-        let (channel, handover) = if n % 3 == 0 {
+        let (channel, handover) = if n.is_multiple_of(3) {
             ("webchat", false)
         } else {
             ("line", true)
@@ -278,7 +278,7 @@ async fn simulated_agent(
         match note.kind {
             NotificationKind::Offer { customer, .. } => {
                 offers_seen += 1;
-                let decline = offers_seen % 7 == 0;
+                let decline = offers_seen.is_multiple_of(7);
                 println!(
                     "              => offer to {agent:<5} {} ({})",
                     customer.id,
