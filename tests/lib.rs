@@ -3,7 +3,7 @@
 //! over them. Nothing here fakes NATS or Postgres.
 //!
 //! - `NATS_SERVER_BIN`: the server binary (default `nats-server` on PATH; 2.10 or later).
-//! - `FL_TEST_PG_URL`: an admin connection (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - `FL_TEST_PG_URL`: an admin connection (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`).
 //! - `TEST_LOG=1`: show the workers' logs.
 
 use std::future::Future;
@@ -99,7 +99,7 @@ pub struct TestDb {
 impl TestDb {
     pub async fn create() -> Self {
         let admin_url = std::env::var("FL_TEST_PG_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+            .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into());
         let name = format!("fl_test_{}", Uuid::new_v4().simple());
         let base = admin_url
             .rsplit_once('/')
