@@ -24,6 +24,9 @@ CREATE TABLE channels (
     required_skills  text[] NOT NULL DEFAULT '{}',
     -- SPEC L2: new conversations go to the bot when true, else straight to waiting.
     bot_enabled      boolean NOT NULL DEFAULT true,
+    -- SPEC D5 "unless a priority says otherwise": conversations of this channel are queued with it
+    -- (higher first).
+    priority         integer NOT NULL DEFAULT 0,
     PRIMARY KEY (tenant_id, id)
 );
 
@@ -63,7 +66,11 @@ CREATE TABLE conversations (
     channel_id       text NOT NULL,
     customer_id      uuid NOT NULL REFERENCES customers (id),
     state            text NOT NULL CHECK (state IN ('script', 'bot', 'waiting', 'assigning', 'processing', 'completed')),
+    -- SPEC D4, sorted and lower-case. By default the channel's (and then kept equal to the
+    -- channel's while skills_from_channel: an edit reaches it, SPEC D9); a flow or a transfer sets
+    -- its own.
     required_skills  text[] NOT NULL DEFAULT '{}',
+    skills_from_channel boolean NOT NULL DEFAULT true,
     priority         integer NOT NULL DEFAULT 0,
     -- The agent serving it (processing) or who served it (completed).
     agent_id         text,
@@ -84,9 +91,12 @@ CREATE TABLE conversations (
 -- first messages arriving at once make one conversation.
 CREATE UNIQUE INDEX conversations_one_open_per_customer
     ON conversations (customer_id) WHERE state <> 'completed';
--- The waiting queue in dispatch order (SPEC D5).
-CREATE INDEX conversations_queue
-    ON conversations (tenant_id, priority DESC, queued_at, id) WHERE state IN ('waiting', 'assigning');
+-- The waiting queue by skill group, each in dispatch order (SPEC D4, D5): the dispatcher reads
+-- the distinct groups (a skip scan) and the heads of the groups some ready agent can serve.
+CREATE INDEX conversations_waiting_by_skills
+    ON conversations (tenant_id, required_skills, priority DESC, queued_at, id) WHERE state = 'waiting';
+CREATE INDEX conversations_assigning
+    ON conversations (tenant_id) WHERE state = 'assigning';
 CREATE INDEX conversations_processing_by_agent
     ON conversations (tenant_id, agent_id) WHERE state = 'processing';
 
@@ -183,3 +193,21 @@ CREATE TABLE outbox (
     traceparent  text,
     created_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- SPEC D9: when a channel's required skills change, its open conversations that use the
+-- channel's default take the new skills. A waiting one is dispatched under them at once; one
+-- already offered keeps its offer until the offer's dispatch cycle ends, and is re-dispatched
+-- under the new skills then.
+CREATE FUNCTION channels_propagate_required_skills() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.required_skills IS DISTINCT FROM OLD.required_skills THEN
+        UPDATE conversations SET required_skills = NEW.required_skills, updated_at = now()
+        WHERE tenant_id = NEW.tenant_id AND channel_id = NEW.id AND skills_from_channel
+          AND state IN ('script', 'bot', 'waiting', 'assigning');
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER channels_propagate_required_skills
+    AFTER UPDATE OF required_skills ON channels
+    FOR EACH ROW EXECUTE FUNCTION channels_propagate_required_skills();

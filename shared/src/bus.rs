@@ -141,6 +141,30 @@ where
     F: FnMut(Delivered) -> Fut,
     Fut: Future<Output = Result<(), HandleError>>,
 {
+    consume_batched(js, config, spec, 1, shutdown, |mut batch| {
+        let one = batch.pop().expect("batches are never empty");
+        let fut = handler(one);
+        async move { vec![fut.await] }
+    })
+    .await
+}
+
+/// Like [`consume`], but hands the handler every message already delivered, up to
+/// `max_batch`, at once: a worker that can merge work (the dispatcher runs one pass per tenant
+/// for a whole batch) does less of it under load, and waits for nothing when idle. The handler
+/// returns one result per message, in order; each decides its message's ack as in [`consume`].
+pub async fn consume_batched<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    spec: ConsumerSpec,
+    max_batch: usize,
+    shutdown: CancellationToken,
+    mut handler: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<Delivered>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandleError>>>,
+{
     let stream = ensure_stream(js, spec.stream).await?;
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
@@ -150,7 +174,7 @@ where
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(config.ack_wait_secs),
                 max_deliver: config.max_deliver,
-                max_ack_pending: 1_000,
+                max_ack_pending: 10_000,
                 filter_subject: spec.filter_subject.clone(),
                 ..Default::default()
             },
@@ -164,7 +188,7 @@ where
     );
 
     while !shutdown.is_cancelled() {
-        let mut messages = match consumer.messages().await {
+        let messages = match consumer.messages().await {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(consumer = spec.durable, "pull failed, retrying: {e:#}");
@@ -174,71 +198,107 @@ where
                 }
             }
         };
+        let mut chunks = messages.ready_chunks(max_batch.max(1));
         loop {
-            let next = tokio::select! {
+            let chunk = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                next = messages.next() => next,
+                next = chunks.next() => next,
             };
-            let message = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
+            let Some(chunk) = chunk else { break };
+            let mut batch = Vec::with_capacity(chunk.len());
+            let mut stream_error = false;
+            for next in chunk {
+                match next {
+                    Ok(m) => match m.info() {
+                        Ok(info) => {
+                            let delivered = Delivered {
+                                subject: m.subject.to_string(),
+                                payload: m.payload.clone(),
+                                headers: m.headers.clone(),
+                                stream_sequence: info.stream_sequence,
+                                delivered: info.delivered,
+                                published: info.published,
+                            };
+                            batch.push((m, delivered));
+                        }
+                        Err(e) => tracing::warn!("message without JetStream info: {e}"),
+                    },
                     // Missed heartbeats while the server restarts, and the like: pull again.
-                    tracing::warn!(consumer = spec.durable, "message stream error: {e:#}");
-                    break;
+                    Err(e) => {
+                        tracing::warn!(consumer = spec.durable, "message stream error: {e:#}");
+                        stream_error = true;
+                    }
                 }
-                None => break,
-            };
-            let (stream_sequence, delivered, published) = match message.info() {
-                Ok(info) => (info.stream_sequence, info.delivered, info.published),
-                Err(e) => {
-                    tracing::warn!("message without JetStream info: {e}");
-                    continue;
-                }
-            };
-            let delivered_msg = Delivered {
-                subject: message.subject.to_string(),
-                payload: message.payload.clone(),
-                headers: message.headers.clone(),
-                stream_sequence,
-                delivered,
-                published,
-            };
-            let span = tracing::info_span!(
-                "handle",
-                otel.name = %format!("{} {}", spec.durable, delivered_msg.subject),
-                subject = %delivered_msg.subject,
-                tenant = tracing::field::Empty,
-                stream_sequence,
-                delivered,
-            );
-            crate::telemetry::set_parent_from(&span, delivered_msg.headers.as_ref());
-            let result = handler(delivered_msg).instrument(span.clone()).await;
-            let ack = match result {
-                Ok(()) => AckKind::Ack,
-                Err(HandleError::Poison(reason)) => {
-                    span.in_scope(|| tracing::warn!(%reason, "dead-lettering poison message"));
-                    dead_letter(js, &spec, &message, stream_sequence, delivered, &reason).await?;
-                    AckKind::Term
-                }
-                Err(HandleError::Transient(e)) if delivered >= config.max_deliver => {
-                    let reason = format!("gave up after {delivered} deliveries: {e:#}");
-                    span.in_scope(|| tracing::error!(%reason, "dead-lettering"));
-                    dead_letter(js, &spec, &message, stream_sequence, delivered, &reason).await?;
-                    AckKind::Term
-                }
-                Err(HandleError::Transient(e)) => {
-                    span.in_scope(|| tracing::warn!("transient failure, will retry: {e:#}"));
-                    let secs = 1u64 << delivered.clamp(0, 5) as u32;
-                    AckKind::Nak(Some(Duration::from_millis(250 * secs)))
-                }
-            };
-            if let Err(e) = message.ack_with(ack).await {
-                // The message comes again after ack_wait; handlers are idempotent.
-                tracing::warn!("ack failed: {e}");
+            }
+            if !batch.is_empty() {
+                settle_batch(js, config, &spec, batch, &mut handler).await?;
+            }
+            if stream_error {
+                break;
             }
         }
     }
     tracing::info!(consumer = spec.durable, "stopped");
+    Ok(())
+}
+
+async fn settle_batch<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    spec: &ConsumerSpec,
+    batch: Vec<(jetstream::Message, Delivered)>,
+    handler: &mut F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<Delivered>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandleError>>>,
+{
+    let first = &batch[0].1;
+    let span = tracing::info_span!(
+        "handle",
+        otel.name = %format!("{} {}", spec.durable, first.subject),
+        subject = %first.subject,
+        stream_sequence = first.stream_sequence,
+        delivered = first.delivered,
+        batch = batch.len(),
+        tenant = tracing::field::Empty,
+    );
+    crate::telemetry::set_parent_from(&span, first.headers.as_ref());
+    let (messages, delivered): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let n = messages.len();
+    let mut results = handler(delivered).instrument(span.clone()).await;
+    results.resize_with(n, || {
+        Err(HandleError::Transient(anyhow::anyhow!(
+            "handler returned no result for this message"
+        )))
+    });
+    for (message, result) in messages.into_iter().zip(results) {
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (stream_sequence, delivered) = (info.stream_sequence, info.delivered);
+        let ack = match result {
+            Ok(()) => AckKind::Ack,
+            Err(HandleError::Poison(reason)) => {
+                span.in_scope(|| tracing::warn!(%reason, "dead-lettering poison message"));
+                dead_letter(js, spec, &message, stream_sequence, delivered, &reason).await?;
+                AckKind::Term
+            }
+            Err(HandleError::Transient(e)) if delivered >= config.max_deliver => {
+                let reason = format!("gave up after {delivered} deliveries: {e:#}");
+                span.in_scope(|| tracing::error!(%reason, "dead-lettering"));
+                dead_letter(js, spec, &message, stream_sequence, delivered, &reason).await?;
+                AckKind::Term
+            }
+            Err(HandleError::Transient(e)) => {
+                span.in_scope(|| tracing::warn!("transient failure, will retry: {e:#}"));
+                let secs = 1u64 << delivered.clamp(0, 5) as u32;
+                AckKind::Nak(Some(Duration::from_millis(250 * secs)))
+            }
+        };
+        if let Err(e) = message.ack_with(ack).await {
+            // The message comes again after ack_wait; handlers are idempotent.
+            tracing::warn!("ack failed: {e}");
+        }
+    }
     Ok(())
 }
 

@@ -146,11 +146,12 @@ pub struct Conversation {
     pub queued_at: Option<DateTime<Utc>>,
 }
 
-const CONVERSATION_COLUMNS: &str =
+/// The columns [`conversation_from_row`] reads, with `c` the conversation and `cu` its customer.
+pub const CONVERSATION_COLUMNS: &str =
     "c.id, c.tenant_id, c.channel_id, c.customer_id, cu.external_id, cu.display_name,
      c.state, c.agent_id, c.required_skills, c.queued_at";
 
-fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conversation> {
+pub fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conversation> {
     Ok(Conversation {
         id: row.get(0),
         tenant: TenantId::parse(row.get::<_, String>(1))?,
@@ -294,8 +295,21 @@ pub async fn record_history(
             ],
         )
         .await?;
-    let transition_id: i64 = row.get(0);
-    let at: DateTime<Utc> = row.get(1);
+    stage_event(outbox, conversation, from, t, row.get(0), row.get(1));
+    Ok(())
+}
+
+/// Stages the `events.conversation` event of history row `transition_id` (and, on entering
+/// `waiting`, the waiting-queue signal that wakes the dispatcher).
+pub fn stage_event(
+    outbox: &mut Outbox,
+    conversation: &Conversation,
+    from: Option<ConversationState>,
+    t: Transition<'_>,
+    transition_id: i64,
+    at: DateTime<Utc>,
+) {
+    let agent = t.agent.or(conversation.agent_id.as_ref());
     // The event id derives from the history row, so a replayed outbox row is deduplicated.
     let event_id = Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
@@ -328,5 +342,4 @@ pub async fn record_history(
             },
         );
     }
-    Ok(())
 }

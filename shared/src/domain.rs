@@ -123,7 +123,12 @@ impl SkillSet {
         SkillSet(
             skills
                 .into_iter()
-                .map(|s| s.as_ref().trim().to_lowercase())
+                .map(|s| {
+                    s.as_ref()
+                        .trim()
+                        .to_lowercase()
+                        .replace(char::is_control, "")
+                })
                 .filter(|s| !s.is_empty())
                 .collect(),
         )

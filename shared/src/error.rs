@@ -16,6 +16,14 @@ impl HandleError {
     pub fn poison(reason: impl Into<String>) -> Self {
         Self::Poison(reason.into())
     }
+
+    /// The same outcome for another message of a batch that shared this one's fate.
+    pub fn for_another(&self) -> Self {
+        match self {
+            Self::Transient(e) => Self::Transient(anyhow::anyhow!("{e:#}")),
+            Self::Poison(reason) => Self::Poison(reason.clone()),
+        }
+    }
 }
 
 impl From<crate::wire::DecodeError> for HandleError {

@@ -3,11 +3,12 @@
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Transaction};
-use firstline_shared::domain::{AgentId, SkillSet, TenantId};
+use firstline_shared::db::{conversation_from_row, Conversation, CONVERSATION_COLUMNS};
+use firstline_shared::domain::{AgentId, ConversationState, SkillSet, TenantId};
 use firstline_shared::wire::AgentPresence;
 use uuid::Uuid;
 
-use crate::plan::{AgentLoad, Candidate};
+use crate::plan::{AgentLoad, Candidate, PlannedOffer};
 
 /// DESIGN.md: one writer per tenant. Held until the transaction ends; other tenants
 /// dispatch in parallel on other connections or instances.
@@ -140,12 +141,13 @@ pub async fn ready_agents(
 ) -> anyhow::Result<Vec<AgentLoad>> {
     let stmt = tx
         .prepare_cached(
-            "SELECT a.id, a.capacity, a.skills, a.idle_since,
-                    (SELECT count(*) FROM conversations c
-                      WHERE c.tenant_id = a.tenant_id AND c.agent_id = a.id AND c.state = 'processing'),
-                    (SELECT count(*) FROM offers o
-                      WHERE o.tenant_id = a.tenant_id AND o.agent_id = a.id AND o.status = 'open')
-             FROM agents a WHERE a.tenant_id = $1 AND a.status = 'ready'",
+            "SELECT a.id, a.capacity, a.skills, a.idle_since, coalesce(p.n, 0), coalesce(o.n, 0)
+             FROM agents a
+             LEFT JOIN (SELECT agent_id, count(*) AS n FROM conversations
+                         WHERE tenant_id = $1 AND state = 'processing' GROUP BY agent_id) p ON p.agent_id = a.id
+             LEFT JOIN (SELECT agent_id, count(*) AS n FROM offers
+                         WHERE tenant_id = $1 AND status = 'open' GROUP BY agent_id) o ON o.agent_id = a.id
+             WHERE a.tenant_id = $1 AND a.status = 'ready'",
         )
         .await?;
     tx.query(&stmt, &[&tenant.as_str()])
@@ -165,77 +167,269 @@ pub async fn ready_agents(
         .collect()
 }
 
-/// The conversations that may be offered, in dispatch order (SPEC D5): `waiting`, and
-/// `assigning` without an open offer (D7/D8), by priority then time queued. At most `limit`.
-pub async fn candidates(
+fn candidate_from_row(r: &tokio_postgres::Row) -> Candidate {
+    Candidate {
+        conversation_id: r.get(0),
+        required_skills: SkillSet::new(r.get::<_, Vec<String>>(1)),
+        priority: r.get(2),
+        queued_at: r.get(3),
+        declined_by: Vec::new(),
+        expired_for: Vec::new(),
+    }
+}
+
+/// `assigning` conversations without an open offer: their offer expired and nobody took
+/// them yet (SPEC D7/D8). Few; all of them are candidates of every pass.
+pub async fn orphaned_assigning(
     tx: &Transaction<'_>,
     tenant: &TenantId,
-    limit: i64,
 ) -> anyhow::Result<Vec<Candidate>> {
     let stmt = tx
         .prepare_cached(
-            "SELECT c.id, c.required_skills,
-                    ARRAY(SELECT o.agent_id FROM offers o WHERE o.conversation_id = c.id AND o.status = 'declined'),
-                    ARRAY(SELECT o.agent_id FROM offers o WHERE o.conversation_id = c.id AND o.status = 'expired')
-             FROM conversations c
-             WHERE c.tenant_id = $1 AND c.state IN ('waiting', 'assigning')
-               AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')
-             ORDER BY c.priority DESC, c.queued_at, c.id
-             LIMIT $2",
+            "SELECT c.id, c.required_skills, c.priority, c.queued_at FROM conversations c
+             WHERE c.tenant_id = $1 AND c.state = 'assigning'
+               AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')",
         )
         .await?;
-    let parse = |ids: Vec<String>| -> anyhow::Result<Vec<AgentId>> {
-        ids.into_iter().map(|a| Ok(AgentId::parse(a)?)).collect()
-    };
-    tx.query(&stmt, &[&tenant.as_str(), &limit])
+    Ok(tx
+        .query(&stmt, &[&tenant.as_str()])
         .await?
-        .into_iter()
-        .map(|r| {
-            Ok(Candidate {
-                conversation_id: r.get(0),
-                required_skills: SkillSet::new(r.get::<_, Vec<String>>(1)),
-                declined_by: parse(r.get(2))?,
-                expired_for: parse(r.get(3))?,
-            })
-        })
-        .collect()
+        .iter()
+        .map(candidate_from_row)
+        .collect())
 }
 
-/// Writes an open offer. The trigger `offers_check_agent_limits` and the unique index
-/// `offers_one_open_per_conversation` refuse it if it would break SPEC D1 or double-offer.
-pub async fn insert_offer(
+/// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
+/// `conversations_waiting_by_skills`, one index probe per group, whatever the queue's length.
+pub async fn waiting_groups(
     tx: &Transaction<'_>,
     tenant: &TenantId,
-    offer: Uuid,
-    conversation: Uuid,
-    agent: &AgentId,
-    cycle_seconds: i32,
-) -> Result<DateTime<Utc>, tokio_postgres::Error> {
+) -> anyhow::Result<Vec<SkillSet>> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO offers (id, tenant_id, conversation_id, agent_id, deadline)
-             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
-             RETURNING deadline",
+            "WITH RECURSIVE g(skills) AS (
+                 (SELECT required_skills FROM conversations
+                   WHERE tenant_id = $1 AND state = 'waiting' ORDER BY required_skills LIMIT 1)
+                 UNION ALL
+                 SELECT (SELECT c.required_skills FROM conversations c
+                          WHERE c.tenant_id = $1 AND c.state = 'waiting' AND c.required_skills > g.skills
+                          ORDER BY c.required_skills LIMIT 1)
+                 FROM g WHERE g.skills IS NOT NULL)
+             SELECT skills FROM g WHERE skills IS NOT NULL",
         )
         .await?;
-    let row = tx
-        .query_one(
-            &stmt,
+    Ok(tx
+        .query(&stmt, &[&tenant.as_str()])
+        .await?
+        .iter()
+        .map(|r| SkillSet::new(r.get::<_, Vec<String>>(0)))
+        .collect())
+}
+
+/// One group's slice of the waiting queue to read: `limit` conversations after the first `skip`.
+#[derive(Debug)]
+pub struct GroupRead<'a> {
+    pub skills: &'a SkillSet,
+    pub limit: i64,
+    pub skip: i64,
+}
+
+const GROUP_KEY_SEPARATOR: char = '\u{1f}';
+
+/// The heads of several skill groups of the waiting queue, each in dispatch order, in one query.
+pub async fn waiting_heads(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    reads: &[GroupRead<'_>],
+) -> anyhow::Result<Vec<Candidate>> {
+    if reads.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Skill sets differ in length, so each travels as one string (skills hold no control characters).
+    let keys: Vec<String> = reads
+        .iter()
+        .map(|r| r.skills.to_vec().join(&GROUP_KEY_SEPARATOR.to_string()))
+        .collect();
+    let limits: Vec<i64> = reads.iter().map(|r| r.limit).collect();
+    let skips: Vec<i64> = reads.iter().map(|r| r.skip).collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT c.id, c.required_skills, c.priority, c.queued_at
+             FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS g(skills, lim, skip)
+             CROSS JOIN LATERAL (
+                 SELECT id, required_skills, priority, queued_at FROM conversations c
+                 WHERE c.tenant_id = $1 AND c.state = 'waiting'
+                   AND c.required_skills = string_to_array(g.skills, chr(31))
+                 ORDER BY c.priority DESC, c.queued_at, c.id
+                 LIMIT g.lim OFFSET g.skip) c",
+        )
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&tenant.as_str(), &keys, &limits, &skips])
+        .await?
+        .iter()
+        .map(candidate_from_row)
+        .collect())
+}
+
+/// Fills in who declined each candidate and whose offer of it expired.
+pub async fn attach_offer_history(
+    tx: &Transaction<'_>,
+    queue: &mut [Candidate],
+) -> anyhow::Result<()> {
+    if queue.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = queue.iter().map(|c| c.conversation_id).collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT conversation_id, agent_id, status FROM offers
+             WHERE conversation_id = ANY($1) AND status IN ('declined', 'expired')",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&ids]).await?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let index: std::collections::HashMap<Uuid, usize> =
+        ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    for r in rows {
+        let c = &mut queue[index[&r.get::<_, Uuid>(0)]];
+        let agent = AgentId::parse(r.get::<_, String>(1))?;
+        match r.get::<_, &str>(2) {
+            "declined" => c.declined_by.push(agent),
+            _ => c.expired_for.push(agent),
+        }
+    }
+    Ok(())
+}
+
+/// A conversation just offered, with what its event and the agent's notification say.
+pub struct Offered {
+    pub offer_id: Uuid,
+    pub agent: AgentId,
+    pub conversation: Conversation,
+    /// `waiting`, or `assigning` for a re-dispatch after an expired offer.
+    pub from: ConversationState,
+    pub transition_id: i64,
+    pub at: DateTime<Utc>,
+    pub deadline: DateTime<Utc>,
+}
+
+/// Writes the planned offers in a handful of statements: conversations to `assigning`, the
+/// offers (checked row by row by the D1 trigger and the one-open-offer index), their history
+/// rows, and the agents' idle time. A conversation that left the queue meanwhile is skipped.
+pub async fn write_offers(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    cycle_seconds: i32,
+    planned: &[PlannedOffer],
+) -> anyhow::Result<Vec<Offered>> {
+    if planned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = planned.iter().map(|p| p.conversation_id).collect();
+    let moved = tx
+        .prepare_cached(&format!(
+            "WITH old AS (
+                 SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+                 WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.state IN ('waiting', 'assigning')
+                 FOR UPDATE OF c)
+             UPDATE conversations c SET state = 'assigning', agent_id = NULL, assigning_at = now(), updated_at = now()
+             FROM old WHERE c.id = old.id
+             RETURNING old.*"
+        ))
+        .await?;
+    let rows = tx.query(&moved, &[&tenant.as_str(), &ids]).await?;
+    let mut conversations: std::collections::HashMap<Uuid, Conversation> = rows
+        .iter()
+        .map(|r| conversation_from_row(r).map(|c| (c.id, c)))
+        .collect::<anyhow::Result<_>>()?;
+    let planned: Vec<&PlannedOffer> = planned
+        .iter()
+        .filter(|p| conversations.contains_key(&p.conversation_id))
+        .collect();
+    let offer_ids: Vec<Uuid> = planned.iter().map(|_| Uuid::now_v7()).collect();
+    let conv_ids: Vec<Uuid> = planned.iter().map(|p| p.conversation_id).collect();
+    let agents: Vec<&str> = planned.iter().map(|p| p.agent.as_str()).collect();
+    let froms: Vec<&str> = planned
+        .iter()
+        .map(|p| conversations[&p.conversation_id].state.as_str())
+        .collect();
+    let reasons: Vec<&str> = froms
+        .iter()
+        .map(|f| {
+            if *f == "waiting" {
+                "offered"
+            } else {
+                "reoffered"
+            }
+        })
+        .collect();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO offers (id, tenant_id, conversation_id, agent_id, deadline)
+             SELECT o.id, $1, o.conversation_id, o.agent_id, now() + make_interval(secs => $5)
+             FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS o(id, conversation_id, agent_id)
+             RETURNING now() + make_interval(secs => $5)",
+        )
+        .await?;
+    let deadline: DateTime<Utc> = match tx
+        .query(
+            &insert,
             &[
-                &offer,
                 &tenant.as_str(),
-                &conversation,
-                &agent.as_str(),
+                &offer_ids,
+                &conv_ids,
+                &agents,
                 &f64::from(cycle_seconds),
             ],
         )
+        .await?
+        .first()
+    {
+        Some(r) => r.get(0),
+        None => return Ok(Vec::new()),
+    };
+    let history = tx
+        .prepare_cached(
+            "INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+             RETURNING conversation_id, id, at",
+        )
         .await?;
+    let to: Vec<&str> = vec!["assigning"; planned.len()];
+    let mut transitions: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = tx
+        .query(&history, &[&conv_ids, &froms, &to, &agents, &reasons])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
     let touch = tx
-        .prepare_cached("UPDATE agents SET idle_since = now() WHERE tenant_id = $1 AND id = $2")
+        .prepare_cached(
+            "UPDATE agents SET idle_since = now() WHERE tenant_id = $1 AND id = ANY($2)",
+        )
         .await?;
-    tx.execute(&touch, &[&tenant.as_str(), &agent.as_str()])
-        .await?;
-    Ok(row.get(0))
+    tx.execute(&touch, &[&tenant.as_str(), &agents]).await?;
+    let mut offered = Vec::with_capacity(planned.len());
+    for (p, offer_id) in planned.into_iter().zip(offer_ids) {
+        let conversation = conversations
+            .remove(&p.conversation_id)
+            .expect("moved above");
+        let (transition_id, at) = transitions
+            .remove(&p.conversation_id)
+            .expect("history written above");
+        offered.push(Offered {
+            offer_id,
+            agent: p.agent.clone(),
+            from: conversation.state,
+            conversation,
+            transition_id,
+            at,
+            deadline,
+        });
+    }
+    Ok(offered)
 }
 
 /// The earliest deadline of the tenant's open offers: when the next pass is due (D8).
@@ -249,17 +443,18 @@ pub async fn next_deadline(
     Ok(tx.query_one(&stmt, &[&tenant.as_str()]).await?.get(0))
 }
 
-/// Tenants with something to dispatch or an offer past its deadline: passes to run at start
-/// and on the backstop timer (a dispatcher that died may have left them).
+/// Tenants with an offer past its deadline, or with ready agents and something queued: passes
+/// to run at start and on the backstop timer (a dispatcher that died may have left them).
+/// One index probe per tenant, whatever the queues' lengths.
 pub async fn tenants_needing_a_pass(client: &impl GenericClient) -> anyhow::Result<Vec<TenantId>> {
     let rows = client
         .query(
-            "SELECT DISTINCT tenant_id FROM offers WHERE status = 'open' AND deadline <= now()
-             UNION
-             SELECT DISTINCT c.tenant_id FROM conversations c
-              WHERE c.state IN ('waiting', 'assigning')
-                AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')
-                AND EXISTS (SELECT 1 FROM agents a WHERE a.tenant_id = c.tenant_id AND a.status = 'ready')",
+            "SELECT t.id FROM tenants t
+             WHERE EXISTS (SELECT 1 FROM offers o WHERE o.tenant_id = t.id AND o.status = 'open' AND o.deadline <= now())
+                OR (EXISTS (SELECT 1 FROM agents a WHERE a.tenant_id = t.id AND a.status = 'ready')
+                    AND (EXISTS (SELECT 1 FROM conversations c WHERE c.tenant_id = t.id AND c.state = 'waiting')
+                         OR EXISTS (SELECT 1 FROM conversations c WHERE c.tenant_id = t.id AND c.state = 'assigning'
+                                     AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open'))))",
             &[],
         )
         .await?;

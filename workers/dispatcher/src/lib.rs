@@ -2,17 +2,18 @@
 //! agents' accept, decline and close (SPEC L7, L8).
 //!
 //! It consumes the waiting-queue stream (`fl.<tenant>.queue.*`), the agent-presence stream
-//! (`fl.<tenant>.presence.<agent>`) and the agent actions (`fl.<tenant>.agent.<agent>.action`).
-//! Every event runs, for its tenant, one transaction that holds the tenant's advisory lock
-//! (one writer per tenant across all instances), applies the event, and runs a dispatch pass:
-//! expire offers past their dispatch cycle (D8), load the ready agents and the queue, decide
+//! (`fl.<tenant>.presence.<agent>`) and the agent actions (`fl.<tenant>.agent.<agent>.action`),
+//! in batches of what is already delivered. For each tenant of a batch, one transaction holds
+//! the tenant's advisory lock (one writer per tenant across all instances), applies the
+//! batch's events in order, and runs one dispatch pass ([`pass`]): expire offers past their
+//! dispatch cycle (D8), load the ready agents and the heads of the queue they can serve, decide
 //! with [`plan::plan`] (pure), write the offers. Offer deadlines are kept by a timer, not by
 //! polling; a slow backstop sweep catches tenants a dead instance left behind.
 
 pub mod db;
 pub mod plan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ use deadpool_postgres::Transaction;
 use firstline_shared::bus::{self, ConsumerSpec, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db::{self as shared_db, TenantSettings, Transition};
-use firstline_shared::domain::{AgentId, ConversationState, TenantId};
+use firstline_shared::domain::{AgentId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{
     self, AgentAction, AgentActionKind, AgentPresence, NotificationKind, QueueSignal,
@@ -40,19 +41,80 @@ use uuid::Uuid;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
-    /// Most queued conversations one pass looks at.
-    #[arg(long, env = "FL_DISPATCH_SCAN_LIMIT", default_value_t = 5_000)]
-    pub scan_limit: i64,
+    /// Most messages of one stream handled in one batch (one pass per tenant per batch).
+    #[arg(long, env = "FL_DISPATCH_BATCH", default_value_t = 256)]
+    pub batch: usize,
     /// Seconds between backstop sweeps for tenants left with due offers or an idle queue.
     #[arg(long, env = "FL_DISPATCH_BACKSTOP_SECS", default_value_t = 10)]
     pub backstop_secs: u64,
 }
 
-/// One dispatcher instance.
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            batch: 256,
+            backstop_secs: 10,
+        }
+    }
+}
+
+/// One event of a tenant, applied under its lock before the pass.
+#[derive(Debug)]
+enum Event {
+    /// The waiting queue changed; only the pass is needed.
+    Queue,
+    Presence {
+        agent: AgentId,
+        presence: AgentPresence,
+        published: DateTime<Utc>,
+    },
+    Action {
+        agent: AgentId,
+        action: AgentAction,
+    },
+}
+
+/// Which stream a batch comes from.
+#[derive(Clone, Copy, Debug)]
+enum Source {
+    Queue,
+    Presence,
+    Actions,
+}
+
+fn parse_event(source: Source, m: &Delivered) -> Result<(TenantId, Event), HandleError> {
+    let poison = HandleError::Poison;
+    match source {
+        Source::Queue => {
+            let tenant = TenantId::parse(m.tenant_token()).map_err(|e| poison(e.to_string()))?;
+            let _signal: QueueSignal = wire::decode(&m.payload)?;
+            Ok((tenant, Event::Queue))
+        }
+        Source::Presence => {
+            let (tenant, agent) = subjects::parse_presence(&m.subject).map_err(poison)?;
+            let presence: AgentPresence = wire::decode(&m.payload)?;
+            Ok((
+                tenant,
+                Event::Presence {
+                    agent,
+                    presence,
+                    published: m.published,
+                },
+            ))
+        }
+        Source::Actions => {
+            let (tenant, agent) = subjects::parse_agent_action(&m.subject).map_err(poison)?;
+            let action: AgentAction = wire::decode(&m.payload)?;
+            Ok((tenant, Event::Action { agent, action }))
+        }
+    }
+}
+
+/// One dispatcher instance. Cheap to clone.
 #[derive(Clone)]
-struct Dispatcher {
+pub struct Dispatcher {
     services: Services,
-    scan_limit: i64,
     /// The next offer deadline per tenant this instance knows of (SPEC D8 timers).
     deadlines: Arc<Mutex<HashMap<TenantId, DateTime<Utc>>>>,
     deadlines_changed: Arc<Notify>,
@@ -61,12 +123,7 @@ struct Dispatcher {
 /// Consumes the waiting-queue, presence and action streams until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    let dispatcher = Dispatcher {
-        services: services.clone(),
-        scan_limit: config.scan_limit,
-        deadlines: Arc::default(),
-        deadlines_changed: Arc::default(),
-    };
+    let dispatcher = Dispatcher::new(services.clone());
     let consumer = |stream, durable| ConsumerSpec {
         stream,
         durable,
@@ -74,27 +131,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let js = &services.js;
     let common = &config.common;
-    let queue = bus::consume(
-        js,
-        common,
-        consumer(subjects::QUEUE, "dispatcher-queue"),
-        shutdown.clone(),
-        |m| dispatcher.on_queue_signal(m),
-    );
-    let presence = bus::consume(
-        js,
-        common,
-        consumer(subjects::PRESENCE, "dispatcher-presence"),
-        shutdown.clone(),
-        |m| dispatcher.on_presence(m),
-    );
-    let actions = bus::consume(
-        js,
-        common,
-        consumer(subjects::ACTIONS, "dispatcher-actions"),
-        shutdown.clone(),
-        |m| dispatcher.on_action(m),
-    );
+    let batch = config.batch;
+    let consume = |source: Source, stream, durable| {
+        let dispatcher = dispatcher.clone();
+        bus::consume_batched(
+            js,
+            common,
+            consumer(stream, durable),
+            batch,
+            shutdown.clone(),
+            move |msgs| {
+                let dispatcher = dispatcher.clone();
+                async move { dispatcher.on_batch(source, msgs).await }
+            },
+        )
+    };
+    let queue = consume(Source::Queue, subjects::QUEUE, "dispatcher-queue");
+    let presence = consume(Source::Presence, subjects::PRESENCE, "dispatcher-presence");
+    let actions = consume(Source::Actions, subjects::ACTIONS, "dispatcher-actions");
     let timers = dispatcher.deadline_timer(shutdown.clone());
     let backstop = dispatcher.backstop(Duration::from_secs(config.backstop_secs), shutdown);
     let result = tokio::try_join!(queue, presence, actions, async {
@@ -106,59 +160,54 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
-fn tenant_of(m: &Delivered) -> Result<TenantId, HandleError> {
-    TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))
-}
-
 impl Dispatcher {
-    async fn on_queue_signal(&self, m: Delivered) -> Result<(), HandleError> {
-        let tenant = tenant_of(&m)?;
-        let _signal: QueueSignal = wire::decode(&m.payload)?;
-        self.with_tenant(&tenant, |_, _, _| Box::pin(async { Ok(()) }))
-            .await
-    }
-
-    async fn on_presence(&self, m: Delivered) -> Result<(), HandleError> {
-        let tenant = tenant_of(&m)?;
-        let (_, agent) = subjects::parse_presence(&m.subject).map_err(HandleError::Poison)?;
-        let presence: AgentPresence = wire::decode(&m.payload)?;
-        let published = m.published;
-        self.with_tenant(&tenant, move |tx, _, settings| {
-            Box::pin(async move {
-                if !db::apply_presence(tx, &settings.id, &agent, &presence, published).await? {
-                    tracing::debug!(%agent, "stale presence ignored");
-                }
-                Ok(())
-            })
-        })
-        .await
-    }
-
-    async fn on_action(&self, m: Delivered) -> Result<(), HandleError> {
-        let (tenant, agent) =
-            subjects::parse_agent_action(&m.subject).map_err(HandleError::Poison)?;
-        let action: AgentAction = wire::decode(&m.payload)?;
-        if matches!(action.kind, AgentActionKind::Reply { .. }) {
-            return Ok(()); // the notifier's
+    pub fn new(services: Services) -> Self {
+        Self {
+            services,
+            deadlines: Arc::default(),
+            deadlines_changed: Arc::default(),
         }
-        self.with_tenant(&tenant, move |tx, outbox, settings| {
-            Box::pin(async move { apply_action(tx, outbox, &settings.id, &agent, &action).await })
-        })
-        .await
     }
 
-    /// Runs `apply` then a dispatch pass for `tenant`, in one transaction holding the
-    /// tenant's advisory lock; publishes the outputs after commit and arms the deadline timer.
-    async fn with_tenant<F>(&self, tenant: &TenantId, apply: F) -> Result<(), HandleError>
-    where
-        F: for<'a> FnOnce(
-            &'a Transaction<'a>,
-            &'a mut Outbox,
-            &'a TenantSettings,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = anyhow::Result<()>> + Send + 'a>,
-        >,
-    {
+    /// Groups a batch by tenant (keeping each tenant's order), applies each group and runs
+    /// one pass for it. A message's result is its tenant group's, unless it is poison alone.
+    async fn on_batch(
+        &self,
+        source: Source,
+        batch: Vec<Delivered>,
+    ) -> Vec<Result<(), HandleError>> {
+        let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
+        let mut groups: Vec<(TenantId, Vec<(usize, Event)>)> = Vec::new();
+        for (i, m) in batch.iter().enumerate() {
+            match parse_event(source, m) {
+                Ok((tenant, event)) => {
+                    match groups.iter_mut().find(|(t, _)| *t == tenant) {
+                        Some((_, events)) => events.push((i, event)),
+                        None => groups.push((tenant, vec![(i, event)])),
+                    }
+                    results.push(Ok(()));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        for (tenant, events) in groups {
+            let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
+            if let Err(e) = self.apply_and_pass(&tenant, events).await {
+                for i in indexes {
+                    results[i] = Err(e.for_another());
+                }
+            }
+        }
+        results
+    }
+
+    /// Applies `events` then runs one dispatch pass for `tenant`, in one transaction holding
+    /// the tenant's advisory lock; publishes the outputs after commit and arms the deadline timer.
+    async fn apply_and_pass(
+        &self,
+        tenant: &TenantId,
+        events: Vec<Event>,
+    ) -> Result<PassReport, HandleError> {
         let mut client = self.services.pool.get().await?;
         let tx = client.transaction().await?;
         db::lock_tenant(&tx, tenant).await?;
@@ -166,13 +215,36 @@ impl Dispatcher {
             return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
         };
         let mut outbox = Outbox::new();
-        apply(&tx, &mut outbox, &settings).await?;
-        let next = pass(&tx, &mut outbox, &settings, self.scan_limit).await?;
+        for event in events {
+            match event {
+                Event::Queue => {}
+                Event::Presence {
+                    agent,
+                    presence,
+                    published,
+                } => {
+                    if !db::apply_presence(&tx, tenant, &agent, &presence, published).await? {
+                        tracing::debug!(%agent, "stale presence ignored");
+                    }
+                }
+                Event::Action { agent, action } => {
+                    if !matches!(action.kind, AgentActionKind::Reply { .. }) {
+                        apply_action(&tx, &mut outbox, tenant, &agent, &action).await?;
+                    } // a reply is the notifier's
+                }
+            }
+        }
+        let report = pass(&tx, &mut outbox, &settings).await?;
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
         staged.publish(&self.services.js, &self.services.pool).await;
-        self.arm(tenant, next);
-        Ok(())
+        self.arm(tenant, report.next_deadline);
+        Ok(report)
+    }
+
+    /// A pass with no event: after a deadline, at start, from the backstop, or from a benchmark.
+    pub async fn pass_for(&self, tenant: &TenantId) -> Result<PassReport, HandleError> {
+        self.apply_and_pass(tenant, Vec::new()).await
     }
 
     fn arm(&self, tenant: &TenantId, next: Option<DateTime<Utc>>) {
@@ -211,10 +283,7 @@ impl Dispatcher {
             if let Some((tenant, _)) = earliest {
                 // Small grace so that now() in Postgres is past the deadline too.
                 tokio::time::sleep(Duration::from_millis(5)).await;
-                if let Err(e) = self
-                    .with_tenant(&tenant, |_, _, _| Box::pin(async { Ok(()) }))
-                    .await
-                {
+                if let Err(e) = self.pass_for(&tenant).await {
                     tracing::warn!(%tenant, "deadline pass failed, retrying soon: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -230,10 +299,7 @@ impl Dispatcher {
                 Ok(client) => match db::tenants_needing_a_pass(&client).await {
                     Ok(tenants) => {
                         for tenant in tenants {
-                            if let Err(e) = self
-                                .with_tenant(&tenant, |_, _, _| Box::pin(async { Ok(()) }))
-                                .await
-                            {
+                            if let Err(e) = self.pass_for(&tenant).await {
                                 tracing::warn!(%tenant, "backstop pass failed: {e}");
                             }
                         }
@@ -369,17 +435,38 @@ async fn apply_action(
     Ok(())
 }
 
-/// One dispatch pass for a tenant, inside its locked transaction. Returns the next deadline.
-async fn pass(
+/// What one pass did.
+#[derive(Clone, Debug, Default)]
+pub struct PassReport {
+    pub expired: usize,
+    pub offered: usize,
+    /// The earliest deadline of the tenant's open offers, for the timer (SPEC D8).
+    pub next_deadline: Option<DateTime<Utc>>,
+}
+
+/// Reads of the queue one pass may make before it stops (only repeated declines need more
+/// than one: see [`pass`]).
+const MAX_ROUNDS: usize = 8;
+
+/// One dispatch pass for a tenant, inside its locked transaction.
+///
+/// The waiting queue is read by skill group: a group is read only if a ready agent with a
+/// free slot covers it, and only as many of its heads as those agents have free slots. That is
+/// exact: a group's conversation is left only when every agent who could take it is full,
+/// and then so is every one behind it; so the cost of a pass follows the offers it makes, not
+/// the queue's length. A conversation skipped because the free agents declined it can leave
+/// room in its group; then the next heads are read, for up to [`MAX_ROUNDS`] rounds.
+pub async fn pass(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
     settings: &TenantSettings,
-    scan_limit: i64,
-) -> anyhow::Result<Option<DateTime<Utc>>> {
+) -> anyhow::Result<PassReport> {
     let tenant = &settings.id;
+    let mut report = PassReport::default();
     // SPEC D8: offers past the dispatch cycle end; their conversations stay `assigning`
     // (D7) and are re-offered below, to another suitable agent first.
     for expired in db::expire_due_offers(tx, tenant).await? {
+        report.expired += 1;
         outbox.notify_agent(
             tenant,
             &expired.agent,
@@ -392,63 +479,100 @@ async fn pass(
         );
     }
     let offer_limit = settings.offer_limit.max(1) as u32;
-    let agents = db::ready_agents(tx, tenant).await?;
-    let free: u32 = agents.iter().map(|a| a.free_slots(offer_limit)).sum();
-    if free > 0 {
-        let queue = db::candidates(tx, tenant, scan_limit).await?;
-        for planned in plan::plan(&agents, &queue, offer_limit) {
-            offer(tx, outbox, settings, planned).await?;
+    let mut agents = db::ready_agents(tx, tenant).await?;
+    if agents.iter().any(|a| a.free_slots(offer_limit) > 0) {
+        let mut orphans = db::orphaned_assigning(tx, tenant).await?;
+        let groups = db::waiting_groups(tx, tenant).await?;
+        let mut read: HashMap<&SkillSet, i64> = HashMap::new();
+        let mut exhausted: HashSet<&SkillSet> = HashSet::new();
+        let mut planned_all = Vec::new();
+        for _ in 0..MAX_ROUNDS {
+            let reads: Vec<db::GroupRead> = groups
+                .iter()
+                .filter(|g| !exhausted.contains(g))
+                .filter_map(|g| {
+                    let free: u32 = agents
+                        .iter()
+                        .filter(|a| a.skills.covers(g))
+                        .map(|a| a.free_slots(offer_limit))
+                        .sum();
+                    (free > 0).then(|| db::GroupRead {
+                        skills: g,
+                        limit: i64::from(free),
+                        skip: read.get(g).copied().unwrap_or(0),
+                    })
+                })
+                .collect();
+            if reads.is_empty() && orphans.is_empty() {
+                break;
+            }
+            let mut queue = db::waiting_heads(tx, tenant, &reads).await?;
+            for r in &reads {
+                let got = queue
+                    .iter()
+                    .filter(|c| &c.required_skills == r.skills)
+                    .count() as i64;
+                *read.entry(r.skills).or_default() += got;
+                if got < r.limit {
+                    exhausted.insert(r.skills);
+                }
+            }
+            queue.append(&mut orphans);
+            queue.sort_by_key(plan::Candidate::order_key);
+            db::attach_offer_history(tx, &mut queue).await?;
+            let planned = plan::plan(&agents, &queue, offer_limit);
+            if planned.is_empty() {
+                break;
+            }
+            for p in &planned {
+                if let Some(a) = agents.iter_mut().find(|a| a.id == p.agent) {
+                    a.open_offers += 1;
+                }
+            }
+            planned_all.extend(planned);
+        }
+        for offered in
+            db::write_offers(tx, tenant, settings.dispatch_cycle_seconds, &planned_all).await?
+        {
+            report.offered += 1;
+            stage_offer(outbox, offered);
         }
     }
-    Ok(db::next_deadline(tx, tenant).await?)
+    report.next_deadline = db::next_deadline(tx, tenant).await?;
+    Ok(report)
 }
 
-async fn offer(
-    tx: &Transaction<'_>,
-    outbox: &mut Outbox,
-    settings: &TenantSettings,
-    planned: plan::PlannedOffer,
-) -> anyhow::Result<()> {
-    let tenant = &settings.id;
-    let Some(mut conversation) =
-        shared_db::conversation_for_update(tx, tenant, planned.conversation_id).await?
-    else {
-        return Ok(());
-    };
-    let offer_id = Uuid::now_v7();
-    let deadline = db::insert_offer(
-        tx,
-        tenant,
+/// The event (`waiting -> assigning`, or `reoffered`) and the agent's offer notification.
+fn stage_offer(outbox: &mut Outbox, offered: db::Offered) {
+    let db::Offered {
         offer_id,
-        conversation.id,
-        &planned.agent,
-        settings.dispatch_cycle_seconds,
-    )
-    .await?;
-    let t = Transition {
-        to: ConversationState::Assigning,
-        agent: Some(&planned.agent),
-        reason: "offered",
-    };
-    if conversation.state == ConversationState::Assigning {
-        // Re-dispatched after its offer expired (D8): an event, no state change.
-        shared_db::record_history(
-            tx,
-            outbox,
-            &conversation,
-            Some(ConversationState::Assigning),
-            Transition {
-                reason: "reoffered",
-                ..t
-            },
-        )
-        .await?;
+        agent,
+        conversation,
+        from,
+        transition_id,
+        at,
+        deadline,
+    } = offered;
+    let reason = if from == ConversationState::Waiting {
+        "offered"
     } else {
-        shared_db::transition(tx, outbox, &mut conversation, t).await?;
-    }
+        "reoffered"
+    };
+    shared_db::stage_event(
+        outbox,
+        &conversation,
+        Some(from),
+        Transition {
+            to: ConversationState::Assigning,
+            agent: Some(&agent),
+            reason,
+        },
+        transition_id,
+        at,
+    );
     outbox.notify_agent(
-        tenant,
-        &planned.agent,
+        &conversation.tenant,
+        &agent,
         conversation.id,
         offer_id,
         NotificationKind::Offer {
@@ -462,5 +586,4 @@ async fn offer(
             deadline,
         },
     );
-    Ok(())
 }

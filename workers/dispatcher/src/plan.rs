@@ -65,6 +65,21 @@ pub struct Candidate {
     /// Agents whose offer of it expired: chosen only when no other suitable agent has room
     /// (SPEC D8: "to another suitable agent if there is one").
     pub expired_for: Vec<AgentId>,
+    /// SPEC D5: higher first; then earlier `queued_at`, then id. Used to order the queue; the
+    /// plan itself takes the queue as given.
+    pub priority: i32,
+    pub queued_at: DateTime<Utc>,
+}
+
+impl Candidate {
+    /// SPEC D5 dispatch order: priority (higher first), then time queued, then id.
+    pub fn order_key(&self) -> (std::cmp::Reverse<i32>, DateTime<Utc>, Uuid) {
+        (
+            std::cmp::Reverse(self.priority),
+            self.queued_at,
+            self.conversation_id,
+        )
+    }
 }
 
 /// One decision: offer `conversation_id` to `agent`.
@@ -149,6 +164,8 @@ mod tests {
                 required_skills: SkillSet::new(skills),
                 declined_by: vec![],
                 expired_for: vec![],
+                priority: 0,
+                queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
             })
             .collect()
     }
@@ -279,6 +296,8 @@ mod tests {
                         required_skills: SkillSet::new(skills.iter().map(|s| names[*s])),
                         declined_by: vec![],
                         expired_for: vec![],
+                        priority: 0,
+                        queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
                     }
                 })
                 .collect()

@@ -26,11 +26,7 @@ pub async fn run_all(common: CommonConfig, shutdown: CancellationToken) -> anyho
         shutdown.clone(),
     );
     let dispatcher = firstline_dispatcher::run(
-        firstline_dispatcher::Config {
-            common: common.clone(),
-            scan_limit: 5_000,
-            backstop_secs: 10,
-        },
+        firstline_dispatcher::Config::new(common.clone()),
         shutdown.clone(),
     );
     let notifier = firstline_notifier::run(firstline_notifier::Config { common }, shutdown.clone());

@@ -50,6 +50,9 @@ pub struct ChannelSetup {
     /// SPEC L2.
     #[serde(default = "yes")]
     pub bot_enabled: bool,
+    /// SPEC D5: queue priority of its conversations (higher first).
+    #[serde(default)]
+    pub priority: i32,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -135,10 +138,10 @@ impl SetupFile {
             .await?;
             for c in &t.channels {
                 tx.execute(
-                    "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5, bot_enabled = $6",
-                    &[&t.id.as_str(), &c.id.as_str(), &c.kind, &c.name, &c.required_skills.to_vec(), &c.bot_enabled],
+                    "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled, priority)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)
+                     ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5, bot_enabled = $6, priority = $7",
+                    &[&t.id.as_str(), &c.id.as_str(), &c.kind, &c.name, &c.required_skills.to_vec(), &c.bot_enabled, &c.priority],
                 )
                 .await?;
             }

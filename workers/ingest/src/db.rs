@@ -12,6 +12,8 @@ pub struct ChannelSettings {
     pub required_skills: SkillSet,
     /// SPEC L2.
     pub bot_enabled: bool,
+    /// SPEC D5: the queue priority of the channel's conversations.
+    pub priority: i32,
 }
 
 pub async fn channel(
@@ -21,7 +23,7 @@ pub async fn channel(
 ) -> Result<Option<ChannelSettings>, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "SELECT required_skills, bot_enabled FROM channels WHERE tenant_id = $1 AND id = $2",
+            "SELECT required_skills, bot_enabled, priority FROM channels WHERE tenant_id = $1 AND id = $2",
         )
         .await?;
     Ok(tx
@@ -30,6 +32,7 @@ pub async fn channel(
         .map(|r| ChannelSettings {
             required_skills: SkillSet::new(r.get::<_, Vec<String>>(0)),
             bot_enabled: r.get(1),
+            priority: r.get(2),
         }))
 }
 
@@ -95,8 +98,8 @@ pub async fn open_conversation(
     let id = Uuid::now_v7();
     let insert = tx
         .prepare_cached(
-            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, bot_at, queued_at)
-             VALUES ($1, $2, $3, $4, $5, $6,
+            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7,
                      CASE WHEN $5 = 'bot' THEN now() END,
                      CASE WHEN $5 = 'waiting' THEN now() END)",
         )
@@ -110,6 +113,7 @@ pub async fn open_conversation(
             &customer_id,
             &state.as_str(),
             &settings.required_skills.to_vec(),
+            &settings.priority,
         ],
     )
     .await?;
