@@ -150,39 +150,45 @@ CREATE INDEX offers_open_by_agent ON offers (tenant_id, agent_id) WHERE status =
 CREATE INDEX offers_open_by_deadline ON offers (deadline) WHERE status = 'open';
 CREATE INDEX offers_by_conversation ON offers (conversation_id, created_at);
 
--- SPEC D1, enforced by the database in the transaction that writes the offer: an agent has at
--- most min(offer_limit, capacity - processing) open offers, and is online and ready.
+-- SPEC D1, enforced by the database in the statement that writes the offers: after it, every
+-- agent who got an open offer is ready and holds at most min(offer_limit, capacity - processing)
+-- open offers. One check per statement (over its transition table), not per row, so a pass that
+-- writes thousands of offers pays for it once.
 CREATE FUNCTION offers_check_agent_limits() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
-    a           agents%ROWTYPE;
-    lim         integer;
-    open_offers integer;
-    serving     integer;
+    bad record;
 BEGIN
-    IF NEW.status <> 'open' THEN
-        RETURN NEW;
-    END IF;
-    SELECT * INTO a FROM agents WHERE tenant_id = NEW.tenant_id AND id = NEW.agent_id;
-    IF a.status <> 'ready' THEN
-        RAISE EXCEPTION 'SPEC D1: agent % is % and cannot be offered a conversation', NEW.agent_id, a.status
-            USING ERRCODE = 'check_violation';
-    END IF;
-    SELECT offer_limit INTO lim FROM tenants WHERE id = NEW.tenant_id;
-    SELECT count(*) INTO open_offers FROM offers
-        WHERE tenant_id = NEW.tenant_id AND agent_id = NEW.agent_id AND status = 'open' AND id <> NEW.id;
-    SELECT count(*) INTO serving FROM conversations
-        WHERE tenant_id = NEW.tenant_id AND agent_id = NEW.agent_id AND state = 'processing';
-    IF open_offers + 1 > LEAST(lim, a.capacity - serving) THEN
+    SELECT a.id, a.status, t.offer_limit, a.capacity,
+           (SELECT count(*) FROM offers o
+             WHERE o.tenant_id = a.tenant_id AND o.agent_id = a.id AND o.status = 'open') AS open_offers,
+           (SELECT count(*) FROM conversations c
+             WHERE c.tenant_id = a.tenant_id AND c.agent_id = a.id AND c.state = 'processing') AS serving
+      INTO bad
+      FROM (SELECT DISTINCT tenant_id, agent_id FROM new_offers WHERE status = 'open') n
+      JOIN agents a ON a.tenant_id = n.tenant_id AND a.id = n.agent_id
+      JOIN tenants t ON t.id = a.tenant_id
+     WHERE a.status <> 'ready'
+        OR (SELECT count(*) FROM offers o
+             WHERE o.tenant_id = a.tenant_id AND o.agent_id = a.id AND o.status = 'open')
+           > LEAST(t.offer_limit, a.capacity - (SELECT count(*) FROM conversations c
+                    WHERE c.tenant_id = a.tenant_id AND c.agent_id = a.id AND c.state = 'processing'))
+     LIMIT 1;
+    IF FOUND THEN
+        IF bad.status <> 'ready' THEN
+            RAISE EXCEPTION 'SPEC D1: agent % is % and cannot be offered a conversation', bad.id, bad.status
+                USING ERRCODE = 'check_violation';
+        END IF;
         RAISE EXCEPTION 'SPEC D1: agent % would hold % open offers (limit %, capacity %, processing %)',
-            NEW.agent_id, open_offers + 1, lim, a.capacity, serving
+            bad.id, bad.open_offers, bad.offer_limit, bad.capacity, bad.serving
             USING ERRCODE = 'check_violation';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END;
 $$;
 CREATE TRIGGER offers_check_agent_limits
-    BEFORE INSERT OR UPDATE OF status ON offers
-    FOR EACH ROW EXECUTE FUNCTION offers_check_agent_limits();
+    AFTER INSERT ON offers
+    REFERENCING NEW TABLE AS new_offers
+    FOR EACH STATEMENT EXECUTE FUNCTION offers_check_agent_limits();
 
 -- Messages to publish after the transaction that decided them commits (transactional outbox).
 CREATE TABLE outbox (

@@ -104,6 +104,51 @@ pub async fn publish(
     }
 }
 
+/// One message to publish with [`publish_all`].
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub msg_id: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// Publishes `messages` pipelined: sends them all, in order, then collects the stream's acks
+/// (one round trip for the lot instead of one each). A message whose ack does not come is
+/// published again on its own, with the same id, as [`publish`] does. Returns, per message,
+/// whether it is stored.
+pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::Result<()>> {
+    let mut pending = Vec::with_capacity(messages.len());
+    for m in messages {
+        let mut headers = m.headers.clone();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
+        pending.push(
+            js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                .await,
+        );
+    }
+    let mut results = Vec::with_capacity(messages.len());
+    for (m, sent) in messages.iter().zip(pending) {
+        let acked = match sent {
+            Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        results.push(match acked {
+            Ok(()) => Ok(()),
+            Err(_) => publish(
+                js,
+                m.subject.clone(),
+                &m.msg_id,
+                m.headers.clone(),
+                m.payload.clone(),
+            )
+            .await
+            .map(|_| ()),
+        });
+    }
+    results
+}
+
 /// One message as a handler sees it.
 #[derive(Debug)]
 pub struct Delivered {

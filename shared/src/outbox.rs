@@ -94,17 +94,16 @@ impl Staged {
         if self.rows.is_empty() {
             return;
         }
+        let outgoing: Vec<bus::Outgoing> = self.rows.iter().map(|(_, p)| p.outgoing()).collect();
+        let results = bus::publish_all(js, &outgoing).await;
         let mut done = Vec::with_capacity(self.rows.len());
-        for (id, pending) in self.rows {
-            match publish_one(js, &pending).await {
-                Ok(()) => done.push(id),
-                Err(e) => {
-                    tracing::warn!(
-                        msg_id = pending.msg_id,
-                        "outbox publish deferred to the sweeper: {e:#}"
-                    );
-                    break; // keep the order: later messages wait with this one
-                }
+        for ((id, pending), result) in self.rows.iter().zip(results) {
+            match result {
+                Ok(()) => done.push(*id),
+                Err(e) => tracing::warn!(
+                    msg_id = pending.msg_id,
+                    "outbox publish deferred to the sweeper: {e:#}"
+                ),
             }
         }
         if let Err(e) = delete(pool, &done).await {
@@ -113,20 +112,19 @@ impl Staged {
     }
 }
 
-async fn publish_one(js: &JetStream, pending: &Pending) -> anyhow::Result<()> {
-    let mut headers = HeaderMap::new();
-    if let Some(tp) = &pending.traceparent {
-        headers.insert("traceparent", tp.as_str());
+impl Pending {
+    fn outgoing(&self) -> bus::Outgoing {
+        let mut headers = HeaderMap::new();
+        if let Some(tp) = &self.traceparent {
+            headers.insert("traceparent", tp.as_str());
+        }
+        bus::Outgoing {
+            subject: self.subject.clone(),
+            msg_id: self.msg_id.clone(),
+            headers,
+            payload: self.payload.clone(),
+        }
     }
-    bus::publish(
-        js,
-        pending.subject.clone(),
-        &pending.msg_id,
-        headers,
-        pending.payload.clone(),
-    )
-    .await?;
-    Ok(())
 }
 
 async fn delete(pool: &Pool, ids: &[i64]) -> anyhow::Result<()> {
@@ -154,19 +152,24 @@ pub async fn sweep_once(js: &JetStream, pool: &Pool, min_age: Duration) -> anyho
             &[&min_age.as_secs_f64()],
         )
         .await?;
+    let outgoing: Vec<bus::Outgoing> = rows
+        .iter()
+        .map(|row| {
+            Pending {
+                subject: row.get(1),
+                msg_id: row.get(2),
+                payload: Bytes::from(row.get::<_, Vec<u8>>(3)),
+                traceparent: row.get(4),
+            }
+            .outgoing()
+        })
+        .collect();
     let mut done = Vec::new();
-    for row in &rows {
-        let pending = Pending {
-            subject: row.get(1),
-            msg_id: row.get(2),
-            payload: Bytes::from(row.get::<_, Vec<u8>>(3)),
-            traceparent: row.get(4),
-        };
-        if let Err(e) = publish_one(js, &pending).await {
-            tracing::warn!("outbox sweep: {e:#}");
-            break;
+    for (row, result) in rows.iter().zip(bus::publish_all(js, &outgoing).await) {
+        match result {
+            Ok(()) => done.push(row.get::<_, i64>(0)),
+            Err(e) => tracing::warn!("outbox sweep: {e:#}"),
         }
-        done.push(row.get::<_, i64>(0));
     }
     tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&done])
         .await?;
