@@ -113,38 +113,45 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
-/// Publishes `messages` pipelined: sends them all, in order, then collects the stream's acks
-/// (one round trip for the lot instead of one each). A message whose ack does not come is
-/// published again on its own, with the same id, as [`publish`] does. Returns, per message,
-/// whether it is stored.
+/// How many publishes [`publish_all`] has in flight at once. The client holds a permit per
+/// unacknowledged publish (5,000 per context, shared by every task), and waits for one when
+/// none is left: sending a whole large batch before reading any ack would wait forever.
+const PUBLISH_WINDOW: usize = 256;
+
+/// Publishes `messages` pipelined: sends a window of them, in order, then collects the
+/// stream's acks (one round trip per window instead of one per message). A message whose ack
+/// does not come is published again on its own, with the same id, as [`publish`] does.
+/// Returns, per message, whether it is stored.
 pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::Result<()>> {
-    let mut pending = Vec::with_capacity(messages.len());
-    for m in messages {
-        let mut headers = m.headers.clone();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
-        pending.push(
-            js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
-                .await,
-        );
-    }
     let mut results = Vec::with_capacity(messages.len());
-    for (m, sent) in messages.iter().zip(pending) {
-        let acked = match sent {
-            Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
-            Err(e) => Err(e.into()),
-        };
-        results.push(match acked {
-            Ok(()) => Ok(()),
-            Err(_) => publish(
-                js,
-                m.subject.clone(),
-                &m.msg_id,
-                m.headers.clone(),
-                m.payload.clone(),
-            )
-            .await
-            .map(|_| ()),
-        });
+    for window in messages.chunks(PUBLISH_WINDOW) {
+        let mut pending = Vec::with_capacity(window.len());
+        for m in window {
+            let mut headers = m.headers.clone();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
+            pending.push(
+                js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await,
+            );
+        }
+        for (m, sent) in window.iter().zip(pending) {
+            let acked = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            results.push(match acked {
+                Ok(()) => Ok(()),
+                Err(_) => publish(
+                    js,
+                    m.subject.clone(),
+                    &m.msg_id,
+                    m.headers.clone(),
+                    m.payload.clone(),
+                )
+                .await
+                .map(|_| ()),
+            });
+        }
     }
     results
 }

@@ -1,0 +1,33 @@
+//! The JetStream helpers against a real server.
+
+use std::time::Duration;
+
+use firstline_shared::bus::{self, Outgoing};
+use firstline_tests::TestNats;
+
+/// More messages than the client's 5,000 in-flight publish permits: sending them all before
+/// reading any ack would wait forever. They are all stored, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_all_stores_a_batch_larger_than_the_clients_inflight_limit() {
+    let nats = TestNats::start().await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    bus::ensure_streams(&js).await.unwrap();
+    let messages: Vec<Outgoing> = (0..12_000)
+        .map(|i| Outgoing {
+            subject: "fl.t1.events.conversation".into(),
+            msg_id: format!("m{i}"),
+            headers: Default::default(),
+            payload: format!("{{\"n\":{i}}}").into(),
+        })
+        .collect();
+    let results = tokio::time::timeout(Duration::from_secs(60), bus::publish_all(&js, &messages))
+        .await
+        .expect("publish_all finishes");
+    assert!(results.iter().all(Result::is_ok));
+    // Published again with the same ids: deduplicated by the stream.
+    let again = bus::publish_all(&js, &messages[..100]).await;
+    assert!(again.iter().all(Result::is_ok));
+    let mut stream = js.get_stream("FL_EVENTS").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 12_000);
+}

@@ -1,0 +1,360 @@
+//! Property test of the dispatch decision over random *sequences* of events, against a small
+//! model of the world (agents, conversations, offers, a clock) that is obviously right
+//! because it does nothing clever: it applies events, and after each one runs a pass exactly
+//! as the dispatcher does (expire offers past their cycle, then [`plan`] over the ready
+//! agents and the queue in SPEC D5 order), then checks the rules independently:
+//!
+//! - D1: an agent offered something in a pass is ready and holds at most
+//!   `min(limit, capacity - processing)` open offers after it;
+//! - D2: offers to ready agents never exceed the sum of their places;
+//! - D3/D4: no offer to an agent who is offline, not ready or lacks a required skill;
+//! - D5: FIFO: an agent never gets a conversation while an earlier one it could take is left;
+//! - D6: no idle capacity: after a pass, no queued conversation that a ready agent with a free
+//!   slot could take (and did not decline) is left;
+//! - one open offer per conversation, declined never re-offered to the same agent, and D8:
+//!   no open offer past its deadline after a pass.
+
+use std::collections::HashMap;
+
+use chrono::{TimeZone, Utc};
+use firstline_dispatcher::plan::{assigning_cap, plan, AgentLoad, Candidate};
+use firstline_shared::domain::{AgentId, SkillSet};
+use proptest::prelude::*;
+use uuid::Uuid;
+
+const SKILLS: [&str; 3] = ["en", "ja", "vip"];
+const CYCLE: i64 = 60;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Status {
+    Ready,
+    NotReady,
+    Offline,
+}
+
+#[derive(Clone, Debug)]
+struct Agent {
+    id: AgentId,
+    status: Status,
+    capacity: u32,
+    skills: SkillSet,
+    idle_since: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    Waiting,
+    Assigning,
+    Processing,
+    Completed,
+}
+
+#[derive(Clone, Debug)]
+struct Conv {
+    id: Uuid,
+    skills: SkillSet,
+    priority: i32,
+    queued_at: i64,
+    state: State,
+    agent: Option<usize>,
+    declined_by: Vec<AgentId>,
+    expired_for: Vec<AgentId>,
+}
+
+#[derive(Clone, Debug)]
+struct Offer {
+    conv: usize,
+    agent: usize,
+    deadline: i64,
+    open: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Event {
+    Presence {
+        agent: usize,
+        status: u8,
+        capacity: u32,
+    },
+    NewConversation {
+        skills: Vec<usize>,
+        priority: i32,
+    },
+    Accept {
+        pick: usize,
+    },
+    Decline {
+        pick: usize,
+    },
+    Close {
+        pick: usize,
+    },
+    Tick {
+        secs: i64,
+    },
+}
+
+fn event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        2 => (0usize..5, 0u8..3, 0u32..6).prop_map(|(agent, status, capacity)| Event::Presence { agent, status, capacity }),
+        3 => (prop::collection::vec(0usize..3, 0..2), 0i32..2)
+            .prop_map(|(skills, priority)| Event::NewConversation { skills, priority }),
+        2 => any::<usize>().prop_map(|pick| Event::Accept { pick }),
+        1 => any::<usize>().prop_map(|pick| Event::Decline { pick }),
+        1 => any::<usize>().prop_map(|pick| Event::Close { pick }),
+        1 => (1i64..90).prop_map(|secs| Event::Tick { secs }),
+    ]
+}
+
+struct World {
+    agents: Vec<Agent>,
+    convs: Vec<Conv>,
+    offers: Vec<Offer>,
+    now: i64,
+    limit: u32,
+}
+
+impl World {
+    fn new(agent_skills: Vec<Vec<usize>>, limit: u32) -> Self {
+        let agents = agent_skills
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| Agent {
+                id: AgentId::parse(format!("a{i}")).unwrap(),
+                status: Status::Offline,
+                capacity: 3,
+                skills: SkillSet::new(s.iter().map(|k| SKILLS[*k])),
+                idle_since: 0,
+            })
+            .collect();
+        World {
+            agents,
+            convs: vec![],
+            offers: vec![],
+            now: 1,
+            limit,
+        }
+    }
+
+    fn processing(&self, a: usize) -> u32 {
+        self.convs
+            .iter()
+            .filter(|c| c.state == State::Processing && c.agent == Some(a))
+            .count() as u32
+    }
+
+    fn open_offers(&self, a: usize) -> u32 {
+        self.offers
+            .iter()
+            .filter(|o| o.open && o.agent == a)
+            .count() as u32
+    }
+
+    fn load(&self, a: usize) -> AgentLoad {
+        let agent = &self.agents[a];
+        AgentLoad {
+            id: agent.id.clone(),
+            ready: agent.status == Status::Ready,
+            capacity: agent.capacity,
+            processing: self.processing(a),
+            open_offers: self.open_offers(a),
+            skills: agent.skills.clone(),
+            idle_since: Utc.timestamp_opt(agent.idle_since, 0).unwrap(),
+        }
+    }
+
+    fn queued(&self, c: usize) -> bool {
+        let conv = &self.convs[c];
+        conv.state == State::Waiting
+            || (conv.state == State::Assigning
+                && !self.offers.iter().any(|o| o.open && o.conv == c))
+    }
+
+    fn apply(&mut self, event: &Event) {
+        match *event {
+            Event::Presence {
+                agent,
+                status,
+                capacity,
+            } => {
+                let a = agent % self.agents.len();
+                let status = [Status::Ready, Status::NotReady, Status::Offline][status as usize];
+                if status == Status::Ready && self.agents[a].status != Status::Ready {
+                    self.agents[a].idle_since = self.now;
+                }
+                self.agents[a].status = status;
+                self.agents[a].capacity = capacity;
+            }
+            Event::NewConversation {
+                ref skills,
+                priority,
+            } => {
+                self.convs.push(Conv {
+                    id: Uuid::from_u128(self.convs.len() as u128 + 1),
+                    skills: SkillSet::new(skills.iter().map(|k| SKILLS[*k])),
+                    priority,
+                    queued_at: self.now,
+                    state: State::Waiting,
+                    agent: None,
+                    declined_by: vec![],
+                    expired_for: vec![],
+                });
+            }
+            Event::Accept { pick } | Event::Decline { pick } => {
+                let open: Vec<usize> = (0..self.offers.len())
+                    .filter(|i| self.offers[*i].open)
+                    .collect();
+                if open.is_empty() {
+                    return;
+                }
+                let o = open[pick % open.len()];
+                self.offers[o].open = false;
+                let (c, a) = (self.offers[o].conv, self.offers[o].agent);
+                if matches!(event, Event::Accept { .. }) {
+                    self.convs[c].state = State::Processing;
+                    self.convs[c].agent = Some(a);
+                } else {
+                    let id = self.agents[a].id.clone();
+                    self.convs[c].declined_by.push(id);
+                    self.convs[c].state = State::Waiting;
+                }
+            }
+            Event::Close { pick } => {
+                let serving: Vec<usize> = (0..self.convs.len())
+                    .filter(|c| self.convs[*c].state == State::Processing)
+                    .collect();
+                if let Some(c) = serving.get(pick % serving.len().max(1)) {
+                    self.convs[*c].state = State::Completed;
+                }
+            }
+            Event::Tick { secs } => self.now += secs,
+        }
+    }
+
+    /// One pass, as the dispatcher runs it; returns the new offers' indexes.
+    fn pass(&mut self) -> Vec<usize> {
+        for o in 0..self.offers.len() {
+            if self.offers[o].open && self.offers[o].deadline <= self.now {
+                self.offers[o].open = false;
+                let id = self.agents[self.offers[o].agent].id.clone();
+                self.convs[self.offers[o].conv].expired_for.push(id);
+            }
+        }
+        let loads: Vec<AgentLoad> = (0..self.agents.len())
+            .filter(|a| self.agents[*a].status == Status::Ready)
+            .map(|a| self.load(a))
+            .collect();
+        let mut queue: Vec<Candidate> = (0..self.convs.len())
+            .filter(|c| self.queued(*c))
+            .map(|c| {
+                let conv = &self.convs[c];
+                Candidate {
+                    conversation_id: conv.id,
+                    required_skills: conv.skills.clone(),
+                    declined_by: conv.declined_by.clone(),
+                    expired_for: conv.expired_for.clone(),
+                    priority: conv.priority,
+                    queued_at: Utc.timestamp_opt(conv.queued_at, 0).unwrap(),
+                }
+            })
+            .collect();
+        queue.sort_by_key(Candidate::order_key);
+        let mut new = vec![];
+        for p in plan(&loads, &queue, self.limit) {
+            let c = self
+                .convs
+                .iter()
+                .position(|c| c.id == p.conversation_id)
+                .unwrap();
+            let a = self.agents.iter().position(|a| a.id == p.agent).unwrap();
+            self.convs[c].state = State::Assigning;
+            self.agents[a].idle_since = self.now;
+            self.offers.push(Offer {
+                conv: c,
+                agent: a,
+                deadline: self.now + CYCLE,
+                open: true,
+            });
+            new.push(self.offers.len() - 1);
+        }
+        new
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_sequence_of_events_keeps_the_dispatch_rules(
+        agent_skills in prop::collection::vec(prop::collection::vec(0usize..3, 0..3), 1..5),
+        limit in 1u32..4,
+        events in prop::collection::vec(event(), 1..80),
+    ) {
+        let mut world = World::new(agent_skills, limit);
+        for (step, event) in events.iter().enumerate() {
+            world.apply(event);
+            let new = world.pass();
+            let ctx = format!("step {step} after {event:?}");
+
+            // One open offer per conversation.
+            let mut open_per_conv: HashMap<usize, u32> = HashMap::new();
+            for o in world.offers.iter().filter(|o| o.open) {
+                *open_per_conv.entry(o.conv).or_default() += 1;
+                // D8: nothing open past its deadline after a pass.
+                prop_assert!(o.deadline > world.now, "{ctx}: open offer past its deadline");
+            }
+            prop_assert!(open_per_conv.values().all(|n| *n == 1), "{ctx}: two open offers for one conversation");
+
+            let mut new_per_agent: HashMap<usize, u32> = HashMap::new();
+            for &o in &new {
+                let Offer { conv, agent, .. } = world.offers[o];
+                let a = &world.agents[agent];
+                let c = &world.convs[conv];
+                prop_assert_eq!(a.status, Status::Ready, "{}: D3 offer to an agent not ready", ctx);
+                prop_assert!(a.skills.covers(&c.skills), "{ctx}: D4 skills");
+                prop_assert!(!c.declined_by.contains(&a.id), "{ctx}: re-offered to who declined");
+                *new_per_agent.entry(agent).or_default() += 1;
+            }
+            // D1 at offering time.
+            for (&a, _) in &new_per_agent {
+                let load = world.load(a);
+                prop_assert!(load.open_offers <= limit.min(load.capacity.saturating_sub(load.processing)),
+                    "{ctx}: D1 broken for {}: {load:?}", load.id);
+            }
+            // D2: offers held by ready agents fit under the cap, counting only offers that
+            // were within an agent's places when made (D7 lets a not-ready agent keep hers).
+            let ready: Vec<AgentLoad> = (0..world.agents.len())
+                .filter(|a| world.agents[*a].status == Status::Ready).map(|a| world.load(a)).collect();
+            let cap = assigning_cap(&ready, limit);
+            let held: u32 = ready.iter().map(|l| l.open_offers.min(l.places(limit))).sum();
+            prop_assert!(held <= cap, "{ctx}: D2 {held} > {cap}");
+
+            // D6: no idle capacity left behind.
+            for c in (0..world.convs.len()).filter(|c| world.queued(*c)) {
+                let conv = &world.convs[c];
+                for l in &ready {
+                    prop_assert!(
+                        !(l.free_slots(limit) > 0 && l.skills.covers(&conv.skills) && !conv.declined_by.contains(&l.id)),
+                        "{ctx}: {} has room for queued conversation {} (D6)", l.id, conv.id
+                    );
+                }
+            }
+            // D5: FIFO among what an agent could take.
+            for &o in &new {
+                let Offer { conv, agent, .. } = world.offers[o];
+                let taken = &world.convs[conv];
+                let key = (std::cmp::Reverse(taken.priority), taken.queued_at, taken.id);
+                for (c, other) in world.convs.iter().enumerate() {
+                    let earlier = (std::cmp::Reverse(other.priority), other.queued_at, other.id) < key;
+                    if earlier && world.queued(c) {
+                        let a = &world.agents[agent];
+                        prop_assert!(
+                            !(a.skills.covers(&other.skills) && !other.declined_by.contains(&a.id)),
+                            "{ctx}: {} got {} before the earlier {}", a.id, taken.id, other.id
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
