@@ -167,6 +167,14 @@ impl TestApp {
     /// Starts NATS, a database configured with `setup` (a `firstline configure` file), and
     /// every worker ([`firstline::run_all`]).
     pub async fn spawn(setup: &str) -> Self {
+        let mut app = Self::without_workers(setup).await;
+        let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
+        app.spawn_worker(worker);
+        app
+    }
+
+    /// Like [`TestApp::spawn`] but starts no worker: the test starts the ones it wants.
+    pub async fn without_workers(setup: &str) -> Self {
         firstline_shared::telemetry::init_for_tests();
         let nats = TestNats::start().await;
         let db = TestDb::create().await;
@@ -407,4 +415,79 @@ pub async fn count(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> i64 {
     pg.query_one(sql, params).await.unwrap().get(0)
+}
+
+/// A worker binary (`firstline-dispatcher`...) of this build, run as its own process.
+pub struct WorkerProcess {
+    name: &'static str,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl WorkerProcess {
+    /// The binary sits beside the test's own executable's directory (`target/<profile>/`);
+    /// `scripts/test` builds every binary first.
+    pub fn binary(name: &str) -> PathBuf {
+        let exe = std::env::current_exe().expect("test executable");
+        let dir = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target/<profile>");
+        let path = dir.join(name);
+        assert!(
+            path.exists(),
+            "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
+            path.display()
+        );
+        path
+    }
+
+    /// Starts `name` against the test's NATS and database.
+    pub fn start(name: &'static str, config: &CommonConfig) -> Self {
+        let env = vec![
+            ("FL_NATS_URL".to_owned(), config.nats_url.clone()),
+            ("FL_DATABASE_URL".to_owned(), config.database_url.clone()),
+            (
+                "FL_ACK_WAIT_SECS".to_owned(),
+                config.ack_wait_secs.to_string(),
+            ),
+            ("FL_MAX_DELIVER".to_owned(), config.max_deliver.to_string()),
+            ("FL_DISPATCH_BACKSTOP_SECS".to_owned(), "2".to_owned()),
+            (
+                "RUST_LOG".to_owned(),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ];
+        let mut p = WorkerProcess {
+            name,
+            env,
+            child: None,
+        };
+        p.restart();
+        p
+    }
+
+    /// Starts the process again (after [`WorkerProcess::kill`]).
+    pub fn restart(&mut self) {
+        let mut command = Command::new(Self::binary(self.name));
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if std::env::var_os("TEST_LOG").is_none() {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+        self.child = Some(command.spawn().expect("start worker process"));
+    }
+
+    /// SIGKILL: no shutdown, no flush, mid-transaction, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -72,6 +72,9 @@ CREATE TABLE conversations (
     required_skills  text[] NOT NULL DEFAULT '{}',
     skills_from_channel boolean NOT NULL DEFAULT true,
     priority         integer NOT NULL DEFAULT 0,
+    -- Transfer (README): offered only to this agent when set; never to the excluded ones.
+    target_agent     text,
+    excluded_agents  text[] NOT NULL DEFAULT '{}',
     -- The agent serving it (processing) or who served it (completed).
     agent_id         text,
     closed_by        text,
@@ -136,7 +139,10 @@ CREATE TABLE offers (
     conversation_id  uuid NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
     agent_id         text NOT NULL,
     status           text NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'accepted', 'declined', 'expired', 'revoked')),
-    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- Offer times are taken when the statement runs (statement_timestamp()), after the tenant's
+    -- lock is held, not at the transaction's start: so the history of one conversation's or one
+    -- agent's offers is in the order the single writer made it.
+    created_at       timestamptz NOT NULL DEFAULT statement_timestamp(),
     -- SPEC D8: created_at + the tenant's dispatch cycle.
     deadline         timestamptz NOT NULL,
     ended_at         timestamptz,

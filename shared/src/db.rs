@@ -238,12 +238,12 @@ pub async fn transition(
             "UPDATE conversations SET
                  state = $2,
                  agent_id = CASE WHEN $2 IN ('waiting', 'assigning') THEN NULL ELSE $3 END,
-                 updated_at = now(),
-                 bot_at = CASE WHEN $2 IN ('bot', 'script') THEN coalesce(bot_at, now()) ELSE bot_at END,
-                 queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, now()) ELSE queued_at END,
-                 assigning_at = CASE WHEN $2 = 'assigning' THEN now() ELSE assigning_at END,
-                 processing_at = CASE WHEN $2 = 'processing' THEN now() ELSE processing_at END,
-                 completed_at = CASE WHEN $2 = 'completed' THEN now() ELSE completed_at END,
+                 updated_at = statement_timestamp(),
+                 bot_at = CASE WHEN $2 IN ('bot', 'script') THEN coalesce(bot_at, statement_timestamp()) ELSE bot_at END,
+                 queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, statement_timestamp()) ELSE queued_at END,
+                 assigning_at = CASE WHEN $2 = 'assigning' THEN statement_timestamp() ELSE assigning_at END,
+                 processing_at = CASE WHEN $2 = 'processing' THEN statement_timestamp() ELSE processing_at END,
+                 completed_at = CASE WHEN $2 = 'completed' THEN statement_timestamp() ELSE completed_at END,
                  closed_by = CASE WHEN $2 = 'completed' THEN $4 ELSE closed_by END
              WHERE id = $1
              RETURNING queued_at",

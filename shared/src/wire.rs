@@ -190,6 +190,16 @@ pub enum AgentActionKind {
     Reply { conversation_id: Uuid, text: String },
     /// SPEC L8: the problem is solved.
     Close { conversation_id: Uuid },
+    /// Hands a conversation the agent is serving back to the queue (README: transfer), for
+    /// `to_agent` only, or for agents with `skills` (else its current skills); never back to
+    /// the agent who transferred it. It keeps its place in the queue.
+    Transfer {
+        conversation_id: Uuid,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_agent: Option<AgentId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        skills: Option<SkillSet>,
+    },
 }
 
 impl AgentActionKind {
@@ -202,7 +212,10 @@ impl AgentActionKind {
             | Self::Reply {
                 conversation_id, ..
             }
-            | Self::Close { conversation_id } => *conversation_id,
+            | Self::Close { conversation_id }
+            | Self::Transfer {
+                conversation_id, ..
+            } => *conversation_id,
         }
     }
     pub fn name(&self) -> &'static str {
@@ -211,6 +224,7 @@ impl AgentActionKind {
             Self::Decline { .. } => "decline",
             Self::Reply { .. } => "reply",
             Self::Close { .. } => "close",
+            Self::Transfer { .. } => "transfer",
         }
     }
 }
@@ -249,6 +263,12 @@ pub enum NotificationKind {
     },
     /// The conversation is `completed`.
     Closed,
+    /// Your transfer went through: the conversation is back in the queue, no longer yours.
+    Transferred {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_agent: Option<AgentId>,
+        required_skills: SkillSet,
+    },
     /// An action of yours could not be applied.
     ActionRejected { action_id: Uuid, reason: String },
 }

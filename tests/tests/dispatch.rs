@@ -149,3 +149,238 @@ async fn the_outbox_publishes_what_a_crashed_process_left_behind() {
     })
     .await;
 }
+
+/// SPEC D2 seed examples through the real workers: 5 ready agents with 10 remaining -> 15
+/// in `assigning`; one of them with only 1 remaining -> 13.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_examples_of_the_assigning_cap() {
+    let app = TestApp::spawn(SETUP).await;
+    for i in 0..40 {
+        app.customer_says("t1", "mail", &format!("S{i}"), "help")
+            .await;
+    }
+    let assigning = || async {
+        count(
+            &app.pg,
+            "SELECT count(*) FROM conversations WHERE state = 'assigning'",
+            &[],
+        )
+        .await
+    };
+    for i in 0..5 {
+        app.presence("t1", &format!("a{i}"), "ready", 10, &[]).await;
+    }
+    eventually("15 in assigning", Duration::from_secs(20), || async {
+        (assigning().await == 15).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(assigning().await, 15, "5 x min(3, 10)");
+
+    // Same, but one agent has 1 remaining: 4*3 + 1 = 13. (Here it is agent a5 with capacity 1
+    // replacing a4, whose offers are declined to free them.)
+    let a4: Vec<Uuid> = app
+        .pg
+        .query(
+            "SELECT conversation_id FROM offers WHERE agent_id = 'a4' AND status = 'open'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    app.presence("t1", "a4", "offline", 10, &[]).await;
+    for c in a4 {
+        app.agent_does("t1", "a4", "decline", c, json!({})).await;
+    }
+    app.presence("t1", "a5", "ready", 1, &[]).await;
+    eventually("13 in assigning", Duration::from_secs(20), || async {
+        (assigning().await == 13).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(assigning().await, 13);
+}
+
+/// README: transfer to an agent (only they are offered it) or to a skill (agents with it,
+/// never the one who transferred it); it keeps its place in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
+    let app = TestApp::spawn(SETUP).await;
+    let mut amy = app.client.subscribe("fl.t1.notify.amy").await.unwrap();
+    app.presence("t1", "amy", "ready", 5, &["zh"]).await;
+    app.customer_says("t1", "mail", "T1", "help").await;
+    let offer = next_matching(&mut amy, "the offer", |v| v["type"] == "offer").await;
+    let conversation: Uuid = offer["conversation_id"].as_str().unwrap().parse().unwrap();
+    app.agent_does("t1", "amy", "accept", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", "T1", "processing").await;
+
+    // To the billing skill: ben has it, cho does not; amy never gets it back.
+    app.presence("t1", "cho", "ready", 5, &["zh"]).await;
+    app.agent_does(
+        "t1",
+        "amy",
+        "transfer",
+        conversation,
+        json!({"skills": ["Billing"]}),
+    )
+    .await;
+    let note = next_matching(&mut amy, "the transfer", |v| v["type"] == "transferred").await;
+    assert_eq!(note["required_skills"], json!(["billing"]));
+    app.wait_for_state("t1", "mail", "T1", "waiting").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        open_offer_agent(&app, conversation).await,
+        None,
+        "nobody ready has billing"
+    );
+    app.presence("t1", "ben", "ready", 5, &["billing"]).await;
+    eventually("offered to ben", Duration::from_secs(20), || async {
+        (open_offer_agent(&app, conversation).await.as_deref() == Some("ben")).then_some(())
+    })
+    .await;
+    app.agent_does("t1", "ben", "accept", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", "T1", "processing").await;
+
+    // To a named agent: only cho, although dan is ready and idle.
+    app.presence("t1", "dan", "ready", 5, &[]).await;
+    app.agent_does(
+        "t1",
+        "ben",
+        "transfer",
+        conversation,
+        json!({"to_agent": "cho"}),
+    )
+    .await;
+    eventually("offered to cho", Duration::from_secs(20), || async {
+        (open_offer_agent(&app, conversation).await.as_deref() == Some("cho")).then_some(())
+    })
+    .await;
+    // A transfer by someone not serving it is refused.
+    let mut dan = app.client.subscribe("fl.t1.notify.dan").await.unwrap();
+    app.agent_does(
+        "t1",
+        "dan",
+        "transfer",
+        conversation,
+        json!({"to_agent": "dan"}),
+    )
+    .await;
+    next_matching(&mut dan, "the refusal", |v| v["type"] == "action_rejected").await;
+    let history: Vec<String> = app
+        .pg
+        .query(
+            "SELECT reason FROM conversation_transitions WHERE conversation_id = $1 ORDER BY id",
+            &[&conversation],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        history,
+        [
+            "new_conversation",
+            "offered",
+            "accepted",
+            "transferred",
+            "offered",
+            "accepted",
+            "transferred",
+            "offered"
+        ]
+    );
+}
+
+/// SPEC D9: editing a channel's required skills reaches its queued conversations; one already
+/// offered keeps its offer until the dispatch cycle ends, then is re-dispatched under the new
+/// skills. SPEC D5: a channel's priority puts its conversations first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
+    let app = TestApp::spawn(SETUP).await;
+    app.presence("t1", "amy", "ready", 1, &[]).await;
+    app.customer_says("t1", "mail", "K1", "first").await;
+    app.wait_for_state("t1", "mail", "K1", "assigning").await;
+    app.customer_says("t1", "mail", "K2", "second").await;
+    app.wait_for_state("t1", "mail", "K2", "waiting").await;
+
+    let configure = |json: &str| {
+        let file = firstline::setup::SetupFile::parse(json).unwrap();
+        let url = app.db.url.clone();
+        async move { firstline::setup::configure(&url, &file).await.unwrap() }
+    };
+    configure(r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enabled":false,"required_skills":["vip"]}]}]}"#).await;
+    let skills = |customer: &'static str| {
+        let pg = &app.pg;
+        async move {
+            pg.query_one(
+                "SELECT c.required_skills FROM conversations c JOIN customers cu ON cu.id = c.customer_id WHERE cu.external_id = $1",
+                &[&customer],
+            )
+            .await
+            .unwrap()
+            .get::<_, Vec<String>>(0)
+        }
+    };
+    assert_eq!(skills("K2").await, ["vip"]);
+    assert_eq!(skills("K1").await, ["vip"]);
+    // K1's offer to amy (who lacks vip) stands until its cycle ends (5 s)...
+    let k1_offer = || async {
+        app.pg
+            .query_opt(
+                "SELECT o.agent_id FROM offers o JOIN conversations c ON c.id = o.conversation_id
+                 JOIN customers cu ON cu.id = c.customer_id WHERE cu.external_id = 'K1' AND o.status = 'open'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|r| r.get::<_, String>(0))
+    };
+    assert_eq!(k1_offer().await.as_deref(), Some("amy"));
+    // ...then goes to an agent with the new skill.
+    app.presence("t1", "vic", "ready", 5, &["vip"]).await;
+    eventually(
+        "K2 offered to vic at once",
+        Duration::from_secs(10),
+        || async {
+            (app.state_of("t1", "mail", "K2").await.as_deref() == Some("assigning")).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        k1_offer().await.as_deref(),
+        Some("amy"),
+        "not re-dispatched before the cycle ends"
+    );
+    eventually(
+        "K1 re-dispatched to vic after the cycle",
+        Duration::from_secs(20),
+        || async { (k1_offer().await.as_deref() == Some("vic")).then_some(()) },
+    )
+    .await;
+
+    // Priority: a queued conversation of a priority channel goes before older ones.
+    configure(
+        r#"{"tenants":[{"id":"t1","channels":[
+        {"id":"mail","bot_enabled":false},
+        {"id":"vipline","bot_enabled":false,"priority":10}]}]}"#,
+    )
+    .await;
+    app.presence("t1", "vic", "offline", 5, &["vip"]).await;
+    app.presence("t1", "amy", "offline", 1, &[]).await;
+    app.customer_says("t1", "mail", "P1", "old").await;
+    app.wait_for_state("t1", "mail", "P1", "waiting").await;
+    app.customer_says("t1", "vipline", "P2", "newer, but a priority channel")
+        .await;
+    app.wait_for_state("t1", "vipline", "P2", "waiting").await;
+    app.presence("t1", "zed", "ready", 1, &[]).await;
+    app.wait_for_state("t1", "vipline", "P2", "assigning").await;
+    assert_eq!(
+        app.state_of("t1", "mail", "P1").await.as_deref(),
+        Some("waiting")
+    );
+}

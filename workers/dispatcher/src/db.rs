@@ -95,7 +95,8 @@ pub async fn end_offer(
 ) -> Result<(), tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "UPDATE offers SET status = $2, ended_at = now(), end_reason = $3 WHERE id = $1 AND status = 'open'",
+            "UPDATE offers SET status = $2, ended_at = statement_timestamp(), end_reason = $3
+             WHERE id = $1 AND status = 'open'",
         )
         .await?;
     tx.execute(&stmt, &[&offer, &status, &reason]).await?;
@@ -116,8 +117,8 @@ pub async fn expire_due_offers(
 ) -> anyhow::Result<Vec<ExpiredOffer>> {
     let stmt = tx
         .prepare_cached(
-            "UPDATE offers SET status = 'expired', ended_at = now(), end_reason = 'dispatch cycle elapsed'
-             WHERE tenant_id = $1 AND status = 'open' AND deadline <= now()
+            "UPDATE offers SET status = 'expired', ended_at = statement_timestamp(), end_reason = 'dispatch cycle elapsed'
+             WHERE tenant_id = $1 AND status = 'open' AND deadline <= statement_timestamp()
              RETURNING id, conversation_id, agent_id",
         )
         .await?;
@@ -167,15 +168,25 @@ pub async fn ready_agents(
         .collect()
 }
 
-fn candidate_from_row(r: &tokio_postgres::Row) -> Candidate {
-    Candidate {
+/// The columns [`candidate_from_row`] reads, with `c` the conversation.
+const CANDIDATE_COLUMNS: &str =
+    "c.id, c.required_skills, c.priority, c.queued_at, c.target_agent, c.excluded_agents";
+
+fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
+    let agent = |id: String| AgentId::parse(id).map_err(anyhow::Error::from);
+    Ok(Candidate {
         conversation_id: r.get(0),
         required_skills: SkillSet::new(r.get::<_, Vec<String>>(1)),
         priority: r.get(2),
         queued_at: r.get(3),
-        declined_by: Vec::new(),
+        only_agent: r.get::<_, Option<String>>(4).map(agent).transpose()?,
+        declined_by: r
+            .get::<_, Vec<String>>(5)
+            .into_iter()
+            .map(agent)
+            .collect::<anyhow::Result<_>>()?,
         expired_for: Vec::new(),
-    }
+    })
 }
 
 /// `assigning` conversations without an open offer: their offer expired and nobody took
@@ -185,18 +196,17 @@ pub async fn orphaned_assigning(
     tenant: &TenantId,
 ) -> anyhow::Result<Vec<Candidate>> {
     let stmt = tx
-        .prepare_cached(
-            "SELECT c.id, c.required_skills, c.priority, c.queued_at FROM conversations c
+        .prepare_cached(&format!(
+            "SELECT {CANDIDATE_COLUMNS} FROM conversations c
              WHERE c.tenant_id = $1 AND c.state = 'assigning'
-               AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')",
-        )
+               AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')"
+        ))
         .await?;
-    Ok(tx
-        .query(&stmt, &[&tenant.as_str()])
+    tx.query(&stmt, &[&tenant.as_str()])
         .await?
         .iter()
         .map(candidate_from_row)
-        .collect())
+        .collect()
 }
 
 /// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
@@ -253,23 +263,22 @@ pub async fn waiting_heads(
     let limits: Vec<i64> = reads.iter().map(|r| r.limit).collect();
     let skips: Vec<i64> = reads.iter().map(|r| r.skip).collect();
     let stmt = tx
-        .prepare_cached(
-            "SELECT c.id, c.required_skills, c.priority, c.queued_at
+        .prepare_cached(&format!(
+            "SELECT {CANDIDATE_COLUMNS}
              FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS g(skills, lim, skip)
              CROSS JOIN LATERAL (
-                 SELECT id, required_skills, priority, queued_at FROM conversations c
+                 SELECT * FROM conversations c
                  WHERE c.tenant_id = $1 AND c.state = 'waiting'
                    AND c.required_skills = string_to_array(g.skills, chr(31))
                  ORDER BY c.priority DESC, c.queued_at, c.id
-                 LIMIT g.lim OFFSET g.skip) c",
-        )
+                 LIMIT g.lim OFFSET g.skip) c"
+        ))
         .await?;
-    Ok(tx
-        .query(&stmt, &[&tenant.as_str(), &keys, &limits, &skips])
+    tx.query(&stmt, &[&tenant.as_str(), &keys, &limits, &skips])
         .await?
         .iter()
         .map(candidate_from_row)
-        .collect())
+        .collect()
 }
 
 /// Fills in who declined each candidate and whose offer of it expired.
@@ -368,10 +377,11 @@ pub async fn write_offers(
         .collect();
     let insert = tx
         .prepare_cached(
-            "INSERT INTO offers (id, tenant_id, conversation_id, agent_id, deadline)
-             SELECT o.id, $1, o.conversation_id, o.agent_id, now() + make_interval(secs => $5)
+            "INSERT INTO offers (id, tenant_id, conversation_id, agent_id, created_at, deadline)
+             SELECT o.id, $1, o.conversation_id, o.agent_id, statement_timestamp(),
+                    statement_timestamp() + make_interval(secs => $5)
              FROM unnest($2::uuid[], $3::uuid[], $4::text[]) AS o(id, conversation_id, agent_id)
-             RETURNING now() + make_interval(secs => $5)",
+             RETURNING deadline",
         )
         .await?;
     let deadline: DateTime<Utc> = match tx
@@ -432,6 +442,47 @@ pub async fn write_offers(
     Ok(offered)
 }
 
+/// Transfer (README): sets who may take the conversation next, before it goes back to
+/// `waiting`. `to_agent`: only that agent, whatever the skills; else `skills` (or the current
+/// ones), never `from`.
+pub async fn prepare_transfer(
+    tx: &Transaction<'_>,
+    conversation: Uuid,
+    from: &AgentId,
+    to_agent: Option<&AgentId>,
+    skills: Option<&SkillSet>,
+) -> anyhow::Result<SkillSet> {
+    let skills = match (to_agent, skills) {
+        (_, Some(s)) => Some(s.to_vec()),
+        (Some(_), None) => Some(Vec::new()),
+        (None, None) => None,
+    };
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE conversations SET
+                 target_agent = $2,
+                 excluded_agents = CASE WHEN $3 = ANY(excluded_agents) THEN excluded_agents
+                                        ELSE array_append(excluded_agents, $3) END,
+                 required_skills = coalesce($4, required_skills),
+                 skills_from_channel = skills_from_channel AND $4::text[] IS NULL
+             WHERE id = $1
+             RETURNING required_skills",
+        )
+        .await?;
+    let row = tx
+        .query_one(
+            &stmt,
+            &[
+                &conversation,
+                &to_agent.map(AgentId::as_str),
+                &from.as_str(),
+                &skills,
+            ],
+        )
+        .await?;
+    Ok(SkillSet::new(row.get::<_, Vec<String>>(0)))
+}
+
 /// The earliest deadline of the tenant's open offers: when the next pass is due (D8).
 pub async fn next_deadline(
     tx: &Transaction<'_>,
@@ -450,7 +501,7 @@ pub async fn tenants_needing_a_pass(client: &impl GenericClient) -> anyhow::Resu
     let rows = client
         .query(
             "SELECT t.id FROM tenants t
-             WHERE EXISTS (SELECT 1 FROM offers o WHERE o.tenant_id = t.id AND o.status = 'open' AND o.deadline <= now())
+             WHERE EXISTS (SELECT 1 FROM offers o WHERE o.tenant_id = t.id AND o.status = 'open' AND o.deadline <= statement_timestamp())
                 OR (EXISTS (SELECT 1 FROM agents a WHERE a.tenant_id = t.id AND a.status = 'ready')
                     AND (EXISTS (SELECT 1 FROM conversations c WHERE c.tenant_id = t.id AND c.state = 'waiting')
                          OR EXISTS (SELECT 1 FROM conversations c WHERE c.tenant_id = t.id AND c.state = 'assigning'

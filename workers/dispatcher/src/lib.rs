@@ -430,6 +430,58 @@ async fn apply_action(
                 NotificationKind::Closed,
             );
         }
+        AgentActionKind::Transfer {
+            to_agent, skills, ..
+        } => {
+            if conversation.state != ConversationState::Processing
+                || conversation.agent_id.as_ref() != Some(agent)
+            {
+                reject(
+                    outbox,
+                    &format!(
+                        "you are not serving this conversation (it is {})",
+                        conversation.state
+                    ),
+                );
+                return Ok(());
+            }
+            if to_agent.as_ref() == Some(agent) {
+                reject(
+                    outbox,
+                    "a conversation cannot be transferred to the agent serving it",
+                );
+                return Ok(());
+            }
+            let required_skills = db::prepare_transfer(
+                tx,
+                conversation_id,
+                agent,
+                to_agent.as_ref(),
+                skills.as_ref(),
+            )
+            .await?;
+            shared_db::transition(
+                tx,
+                outbox,
+                &mut conversation,
+                Transition {
+                    to: ConversationState::Waiting,
+                    agent: None,
+                    reason: "transferred",
+                },
+            )
+            .await?;
+            outbox.notify_agent(
+                tenant,
+                agent,
+                conversation_id,
+                Uuid::new_v5(&action.action_id, b"transferred"),
+                NotificationKind::Transferred {
+                    to_agent: to_agent.clone(),
+                    required_skills,
+                },
+            );
+        }
         AgentActionKind::Reply { .. } => {}
     }
     Ok(())
