@@ -384,3 +384,53 @@ async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
         Some("waiting")
     );
 }
+
+/// README decision: an agent who goes offline keeps the conversations they serve; the
+/// customer's messages still reach them (kept on `FL_NOTIFY` for when they reconnect), and
+/// they can still close them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_going_offline_keeps_the_conversations_they_serve() {
+    let app = TestApp::spawn(SETUP).await;
+    let mut amy = app.client.subscribe("fl.t1.notify.amy").await.unwrap();
+    app.presence("t1", "amy", "ready", 5, &[]).await;
+    app.customer_says("t1", "mail", "O1", "help").await;
+    let offer = next_matching(&mut amy, "the offer", |v| v["type"] == "offer").await;
+    let conversation: Uuid = offer["conversation_id"].as_str().unwrap().parse().unwrap();
+    app.agent_does("t1", "amy", "accept", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", "O1", "processing").await;
+
+    app.presence("t1", "amy", "offline", 5, &[]).await;
+    app.presence("t1", "ben", "ready", 5, &[]).await;
+    app.customer_says("t1", "mail", "O1", "are you there?")
+        .await;
+    let forwarded = eventually(
+        "the message kept for amy",
+        Duration::from_secs(20),
+        || async {
+            app.stored("FL_NOTIFY", "fl.t1.notify.amy")
+                .await
+                .into_iter()
+                .find(|n| n["type"] == "customer_message")
+        },
+    )
+    .await;
+    assert_eq!(forwarded["text"], "are you there?");
+    assert_eq!(
+        app.state_of("t1", "mail", "O1").await.as_deref(),
+        Some("processing")
+    );
+    assert_eq!(
+        count(
+            &app.pg,
+            "SELECT count(*) FROM offers WHERE agent_id = 'ben'",
+            &[]
+        )
+        .await,
+        0,
+        "not re-dispatched"
+    );
+    app.agent_does("t1", "amy", "close", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", "O1", "completed").await;
+}
