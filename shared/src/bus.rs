@@ -314,6 +314,10 @@ where
         delivered = first.delivered,
         batch = batch.len(),
         tenant = tracing::field::Empty,
+        channel = tracing::field::Empty,
+        conversation = tracing::field::Empty,
+        agent = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
     crate::telemetry::set_parent_from(&span, first.headers.as_ref());
     let (messages, delivered): (Vec<_>, Vec<_>) = batch.into_iter().unzip();

@@ -7,7 +7,8 @@ use std::sync::OnceLock;
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
-use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -22,6 +23,13 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
+    /// Exports the spans finished so far now, instead of at the batch's next tick.
+    pub fn flush(&self) {
+        if let Err(e) = self.provider.force_flush() {
+            tracing::warn!("telemetry flush: {e}");
+        }
+    }
+
     /// Flushes and stops span export. Bounded: the SDK's own export timeout applies.
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown() {
@@ -33,7 +41,13 @@ impl Telemetry {
 /// Installs logging and tracing for the process `service` (e.g. `firstline-ingest`).
 /// Log level from `RUST_LOG` (default `info`).
 pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
-    let provider = tracer_provider(service)?;
+    init_with(service, None)
+}
+
+/// [`init`], exporting spans to the OTLP/HTTP `endpoint` (e.g. `http://127.0.0.1:4318`)
+/// instead of `OTEL_EXPORTER_OTLP_ENDPOINT`.
+pub fn init_with(service: &'static str, endpoint: Option<String>) -> anyhow::Result<Telemetry> {
+    let provider = tracer_provider(service, endpoint)?;
     let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("FL_LOG_FORMAT").is_ok_and(|v| v == "json");
@@ -69,15 +83,22 @@ pub fn init_for_tests() {
     });
 }
 
-fn tracer_provider(service: &'static str) -> anyhow::Result<SdkTracerProvider> {
+fn tracer_provider(
+    service: &'static str,
+    endpoint: Option<String>,
+) -> anyhow::Result<SdkTracerProvider> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service).build());
-    // The exporter reads OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TIMEOUT...;
-    // the sampler reads OTEL_TRACES_SAMPLER(_ARG).
-    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+    // OTLP over HTTP/protobuf (Jaeger and Tempo take it on :4318). The exporter reads
+    // OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TIMEOUT...; the sampler reads
+    // OTEL_TRACES_SAMPLER(_ARG). The batch processor exports from its own thread, which the
+    // blocking HTTP client suits.
+    let endpoint = endpoint.or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
+    if let Some(endpoint) = endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
+            .with_http()
+            .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
             .build()?;
         builder = builder.with_batch_exporter(exporter);
     }
@@ -113,12 +134,40 @@ pub fn inject_current(headers: &mut HeaderMap) {
     });
 }
 
-/// Makes `span` a child of the trace context in `headers`, when there is one.
+/// Makes `span` a child of the trace context in `headers`, when there is one, and records
+/// the trace id in the span's `trace_id` field, so that every log line under it carries it.
 pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
-    let Some(headers) = headers else { return };
-    let cx =
-        opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(headers)));
-    let _ = span.set_parent(cx);
+    if let Some(headers) = headers {
+        let cx = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(headers))
+        });
+        let _ = span.set_parent(cx);
+    }
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+}
+
+/// Records the ids a handler learns on the current span (declared by the consume loop), so
+/// that traces and log lines can be searched by them.
+pub fn record_ids(
+    tenant: Option<&dyn std::fmt::Display>,
+    channel: Option<&dyn std::fmt::Display>,
+    conversation: Option<&dyn std::fmt::Display>,
+    agent: Option<&dyn std::fmt::Display>,
+) {
+    let span = tracing::Span::current();
+    for (field, value) in [
+        ("tenant", tenant),
+        ("channel", channel),
+        ("conversation", conversation),
+        ("agent", agent),
+    ] {
+        if let Some(value) = value {
+            span.record(field, tracing::field::display(value));
+        }
+    }
 }
 
 /// The `traceparent` in `headers`, as text (for the outbox, which publishes later).

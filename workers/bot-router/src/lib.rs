@@ -12,7 +12,7 @@ use firstline_shared::domain::{ConversationState, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{self, Author, BotWork, Delivery, OutboundMessage, Version};
 use firstline_shared::worker::Services;
-use firstline_shared::{subjects, HandleError};
+use firstline_shared::{subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -52,6 +52,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let tenant =
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let work: BotWork = wire::decode(&m.payload)?;
+    telemetry::record_ids(Some(&tenant), None, Some(&work.conversation_id), None);
     let mut client = services.pool.get().await?;
     let tx = client.transaction().await?;
     let Some(settings) = db::tenant_settings(&tx, &tenant).await? else {

@@ -28,7 +28,7 @@ use firstline_shared::wire::{
     self, AgentAction, AgentActionKind, AgentPresence, NotificationKind, QueueSignal,
 };
 use firstline_shared::worker::Services;
-use firstline_shared::{subjects, HandleError};
+use firstline_shared::{subjects, telemetry, HandleError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -189,6 +189,9 @@ impl Dispatcher {
                 }
                 Err(e) => results.push(Err(e)),
             }
+        }
+        if let [(tenant, _)] = groups.as_slice() {
+            telemetry::record_ids(Some(tenant), None, None, None);
         }
         for (tenant, events) in groups {
             let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();

@@ -20,7 +20,7 @@ use firstline_shared::wire::{
     self, AgentNotification, BotWork, Delivery, InboundMessage, NotificationKind, Version,
 };
 use firstline_shared::worker::Services;
-use firstline_shared::{subjects, HandleError};
+use firstline_shared::{subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -90,7 +90,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     if inbound.customer.id.trim().is_empty() {
         return Err(HandleError::poison("inbound-message: customer.id is empty"));
     }
-    tracing::Span::current().record("tenant", tenant.as_str());
+    telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
     let mut client = services.pool.get().await?;
     let tx = client.transaction().await?;
@@ -110,6 +110,12 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
         &channel_settings,
     )
     .await?;
+    telemetry::record_ids(
+        None,
+        None,
+        Some(&conversation.id),
+        conversation.agent_id.as_ref().map(|a| a as _),
+    );
     let route = Route::for_state(conversation.state);
     let message_id = Uuid::now_v7();
     let stored =

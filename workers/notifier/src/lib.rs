@@ -69,6 +69,26 @@ async fn deliver(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let tenant =
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let delivery: Delivery = wire::decode(&m.payload)?;
+    match &delivery {
+        Delivery::ToCustomer {
+            channel, message, ..
+        } => telemetry::record_ids(
+            Some(&tenant),
+            Some(channel),
+            Some(&message.conversation_id),
+            None,
+        ),
+        Delivery::ToAgent {
+            agent_id,
+            notification,
+            ..
+        } => telemetry::record_ids(
+            Some(&tenant),
+            None,
+            Some(&notification.conversation_id),
+            Some(agent_id),
+        ),
+    }
     let mut headers = HeaderMap::new();
     telemetry::inject_current(&mut headers);
     let (subject, msg_id, payload) = match &delivery {
@@ -96,6 +116,12 @@ async fn deliver(services: &Services, m: Delivered) -> Result<(), HandleError> {
 async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let (tenant, agent) = subjects::parse_agent_action(&m.subject).map_err(HandleError::Poison)?;
     let action: AgentAction = wire::decode(&m.payload)?;
+    telemetry::record_ids(
+        Some(&tenant),
+        None,
+        Some(&action.kind.conversation_id()),
+        Some(&agent),
+    );
     let AgentActionKind::Reply {
         conversation_id,
         text,
