@@ -549,3 +549,45 @@ async fn the_database_refuses_double_offers_and_offers_beyond_d1() {
         "{not_ready:?}"
     );
 }
+
+/// A message dead-lettered for an unknown channel is replayed once the channel exists, and
+/// then handled; the dead letter is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_is_listed_and_replayed_after_the_fix() {
+    let app = TestApp::spawn(SETUP).await;
+    app.customer_says("t1", "whatsapp", "W1", "hello from a new channel")
+        .await;
+    let filter = firstline::dead_letters::Filter {
+        tenant: Some("t1".into()),
+        stream: Some("FL_INBOUND".into()),
+    };
+    let letters = eventually("the dead letter", Duration::from_secs(20), || async {
+        let l = firstline::dead_letters::list(&app.js, &filter, 10)
+            .await
+            .ok()?;
+        (l.len() == 1).then_some(l)
+    })
+    .await;
+    assert!(
+        letters[0].1.reason.contains("unknown channel"),
+        "{:?}",
+        letters[0].1
+    );
+
+    let file = firstline::setup::SetupFile::parse(
+        r#"{"tenants":[{"id":"t1","channels":[{"id":"whatsapp","bot_enabled":true}]}]}"#,
+    )
+    .unwrap();
+    firstline::setup::configure(&app.db.url, &file)
+        .await
+        .unwrap();
+    let replayed = firstline::dead_letters::replay(&app.js, &[letters[0].0])
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    app.wait_for_state("t1", "whatsapp", "W1", "bot").await;
+    assert!(firstline::dead_letters::list(&app.js, &filter, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}

@@ -2,6 +2,7 @@
 //! together ([`run_all`]), load tenants, channels and agents from a file ([`setup`]), and the
 //! demo ([`demo`]): a simulated gateway and simulated agents driving the real workers.
 
+pub mod dead_letters;
 pub mod demo;
 pub mod setup;
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use firstline::{demo, setup};
+use firstline::{dead_letters, demo, setup};
 use firstline_shared::config::CommonConfig;
 
 #[derive(Debug, Parser)]
@@ -37,11 +37,93 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         every: f64,
     },
+    /// List dead letters (messages that could never be handled), oldest first.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Write the JSON Schema of every wire message into DIR.
     Schemas {
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadLetterAction {
+    /// Show dead letters with their sequence, reason and subject.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Stream of the original message: FL_INBOUND, FL_ACTIONS...
+        #[arg(long)]
+        stream: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Publish dead letters again to their original subject, then remove them.
+    Replay {
+        /// Sequences to replay (from `list`).
+        #[arg(long = "seq", required_unless_present = "all")]
+        sequences: Vec<u64>,
+        /// Every dead letter matching --tenant and --stream.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        stream: Option<String>,
+    },
+}
+
+async fn dead_letters(common: &CommonConfig, action: DeadLetterAction) -> anyhow::Result<()> {
+    let client = firstline_shared::bus::connect(common).await?;
+    let js = async_nats::jetstream::new(client);
+    match action {
+        DeadLetterAction::List {
+            tenant,
+            stream,
+            limit,
+        } => {
+            let letters =
+                dead_letters::list(&js, &dead_letters::Filter { tenant, stream }, limit).await?;
+            for (seq, l) in &letters {
+                println!(
+                    "{seq:>8}  {}  {:<14} {:<36} deliveries={}  {}",
+                    l.at.format("%Y-%m-%d %H:%M:%S"),
+                    l.stream,
+                    l.subject,
+                    l.deliveries,
+                    l.reason
+                );
+                println!(
+                    "          payload: {}",
+                    l.payload.chars().take(200).collect::<String>()
+                );
+            }
+            println!("{} dead letter(s)", letters.len());
+        }
+        DeadLetterAction::Replay {
+            sequences,
+            all,
+            tenant,
+            stream,
+        } => {
+            let sequences = if all {
+                let filter = dead_letters::Filter { tenant, stream };
+                dead_letters::list(&js, &filter, usize::MAX)
+                    .await?
+                    .into_iter()
+                    .map(|(s, _)| s)
+                    .collect()
+            } else {
+                sequences
+            };
+            let n = dead_letters::replay(&js, &sequences).await?;
+            println!("replayed {n} dead letter(s)");
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -87,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = workers.await;
             completed.map(|n| println!("demo finished: {n} conversations completed"))
         }
+        Command::DeadLetters { action } => dead_letters(&cli.common, action).await,
         Command::Schemas { dir } => write_schemas(&dir),
     };
     telemetry.shutdown();
