@@ -69,8 +69,9 @@ ensure_nats_server() {
   if docker_engine; then
     say "NATS: starting with docker compose"
     docker compose -f "$ROOT/docker-compose.yml" up -d --wait nats jaeger
-    export FL_NATS_URL="nats://127.0.0.1:4222"
-    export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://127.0.0.1:4317}"
+    # The workers' user of config/nats-server.conf.
+    export FL_NATS_URL="nats://firstline:firstline@127.0.0.1:4222"
+    export OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://127.0.0.1:4318}"
     return 0
   fi
   local port="${FL_NATS_PORT:-14222}"

@@ -29,6 +29,12 @@ pub struct TestNats {
 
 impl TestNats {
     pub async fn start() -> Self {
+        Self::start_with_config("", None).await
+    }
+
+    /// A server with this configuration text (users, permissions...) added; `login` is the
+    /// user and password put in [`TestNats::url`] for the workers and the test's client.
+    pub async fn start_with_config(config: &str, login: Option<(&str, &str)>) -> Self {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
         let version = Command::new(&bin)
             .arg("--version")
@@ -44,25 +50,34 @@ impl TestNats {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("fl-test-nats-{}", Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("nats-server.conf");
+        std::fs::write(&conf, config).unwrap();
         let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        let url = format!("nats://127.0.0.1:{port}");
+        let url = match login {
+            Some((user, password)) => format!("nats://{user}:{password}@127.0.0.1:{port}"),
+            None => format!("nats://127.0.0.1:{port}"),
+        };
         let nats = TestNats {
             child,
             dir,
             port,
             url,
         };
-        eventually(
-            "NATS accepts connections",
-            Duration::from_secs(10),
-            || async { async_nats::connect(&nats.url).await.ok().map(|_| ()) },
-        )
+        // A TCP check: a server with users refuses anonymous clients.
+        eventually("NATS listens", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", nats.port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
         .await;
         nats
     }
@@ -167,7 +182,12 @@ impl TestApp {
     /// Starts NATS, a database configured with `setup` (a `firstline configure` file), and
     /// every worker ([`firstline::run_all`]).
     pub async fn spawn(setup: &str) -> Self {
-        let mut app = Self::without_workers(setup).await;
+        Self::spawn_on(TestNats::start().await, setup).await
+    }
+
+    /// [`TestApp::spawn`] on a given NATS server; credentials, if it needs any, go in the URL.
+    pub async fn spawn_on(nats: TestNats, setup: &str) -> Self {
+        let mut app = Self::without_workers_on(nats, setup).await;
         let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
         app.spawn_worker(worker);
         app
@@ -175,8 +195,11 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`] but starts no worker: the test starts the ones it wants.
     pub async fn without_workers(setup: &str) -> Self {
+        Self::without_workers_on(TestNats::start().await, setup).await
+    }
+
+    async fn without_workers_on(nats: TestNats, setup: &str) -> Self {
         firstline_shared::telemetry::init_for_tests();
-        let nats = TestNats::start().await;
         let db = TestDb::create().await;
         let file = firstline::setup::SetupFile::parse(setup).expect("test setup file");
         firstline::setup::configure(&db.url, &file)
@@ -185,7 +208,7 @@ impl TestApp {
         let mut config = CommonConfig::new(&nats.url, &db.url);
         config.ack_wait_secs = 5;
         config.max_deliver = 3;
-        let client = async_nats::connect(&nats.url).await.unwrap();
+        let client = firstline_shared::bus::connect(&config).await.unwrap();
         let js = jetstream::new(client.clone());
         firstline_shared::bus::ensure_streams(&js).await.unwrap();
         let pg = db.connect().await;

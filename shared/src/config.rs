@@ -15,6 +15,24 @@ pub struct CommonConfig {
         default_value = "postgres://postgres@127.0.0.1:5432/firstline"
     )]
     pub database_url: String,
+    /// NATS user (with --nats-password); or put `user:password@` in the URL.
+    #[arg(long, env = "FL_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password (never logged).
+    #[arg(long, env = "FL_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS credentials file (JWT and nkey seed, for operator/account set-ups).
+    #[arg(long, env = "FL_NATS_CREDS")]
+    pub nats_creds: Option<std::path::PathBuf>,
+    /// NATS nkey seed (`SU…`; never logged).
+    #[arg(long, env = "FL_NATS_NKEY_SEED", hide_env_values = true)]
+    pub nats_nkey_seed: Option<String>,
+    /// CA certificate (PEM) to verify the NATS server with; implies TLS.
+    #[arg(long, env = "FL_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<std::path::PathBuf>,
+    /// Require TLS to NATS.
+    #[arg(long, env = "FL_NATS_TLS_REQUIRED", default_value_t = false)]
+    pub nats_tls_required: bool,
     /// Largest number of Postgres connections this process opens.
     #[arg(long, env = "FL_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
@@ -30,8 +48,9 @@ impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={}",
-            self.nats_url,
+            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={}",
+            redact_url(&self.nats_url),
+            self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
             self.db_pool_size,
             self.ack_wait_secs,
@@ -44,6 +63,12 @@ impl CommonConfig {
         Self {
             nats_url: nats_url.into(),
             database_url: database_url.into(),
+            nats_user: None,
+            nats_password: None,
+            nats_creds: None,
+            nats_nkey_seed: None,
+            nats_tls_ca: None,
+            nats_tls_required: false,
             db_pool_size: 8,
             ack_wait_secs: 30,
             max_deliver: 8,

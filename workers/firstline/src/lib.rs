@@ -4,6 +4,7 @@
 
 pub mod dead_letters;
 pub mod demo;
+pub mod nats_config;
 pub mod setup;
 
 use firstline_shared::config::CommonConfig;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use firstline::{dead_letters, demo, setup};
+use firstline::{dead_letters, demo, nats_config, setup};
 use firstline_shared::config::CommonConfig;
 
 #[derive(Debug, Parser)]
@@ -41,6 +41,18 @@ enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// Print a NATS server configuration that fences each tenant's gateway to its subjects.
+    NatsConfig {
+        /// A gateway user per tenant: TENANT:PASSWORD.
+        #[arg(long = "gateway", value_name = "TENANT:PASSWORD")]
+        gateways: Vec<String>,
+        #[arg(long, default_value = "firstline")]
+        workers_user: String,
+        #[arg(long, env = "FL_NATS_WORKERS_PASSWORD", default_value = "firstline")]
+        workers_password: String,
+        #[arg(long, default_value = "/data")]
+        store_dir: String,
     },
     /// Write the JSON Schema of every wire message into DIR.
     Schemas {
@@ -170,6 +182,30 @@ async fn main() -> anyhow::Result<()> {
             completed.map(|n| println!("demo finished: {n} conversations completed"))
         }
         Command::DeadLetters { action } => dead_letters(&cli.common, action).await,
+        Command::NatsConfig {
+            gateways,
+            workers_user,
+            workers_password,
+            store_dir,
+        } => {
+            let gateways = gateways
+                .iter()
+                .map(|g| {
+                    let (tenant, password) = g
+                        .split_once(':')
+                        .context("--gateway takes TENANT:PASSWORD")?;
+                    Ok(nats_config::Gateway {
+                        tenant: firstline_shared::domain::TenantId::parse(tenant)?,
+                        password: password.to_owned(),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            print!(
+                "{}",
+                nats_config::server_config(&store_dir, &workers_user, &workers_password, &gateways)
+            );
+            Ok(())
+        }
         Command::Schemas { dir } => write_schemas(&dir),
     };
     telemetry.shutdown();

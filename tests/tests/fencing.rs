@@ -1,0 +1,108 @@
+//! Tenant fencing on NATS: with the configuration `firstline nats-config` writes, a tenant's
+//! gateway publishes its own customers' messages, and is refused on another tenant's subjects.
+
+use std::time::Duration;
+
+use firstline::nats_config::{self, Gateway};
+use firstline_shared::domain::TenantId;
+use firstline_tests::{count, TestApp, TestNats};
+use tokio::sync::mpsc;
+
+const SETUP: &str = r#"{"tenants":[
+    {"id":"ta","channels":[{"id":"mail","bot_enabled":false}]},
+    {"id":"tb","channels":[{"id":"mail","bot_enabled":false}]}]}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_gateway_is_refused_on_another_tenants_subjects() {
+    let gateways: Vec<Gateway> = ["ta", "tb"]
+        .iter()
+        .map(|t| Gateway {
+            tenant: TenantId::parse(*t).unwrap(),
+            password: format!("{t}-secret"),
+        })
+        .collect();
+    let auth = nats_config::authorization("firstline", "workers-secret", &gateways);
+    let nats = TestNats::start_with_config(&auth, Some(("firstline", "workers-secret"))).await;
+    let port = nats.port;
+    let app = TestApp::spawn_on(nats, SETUP).await;
+
+    // Anonymous clients are refused outright.
+    assert!(async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .is_err());
+
+    // Gateway A, with its inbox prefix, and the server's asynchronous errors collected.
+    let (errors_tx, mut errors) = mpsc::unbounded_channel();
+    let gateway_a =
+        async_nats::ConnectOptions::with_user_and_password("gateway-ta".into(), "ta-secret".into())
+            .custom_inbox_prefix(gateways[0].inbox_prefix())
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    let _ = errors_tx.send(event.to_string());
+                }
+            })
+            .connect(format!("nats://127.0.0.1:{port}"))
+            .await
+            .unwrap();
+    let js_a = async_nats::jetstream::new(gateway_a.clone());
+
+    // Its own tenant: published, acknowledged by JetStream, and handled.
+    let body = r#"{"version":1,"message_id":"a-1","customer":{"id":"U1"},"text":"hi"}"#;
+    js_a.publish("fl.ta.inbound.mail", body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    app.wait_for_state("ta", "mail", "U1", "waiting").await;
+
+    // Tenant B's inbound subject: refused by the server, never stored.
+    gateway_a
+        .publish("fl.tb.inbound.mail", body.replace("a-1", "a-2").into())
+        .await
+        .unwrap();
+    gateway_a.flush().await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = errors.recv().await.unwrap();
+            if e.to_lowercase().contains("permissions violation") {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a permissions violation");
+    assert!(refused.contains("fl.tb.inbound.mail"), "{refused}");
+    // Nor may it read tenant B's outbound messages.
+    let _sub = gateway_a.subscribe("fl.tb.outbound.>").await.unwrap();
+    gateway_a.flush().await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = errors.recv().await.unwrap();
+            if e.contains("fl.tb.outbound") {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("a subscribe permissions violation");
+    assert!(
+        refused.to_lowercase().contains("permissions violation"),
+        "{refused}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.stored("FL_INBOUND", "fl.tb.inbound.mail").await.len(),
+        0
+    );
+    assert_eq!(
+        count(
+            &app.pg,
+            "SELECT count(*) FROM conversations WHERE tenant_id = 'tb'",
+            &[]
+        )
+        .await,
+        0
+    );
+}
