@@ -266,6 +266,7 @@ where
         consumer = spec.durable,
         "consuming"
     );
+    tokio::spawn(report_lag(consumer.clone(), spec.durable, shutdown.clone()));
 
     while !shutdown.is_cancelled() {
         let messages = match consumer.messages().await {
@@ -322,6 +323,23 @@ where
     Ok(())
 }
 
+/// Samples the consumer's lag every 5 s for [`crate::metrics::consumer_lag`].
+async fn report_lag(
+    mut consumer: consumer::PullConsumer,
+    name: &'static str,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            crate::metrics::consumer_lag(name, info.num_pending, info.num_ack_pending);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 async fn settle_batch<F, Fut>(
     js: &JetStream,
     config: &CommonConfig,
@@ -359,6 +377,12 @@ where
     for (message, result) in messages.into_iter().zip(results) {
         let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let (stream_sequence, delivered) = (info.stream_sequence, info.delivered);
+        let outcome = match &result {
+            Ok(()) => "ok",
+            Err(HandleError::Transient(_)) if delivered < config.max_deliver => "retry",
+            Err(_) => "dead_letter",
+        };
+        crate::metrics::message_handled(spec.durable, outcome);
         let ack = match result {
             Ok(()) => AckKind::Ack,
             Err(HandleError::Poison(reason)) => {
@@ -403,6 +427,7 @@ async fn dead_letter(
             (k.to_string(), v)
         })
         .collect();
+    crate::metrics::dead_lettered(spec.stream.name, spec.durable);
     let subject = message.subject.to_string();
     let tenant = subjects::split(&subject)
         .map(|(t, _, _)| t)

@@ -33,6 +33,9 @@ pub struct CommonConfig {
     /// Require TLS to NATS.
     #[arg(long, env = "FL_NATS_TLS_REQUIRED", default_value_t = false)]
     pub nats_tls_required: bool,
+    /// Serve Prometheus metrics on this address (`/metrics`), e.g. 0.0.0.0:9464. Off when unset.
+    #[arg(long, env = "FL_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Largest number of Postgres connections this process opens.
     #[arg(long, env = "FL_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
@@ -69,6 +72,7 @@ impl CommonConfig {
             nats_nkey_seed: None,
             nats_tls_ca: None,
             nats_tls_required: false,
+            metrics_addr: None,
             db_pool_size: 8,
             ack_wait_secs: 30,
             max_deliver: 8,

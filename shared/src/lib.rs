@@ -7,6 +7,7 @@
 //! - [`telemetry`]: tracing and OpenTelemetry set-up, trace context in NATS headers.
 //! - [`bus`]: NATS JetStream set-up, publishing, and the consume loop that decides acks and dead letters.
 //! - [`db`]: the Postgres pool, migrations and the queries shared by several workers.
+//! - [`metrics`]: the Prometheus metrics every worker reports.
 //! - [`outbox`]: messages written in the same transaction as the state change, published after commit.
 //! - [`shutdown`]: one cancellation token for SIGINT/SIGTERM.
 //! - [`worker`]: start-up and the `main` shared by the worker binaries.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod outbox;
 pub mod shutdown;
 pub mod subjects;

@@ -50,15 +50,23 @@ impl Services {
     }
 }
 
+/// A worker's settings: they include the common ones.
+pub trait WorkerConfig: clap::Parser {
+    fn common(&self) -> &CommonConfig;
+}
+
 /// The body of every worker binary's `main`.
 pub async fn main<C, F, Fut>(service: &'static str, run: F) -> anyhow::Result<()>
 where
-    C: clap::Parser,
+    C: WorkerConfig,
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = C::parse();
     let telemetry = telemetry::init(service)?;
+    if let Some(addr) = config.common().metrics_addr {
+        crate::metrics::serve(addr)?;
+    }
     let result = run(config, shutdown::on_signals()).await;
     if let Err(e) = &result {
         tracing::error!("{service} failed: {e:#}");

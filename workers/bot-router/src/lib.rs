@@ -169,3 +169,9 @@ mod tests {
         assert!(!is_handover("agents", &keywords));
     }
 }
+
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}

@@ -69,21 +69,37 @@ pub async fn apply_presence(
     Ok(!rows.is_empty())
 }
 
-/// The open offer of `conversation` to `agent`, if any.
+/// The open offer of `conversation` to `agent`, if any, with when it was made.
 pub async fn open_offer(
     tx: &Transaction<'_>,
     conversation: Uuid,
     agent: &AgentId,
-) -> Result<Option<Uuid>, tokio_postgres::Error> {
+) -> Result<Option<(Uuid, DateTime<Utc>)>, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "SELECT id FROM offers WHERE conversation_id = $1 AND agent_id = $2 AND status = 'open' FOR UPDATE",
+            "SELECT id, created_at FROM offers
+             WHERE conversation_id = $1 AND agent_id = $2 AND status = 'open' FOR UPDATE",
         )
         .await?;
     Ok(tx
         .query_opt(&stmt, &[&conversation, &agent.as_str()])
         .await?
-        .map(|r| r.get(0)))
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// Open conversations by tenant and state, for the `fl_conversations` gauge.
+pub async fn conversation_counts(
+    client: &impl GenericClient,
+) -> Result<Vec<(String, String, i64)>, tokio_postgres::Error> {
+    Ok(client
+        .query(
+            "SELECT tenant_id, state, count(*) FROM conversations WHERE state <> 'completed' GROUP BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
 }
 
 /// Ends an open offer: `accepted`, `declined`, `expired` or `revoked`.

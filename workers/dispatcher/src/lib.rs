@@ -28,7 +28,7 @@ use firstline_shared::wire::{
     self, AgentAction, AgentActionKind, AgentPresence, NotificationKind, QueueSignal,
 };
 use firstline_shared::worker::Services;
-use firstline_shared::{subjects, telemetry, HandleError};
+use firstline_shared::{metrics, subjects, telemetry, HandleError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -150,6 +150,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let presence = consume(Source::Presence, subjects::PRESENCE, "dispatcher-presence");
     let actions = consume(Source::Actions, subjects::ACTIONS, "dispatcher-actions");
     let timers = dispatcher.deadline_timer(shutdown.clone());
+    tokio::spawn(sample_conversations(
+        services.pool.clone(),
+        shutdown.clone(),
+    ));
     let backstop = dispatcher.backstop(Duration::from_secs(config.backstop_secs), shutdown);
     let result = tokio::try_join!(queue, presence, actions, async {
         tokio::join!(timers, backstop);
@@ -348,7 +352,8 @@ async fn apply_action(
     };
     match &action.kind {
         AgentActionKind::Accept { .. } | AgentActionKind::Decline { .. } => {
-            let Some(offer) = db::open_offer(tx, conversation_id, agent).await? else {
+            let Some((offer, offered_at)) = db::open_offer(tx, conversation_id, agent).await?
+            else {
                 reject(
                     outbox,
                     &format!(
@@ -382,6 +387,10 @@ async fn apply_action(
                 return Ok(());
             }
             db::end_offer(tx, offer, "accepted", "accepted").await?;
+            metrics::offer_accepted(
+                tenant.as_str(),
+                (Utc::now() - offered_at).to_std().unwrap_or_default(),
+            );
             shared_db::transition(
                 tx,
                 outbox,
@@ -490,6 +499,36 @@ async fn apply_action(
     Ok(())
 }
 
+/// Every 5 s, the open conversations by tenant and state for the `fl_conversations` gauge.
+async fn sample_conversations(pool: deadpool_postgres::Pool, shutdown: CancellationToken) {
+    // What was reported last time: a (tenant, state) that has no row now is back to 0.
+    let mut reported: HashSet<(String, String)> = HashSet::new();
+    loop {
+        if let Ok(client) = pool.get().await {
+            match db::conversation_counts(&client).await {
+                Ok(counts) => {
+                    let now: HashSet<(String, String)> = counts
+                        .iter()
+                        .map(|(t, s, _)| (t.clone(), s.clone()))
+                        .collect();
+                    for (tenant, state) in reported.difference(&now) {
+                        metrics::conversations(tenant, state, 0);
+                    }
+                    for (tenant, state, n) in counts {
+                        metrics::conversations(&tenant, &state, n);
+                    }
+                    reported = now;
+                }
+                Err(e) => tracing::debug!("sampling conversation counts: {e}"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
+}
+
 /// What one pass did.
 #[derive(Clone, Debug, Default)]
 pub struct PassReport {
@@ -533,6 +572,7 @@ pub async fn pass(
             },
         );
     }
+    metrics::offers_expired(tenant.as_str(), report.expired);
     let offer_limit = settings.offer_limit.max(1) as u32;
     let mut agents = db::ready_agents(tx, tenant).await?;
     if agents.iter().any(|a| a.free_slots(offer_limit) > 0) {
@@ -608,6 +648,8 @@ fn stage_offer(outbox: &mut Outbox, offered: db::Offered) {
         at,
         deadline,
     } = offered;
+    let since_queued = conversation.queued_at.and_then(|q| (at - q).to_std().ok());
+    metrics::offer_made(conversation.tenant.as_str(), since_queued);
     let reason = if from == ConversationState::Waiting {
         "offered"
     } else {
@@ -641,4 +683,10 @@ fn stage_offer(outbox: &mut Outbox, offered: db::Offered) {
             deadline,
         },
     );
+}
+
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
 }

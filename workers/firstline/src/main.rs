@@ -143,6 +143,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = firstline_shared::telemetry::init("firstline")?;
     let shutdown = firstline_shared::shutdown::on_signals();
+    if let (Command::Run | Command::Demo { .. }, Some(addr)) =
+        (&cli.command, cli.common.metrics_addr)
+    {
+        firstline_shared::metrics::serve(addr)?;
+    }
     let result = match cli.command {
         Command::Run => {
             firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;

@@ -192,3 +192,9 @@ mod tests {
         assert_eq!(Route::for_state(Processing), Route::Agent);
     }
 }
+
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}

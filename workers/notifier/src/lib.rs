@@ -215,3 +215,9 @@ pub fn reject(
         },
     );
 }
+
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}

@@ -1,0 +1,70 @@
+//! The metrics of every worker, served for Prometheus on `FL_METRICS_ADDR` (`/metrics`).
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `fl_messages_total` | counter | consumer, outcome (`ok`, `retry`, `dead_letter`) | messages handled |
+//! | `fl_dead_letters_total` | counter | stream, consumer | messages dead-lettered |
+//! | `fl_consumer_pending` | gauge | consumer | messages in the stream not yet delivered to the consumer (lag) |
+//! | `fl_consumer_ack_pending` | gauge | consumer | delivered, not yet acknowledged |
+//! | `fl_conversations` | gauge | tenant, state | open conversations by state (the dispatcher samples it) |
+//! | `fl_offers_total` | counter | tenant | offers made |
+//! | `fl_offers_expired_total` | counter | tenant | offers not accepted within the dispatch cycle (SPEC D8) |
+//! | `fl_enqueue_to_offer_seconds` | histogram | tenant | from entering `waiting` to the offer |
+//! | `fl_offer_to_accept_seconds` | histogram | tenant | from the offer to the agent's accept |
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Serves `/metrics` on `addr` for this process. Call once, inside the Tokio runtime.
+pub fn serve(addr: SocketAddr) -> anyhow::Result<()> {
+    let latency = [
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        300.0,
+    ];
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)?
+        .install()?;
+    tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    Ok(())
+}
+
+pub fn message_handled(consumer: &'static str, outcome: &'static str) {
+    counter!("fl_messages_total", "consumer" => consumer, "outcome" => outcome).increment(1);
+}
+
+pub fn dead_lettered(stream: &'static str, consumer: &'static str) {
+    counter!("fl_dead_letters_total", "stream" => stream, "consumer" => consumer).increment(1);
+}
+
+pub fn consumer_lag(consumer: &'static str, pending: u64, ack_pending: usize) {
+    gauge!("fl_consumer_pending", "consumer" => consumer).set(pending as f64);
+    gauge!("fl_consumer_ack_pending", "consumer" => consumer).set(ack_pending as f64);
+}
+
+pub fn conversations(tenant: &str, state: &str, count: i64) {
+    gauge!("fl_conversations", "tenant" => tenant.to_owned(), "state" => state.to_owned())
+        .set(count as f64);
+}
+
+pub fn offer_made(tenant: &str, since_queued: Option<Duration>) {
+    counter!("fl_offers_total", "tenant" => tenant.to_owned()).increment(1);
+    if let Some(d) = since_queued {
+        histogram!("fl_enqueue_to_offer_seconds", "tenant" => tenant.to_owned())
+            .record(d.as_secs_f64());
+    }
+}
+
+pub fn offers_expired(tenant: &str, n: usize) {
+    if n > 0 {
+        counter!("fl_offers_expired_total", "tenant" => tenant.to_owned()).increment(n as u64);
+    }
+}
+
+pub fn offer_accepted(tenant: &str, since_offered: Duration) {
+    histogram!("fl_offer_to_accept_seconds", "tenant" => tenant.to_owned())
+        .record(since_offered.as_secs_f64());
+}

@@ -1,0 +1,88 @@
+//! The Prometheus endpoint: after a conversation is offered and accepted and a bad message is
+//! dead-lettered, `/metrics` reports them.
+
+use std::time::Duration;
+
+use firstline_tests::{eventually, next_matching, TestApp};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters() {
+    let addr: std::net::SocketAddr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    firstline_shared::metrics::serve(addr).unwrap();
+    let app = TestApp::spawn(
+        r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enabled":false}]}]}"#,
+    )
+    .await;
+    let mut amy = app.client.subscribe("fl.t1.notify.amy").await.unwrap();
+    app.presence("t1", "amy", "ready", 5, &[]).await;
+    app.customer_says("t1", "mail", "M1", "help").await;
+    let offer = next_matching(&mut amy, "the offer", |v| v["type"] == "offer").await;
+    let conversation: Uuid = offer["conversation_id"].as_str().unwrap().parse().unwrap();
+    app.agent_does("t1", "amy", "accept", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", "M1", "processing").await;
+    app.publish_json("fl.t1.inbound.mail", None, "{not json")
+        .await;
+
+    let body = eventually("the series", Duration::from_secs(20), || async {
+        let body = scrape(addr).await;
+        let ready = [
+            r#"fl_messages_total{consumer="ingest",outcome="ok"}"#,
+            r#"fl_messages_total{consumer="ingest",outcome="dead_letter"}"#,
+            r#"fl_dead_letters_total{stream="FL_INBOUND",consumer="ingest"}"#,
+            r#"fl_offers_total{tenant="t1"}"#,
+            r#"fl_enqueue_to_offer_seconds_count{tenant="t1"}"#,
+            r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#,
+            r#"fl_consumer_pending{consumer="ingest"}"#,
+            r#"fl_conversations{tenant="t1",state="processing"}"#,
+        ]
+        .iter()
+        .all(|s| value(&body, s).is_some());
+        ready.then_some(body)
+    })
+    .await;
+    assert_eq!(value(&body, r#"fl_offers_total{tenant="t1"}"#), Some(1.0));
+    assert_eq!(
+        value(
+            &body,
+            r#"fl_dead_letters_total{stream="FL_INBOUND",consumer="ingest"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&body, r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &body,
+            r#"fl_messages_total{consumer="ingest",outcome="ok"}"#
+        )
+        .unwrap()
+            >= 1.0
+    );
+}
