@@ -110,7 +110,8 @@ CREATE TABLE conversation_transitions (
     to_state         text NOT NULL,
     agent_id         text,
     reason           text NOT NULL,
-    at               timestamptz NOT NULL DEFAULT now()
+    -- When the statement ran (after any lock was taken), not when its transaction began.
+    at               timestamptz NOT NULL DEFAULT statement_timestamp()
 );
 CREATE INDEX conversation_transitions_by_conversation ON conversation_transitions (conversation_id, id);
 

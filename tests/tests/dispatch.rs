@@ -12,6 +12,17 @@ const SETUP: &str = r#"{"tenants":[{
     "channels": [{"id": "mail", "kind": "email", "bot_enabled": false}]
 }]}"#;
 
+async fn queued_at(app: &TestApp, conversation: Uuid) -> chrono::DateTime<chrono::Utc> {
+    app.pg
+        .query_one(
+            "SELECT queued_at FROM conversations WHERE id = $1",
+            &[&conversation],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn open_offer_agent(app: &TestApp, conversation: Uuid) -> Option<String> {
     app.pg
         .query_opt(
@@ -41,6 +52,7 @@ async fn a_declined_offer_goes_to_another_agent_and_never_back() {
         .parse()
         .unwrap();
     assert_eq!(offered["agent_id"], "amy");
+    let queued_before = queued_at(&app, conversation).await;
 
     // amy declines while nobody else is ready: back to waiting, not re-offered to amy.
     app.agent_does(
@@ -65,19 +77,7 @@ async fn a_declined_offer_goes_to_another_agent_and_never_back() {
     let again = next_matching(&mut events, "the second offer", |v| v["to"] == "assigning").await;
     assert_eq!(again["agent_id"], "ben");
     // The queue position is kept: queued_at did not move.
-    let (queued, first_queued): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) = {
-        let r = app
-            .pg
-            .query_one(
-                "SELECT c.queued_at, (SELECT min(at) FROM conversation_transitions t WHERE t.conversation_id = c.id AND t.to_state = 'waiting')
-                 FROM conversations c WHERE c.id = $1",
-                &[&conversation],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
-    assert_eq!(queued, first_queued);
+    assert_eq!(queued_at(&app, conversation).await, queued_before);
 }
 
 /// SPEC D8: an offer not accepted within the dispatch cycle is revoked and re-dispatched to
@@ -372,6 +372,16 @@ async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
     .await;
     app.presence("t1", "vic", "offline", 5, &["vip"]).await;
     app.presence("t1", "amy", "offline", 1, &[]).await;
+    eventually("nobody ready", Duration::from_secs(20), || async {
+        let ready = count(
+            &app.pg,
+            "SELECT count(*) FROM agents WHERE status = 'ready'",
+            &[],
+        )
+        .await;
+        (ready == 0).then_some(())
+    })
+    .await;
     app.customer_says("t1", "mail", "P1", "old").await;
     app.wait_for_state("t1", "mail", "P1", "waiting").await;
     app.customer_says("t1", "vipline", "P2", "newer, but a priority channel")

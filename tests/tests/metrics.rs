@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{eventually, next_matching, TestApp};
+use firstline_tests::{next_matching, TestApp};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -48,23 +48,32 @@ async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters
     app.publish_json("fl.t1.inbound.mail", None, "{not json")
         .await;
 
-    let body = eventually("the series", Duration::from_secs(20), || async {
+    let series = [
+        r#"fl_messages_total{consumer="ingest",outcome="ok"}"#,
+        r#"fl_messages_total{consumer="ingest",outcome="dead_letter"}"#,
+        r#"fl_dead_letters_total{stream="FL_INBOUND",consumer="ingest"}"#,
+        r#"fl_offers_total{tenant="t1"}"#,
+        r#"fl_enqueue_to_offer_seconds_count{tenant="t1"}"#,
+        r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#,
+        r#"fl_consumer_pending{consumer="ingest"}"#,
+        r#"fl_conversations{tenant="t1",state="processing"}"#,
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
         let body = scrape(addr).await;
-        let ready = [
-            r#"fl_messages_total{consumer="ingest",outcome="ok"}"#,
-            r#"fl_messages_total{consumer="ingest",outcome="dead_letter"}"#,
-            r#"fl_dead_letters_total{stream="FL_INBOUND",consumer="ingest"}"#,
-            r#"fl_offers_total{tenant="t1"}"#,
-            r#"fl_enqueue_to_offer_seconds_count{tenant="t1"}"#,
-            r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#,
-            r#"fl_consumer_pending{consumer="ingest"}"#,
-            r#"fl_conversations{tenant="t1",state="processing"}"#,
-        ]
-        .iter()
-        .all(|s| value(&body, s).is_some());
-        ready.then_some(body)
-    })
-    .await;
+        let missing: Vec<_> = series
+            .iter()
+            .filter(|s| value(&body, s).is_none())
+            .collect();
+        if missing.is_empty() {
+            break body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "missing {missing:?} in:\n{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(value(&body, r#"fl_offers_total{tenant="t1"}"#), Some(1.0));
     assert_eq!(
         value(

@@ -154,6 +154,12 @@ async fn reply_once(
     Ok(true)
 }
 
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,11 +173,5 @@ mod tests {
         assert!(!is_handover("我想轉真人嗎", &keywords));
         assert!(!is_handover("", &keywords));
         assert!(!is_handover("agents", &keywords));
-    }
-}
-
-impl firstline_shared::worker::WorkerConfig for Config {
-    fn common(&self) -> &CommonConfig {
-        &self.common
     }
 }

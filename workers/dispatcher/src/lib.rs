@@ -648,7 +648,9 @@ fn stage_offer(outbox: &mut Outbox, offered: db::Offered) {
         at,
         deadline,
     } = offered;
-    let since_queued = conversation.queued_at.and_then(|q| (at - q).to_std().ok());
+    let since_queued = conversation
+        .queued_at
+        .map(|q| (at - q).to_std().unwrap_or_default());
     metrics::offer_made(conversation.tenant.as_str(), since_queued);
     let reason = if from == ConversationState::Waiting {
         "offered"

@@ -100,8 +100,8 @@ pub async fn open_conversation(
         .prepare_cached(
             "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7,
-                     CASE WHEN $5 = 'bot' THEN now() END,
-                     CASE WHEN $5 = 'waiting' THEN now() END)",
+                     CASE WHEN $5 = 'bot' THEN statement_timestamp() END,
+                     CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)",
         )
         .await?;
     tx.execute(

@@ -177,6 +177,12 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     Ok(())
 }
 
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,11 +196,5 @@ mod tests {
         assert_eq!(Route::for_state(Waiting), Route::Queued);
         assert_eq!(Route::for_state(Assigning), Route::Queued);
         assert_eq!(Route::for_state(Processing), Route::Agent);
-    }
-}
-
-impl firstline_shared::worker::WorkerConfig for Config {
-    fn common(&self) -> &CommonConfig {
-        &self.common
     }
 }
