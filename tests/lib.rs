@@ -52,15 +52,7 @@ impl TestNats {
         std::fs::create_dir_all(&dir).unwrap();
         let conf = dir.join("nats-server.conf");
         std::fs::write(&conf, config).unwrap();
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
+        let child = Self::spawn_server(&bin, &dir, port);
         let url = match login {
             Some((user, password)) => format!("nats://{user}:{password}@127.0.0.1:{port}"),
             None => format!("nats://127.0.0.1:{port}"),
@@ -80,6 +72,24 @@ impl TestNats {
         })
         .await;
         nats
+    }
+
+    fn spawn_server(bin: &str, dir: &std::path::Path, port: u16) -> Child {
+        Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("nats-server.conf"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server")
+    }
+
+    /// Starts the server again on the same port with the same store (after [`TestNats::kill`]).
+    pub fn restart(&mut self) {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        self.child = Self::spawn_server(&bin, &self.dir, self.port);
     }
 
     /// Stops the server (as a crash would: SIGKILL), keeping its store.
