@@ -510,6 +510,25 @@ impl WorkerProcess {
         self.child = Some(command.spawn().expect("start worker process"));
     }
 
+    /// SIGTERM, as an orchestrator stopping the process would; returns how it exited, or
+    /// `None` if it had not exited within `within`.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL: no shutdown, no flush, mid-transaction, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

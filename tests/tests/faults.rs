@@ -19,11 +19,15 @@ const PER_CUSTOMER: usize = 20;
 async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart() {
     let mut app = TestApp::without_workers(SETUP).await;
     let config = app.config.clone();
-    let mut workers: Vec<WorkerProcess> =
-        ["firstline-ingest", "firstline-bot-router", "firstline-dispatcher", "firstline-notifier"]
-            .into_iter()
-            .map(|name| WorkerProcess::start(name, &config))
-            .collect();
+    let mut workers: Vec<WorkerProcess> = [
+        "firstline-ingest",
+        "firstline-bot-router",
+        "firstline-dispatcher",
+        "firstline-notifier",
+    ]
+    .into_iter()
+    .map(|name| WorkerProcess::start(name, &config))
+    .collect();
     // Five agents, 3 offer places each (SPEC D1): room for the 15 `mail` conversations.
     for a in 0..5 {
         app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
@@ -73,33 +77,61 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
     let total = (CUSTOMERS * PER_CUSTOMER) as i64;
     let pg = &app.pg;
     eventually("every message stored", Duration::from_secs(90), || async {
-        (count(pg, "SELECT count(*) FROM messages WHERE author = 'customer'", &[]).await == total).then_some(())
+        (count(
+            pg,
+            "SELECT count(*) FROM messages WHERE author = 'customer'",
+            &[],
+        )
+        .await
+            == total)
+            .then_some(())
     })
     .await;
     // Exactly once: one row per gateway message id (the unique key makes more impossible;
     // the count above makes fewer impossible), and one open conversation per customer.
-    let distinct = count(pg, "SELECT count(DISTINCT external_id) FROM messages WHERE author = 'customer'", &[]).await;
+    let distinct = count(
+        pg,
+        "SELECT count(DISTINCT external_id) FROM messages WHERE author = 'customer'",
+        &[],
+    )
+    .await;
     assert_eq!(distinct, total);
     let conversations = count(pg, "SELECT count(*) FROM conversations", &[]).await;
-    assert_eq!(conversations, CUSTOMERS as i64, "one conversation per customer");
+    assert_eq!(
+        conversations, CUSTOMERS as i64,
+        "one conversation per customer"
+    );
     // Every message on a bot channel got its bot reply while in the bot (the bot-router was
     // killed too): on `line`, each customer's first message is answered by the bot.
-    eventually("the bot answered each line customer", Duration::from_secs(60), || async {
-        let answered = count(
-            pg,
-            "SELECT count(DISTINCT conversation_id) FROM messages WHERE author = 'bot'",
-            &[],
-        )
-        .await;
-        (answered == (CUSTOMERS / 2) as i64).then_some(())
-    })
+    eventually(
+        "the bot answered each line customer",
+        Duration::from_secs(60),
+        || async {
+            let answered = count(
+                pg,
+                "SELECT count(DISTINCT conversation_id) FROM messages WHERE author = 'bot'",
+                &[],
+            )
+            .await;
+            (answered == (CUSTOMERS / 2) as i64).then_some(())
+        },
+    )
     .await;
     // The waiting `mail` conversations were offered despite the dispatcher's and the
     // notifier's deaths, and the outbox drained.
-    eventually("mail conversations offered", Duration::from_secs(60), || async {
-        let offered = count(pg, "SELECT count(DISTINCT conversation_id) FROM offers", &[]).await;
-        (offered == (CUSTOMERS / 2) as i64).then_some(())
-    })
+    eventually(
+        "mail conversations offered",
+        Duration::from_secs(60),
+        || async {
+            let offered = count(
+                pg,
+                "SELECT count(DISTINCT conversation_id) FROM offers",
+                &[],
+            )
+            .await;
+            (offered == (CUSTOMERS / 2) as i64).then_some(())
+        },
+    )
     .await;
     eventually("the outbox drained", Duration::from_secs(30), || async {
         (count(pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
@@ -108,4 +140,47 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
     let offers = app.stored("FL_NOTIFY", "fl.t1.notify.*").await;
     let offer_notes = offers.iter().filter(|n| n["type"] == "offer").count();
     assert_eq!(offer_notes, CUSTOMERS / 2, "each offer notified once");
+}
+
+/// Graceful shutdown: SIGTERM mid-load makes a worker stop pulling, finish the message in
+/// hand and exit cleanly, at once; a new instance goes on where it stopped, nothing lost or
+/// doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_worker_cleanly_mid_load_and_a_new_one_goes_on() {
+    let app = TestApp::without_workers(SETUP).await;
+    let mut ingest = WorkerProcess::start("firstline-ingest", &app.config);
+    for i in 0..300 {
+        let body = json!({"version": 1, "message_id": format!("g{i}"), "customer": {"id": format!("G{}", i % 10)}, "text": "x"});
+        app.publish_json(
+            "fl.t1.inbound.mail",
+            Some(&format!("mail:g{i}")),
+            &body.to_string(),
+        )
+        .await;
+    }
+    eventually("ingest busy", Duration::from_secs(20), || async {
+        (count(&app.pg, "SELECT count(*) FROM messages", &[]).await > 0).then_some(())
+    })
+    .await;
+    let status = ingest
+        .terminate(Duration::from_secs(10))
+        .expect("exited within 10 s of SIGTERM");
+    assert!(status.success(), "a clean exit, not {status:?}");
+    let stored_at_stop = count(&app.pg, "SELECT count(*) FROM messages", &[]).await;
+
+    ingest.restart();
+    eventually("all 300 stored", Duration::from_secs(60), || async {
+        (count(&app.pg, "SELECT count(*) FROM messages", &[]).await == 300).then_some(())
+    })
+    .await;
+    assert!(stored_at_stop <= 300);
+    assert_eq!(
+        count(
+            &app.pg,
+            "SELECT count(DISTINCT external_id) FROM messages",
+            &[]
+        )
+        .await,
+        300
+    );
 }
