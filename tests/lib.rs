@@ -458,14 +458,37 @@ pub struct WorkerProcess {
 }
 
 impl WorkerProcess {
-    /// The binary sits beside the test's own executable's directory (`target/<profile>/`);
-    /// `scripts/test` builds every binary first.
+    /// The binary sits beside the test's own executable's directory (`target/<profile>/`).
+    /// Built here once per test process, so that a test never runs a stale binary (`cargo
+    /// test -p firstline-tests` rebuilds the worker libraries, not their binaries).
     pub fn binary(name: &str) -> PathBuf {
+        static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
         let exe = std::env::current_exe().expect("test executable");
         let dir = exe
             .parent()
             .and_then(|deps| deps.parent())
             .expect("target/<profile>");
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
+            let mut build = Command::new(cargo);
+            build.args(["build", "--quiet", "--manifest-path", manifest, "--bins"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            for package in [
+                "firstline-ingest",
+                "firstline-bot-router",
+                "firstline-dispatcher",
+                "firstline-notifier",
+            ] {
+                build.args(["-p", package]);
+            }
+            let status = build
+                .status()
+                .expect("run cargo build for the worker binaries");
+            assert!(status.success(), "building the worker binaries failed");
+        });
         let path = dir.join(name);
         assert!(
             path.exists(),

@@ -73,18 +73,29 @@ pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates the stream, or updates it to this configuration (a new version may change it).
 async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<stream::Stream> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: spec.name.to_owned(),
         subjects: vec![spec.subjects.to_owned()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(spec.max_age_hours * 3600),
         duplicate_window: Duration::from_secs(120),
+        subject_transform: spec
+            .transform
+            .map(|(source, destination)| stream::SubjectTransform {
+                source: source.to_owned(),
+                destination: destination.to_owned(),
+            }),
         ..Default::default()
-    })
-    .await
-    .with_context(|| format!("creating stream {}", spec.name))
+    };
+    js.create_or_update_stream(config)
+        .await
+        .with_context(|| format!("creating stream {}", spec.name))?;
+    js.get_stream(spec.name)
+        .await
+        .with_context(|| format!("opening stream {}", spec.name))
 }
 
 /// A durable pull consumer of one stream, as the workers use it.
@@ -94,6 +105,22 @@ pub struct ConsumerSpec {
     pub durable: &'static str,
     /// Empty: the whole stream.
     pub filter_subject: String,
+    /// Messages delivered and not yet acknowledged, at most. 1 keeps the stream's order
+    /// whoever consumes and whatever crashes: the next message comes only after this one is
+    /// acknowledged, or this one again.
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSpec {
+    /// The whole stream, many messages in flight.
+    pub fn new(stream: StreamSpec, durable: &'static str) -> Self {
+        Self {
+            stream,
+            durable,
+            filter_subject: String::new(),
+            max_ack_pending: 10_000,
+        }
+    }
 }
 
 /// Publishes `payload` to `subject` with `Nats-Msg-Id: msg_id` and waits for the stream's ack.
@@ -254,7 +281,7 @@ where
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: Duration::from_secs(config.ack_wait_secs),
                 max_deliver: config.max_deliver,
-                max_ack_pending: 10_000,
+                max_ack_pending: spec.max_ack_pending,
                 filter_subject: spec.filter_subject.clone(),
                 ..Default::default()
             },

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use deadpool_postgres::{Pool, Transaction};
+use deadpool_postgres::{GenericClient, Pool, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{self, JetStream};
@@ -88,9 +88,11 @@ impl Outbox {
 }
 
 impl Staged {
-    /// Publishes the committed messages and removes them from the table. A failure leaves
-    /// them for [`sweep`]; the decision itself is already safe in Postgres.
-    pub async fn publish(self, js: &JetStream, pool: &Pool) {
+    /// Publishes the committed messages and removes them from the table, on `client`: the
+    /// connection the handler already holds (taking a second one from the pool while holding
+    /// the first deadlocks a busy pool). A failure leaves them for [`sweep`]; the decision
+    /// itself is already safe in Postgres.
+    pub async fn publish(self, js: &JetStream, client: &impl GenericClient) {
         if self.rows.is_empty() {
             return;
         }
@@ -106,7 +108,7 @@ impl Staged {
                 ),
             }
         }
-        if let Err(e) = delete(pool, &done).await {
+        if let Err(e) = delete(client, &done).await {
             tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
         }
     }
@@ -127,11 +129,10 @@ impl Pending {
     }
 }
 
-async fn delete(pool: &Pool, ids: &[i64]) -> anyhow::Result<()> {
+async fn delete(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
-    let client = pool.get().await?;
     let stmt = client
         .prepare_cached("DELETE FROM outbox WHERE id = ANY($1)")
         .await?;

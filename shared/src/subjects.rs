@@ -73,10 +73,36 @@ fn tenant_and_id<'s>(
     Ok((TenantId::parse(tenant).map_err(|e| e.to_string())?, id))
 }
 
-/// `fl.<tenant>.inbound.<channel>`.
+/// `fl.<tenant>.inbound.<channel>`, as published, or `fl.<tenant>.inbound.<channel>.<partition>`,
+/// as stored by `FL_INBOUND` (see [`INBOUND_PARTITIONS`]).
 pub fn parse_inbound(subject: &str) -> Result<(TenantId, ChannelId), String> {
-    let (tenant, id) = tenant_and_id(subject, "inbound", None)?;
+    let published = inbound_as_published(subject);
+    let (tenant, id) = tenant_and_id(&published, "inbound", None)?;
     Ok((tenant, ChannelId::parse(id).map_err(|e| e.to_string())?))
+}
+
+/// The subject a gateway published an inbound message on, from the subject `FL_INBOUND`
+/// stored it under (which ends in the partition): what a replay publishes to.
+pub fn inbound_as_published(subject: &str) -> String {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    match tokens.as_slice() {
+        ["fl", _, "inbound", _, partition] if partition.parse::<u32>().is_ok() => {
+            tokens[..4].join(".")
+        }
+        _ => subject.to_owned(),
+    }
+}
+
+/// Inbound messages are stored partitioned by tenant and channel: `FL_INBOUND` rewrites
+/// `fl.<t>.inbound.<c>` to `fl.<t>.inbound.<c>.<p>`, p = a hash of (t, c) mod this. Ingest
+/// consumes each partition with one message in flight at a time, so the messages of a
+/// conversation (which is within one channel) are handled in order, by whichever instance,
+/// even across crashes; the partitions spread over the instances.
+pub const INBOUND_PARTITIONS: u32 = 16;
+
+/// The consumer filter of one inbound partition.
+pub fn inbound_partition_filter(partition: u32) -> String {
+    format!("fl.*.inbound.*.{partition}")
 }
 
 /// `fl.<tenant>.presence.<agent>`.
@@ -98,59 +124,75 @@ pub struct StreamSpec {
     pub subjects: &'static str,
     /// How long messages are kept (hours). Consumers ack; streams keep history for replay.
     pub max_age_hours: u64,
+    /// A subject transform applied as messages are stored: (source, destination).
+    pub transform: Option<(&'static str, &'static str)>,
 }
 
 pub const INBOUND: StreamSpec = StreamSpec {
     name: "FL_INBOUND",
     subjects: "fl.*.inbound.*",
     max_age_hours: 24 * 7,
+    // partition(16, tenant, channel): keep in step with INBOUND_PARTITIONS.
+    transform: Some((
+        "fl.*.inbound.*",
+        "fl.{{wildcard(1)}}.inbound.{{wildcard(2)}}.{{partition(16,1,2)}}",
+    )),
 };
 pub const BOT: StreamSpec = StreamSpec {
     name: "FL_BOT",
     subjects: "fl.*.bot.*",
     max_age_hours: 24,
+    transform: None,
 };
 /// The waiting-queue stream of DESIGN.md.
 pub const QUEUE: StreamSpec = StreamSpec {
     name: "FL_QUEUE",
     subjects: "fl.*.queue.*",
     max_age_hours: 24,
+    transform: None,
 };
 /// The agent-presence stream of DESIGN.md.
 pub const PRESENCE: StreamSpec = StreamSpec {
     name: "FL_PRESENCE",
     subjects: "fl.*.presence.*",
     max_age_hours: 24,
+    transform: None,
 };
 pub const ACTIONS: StreamSpec = StreamSpec {
     name: "FL_ACTIONS",
     subjects: "fl.*.agent.*.action",
     max_age_hours: 24 * 7,
+    transform: None,
 };
 pub const DELIVERY: StreamSpec = StreamSpec {
     name: "FL_DELIVERY",
     subjects: "fl.*.delivery.*",
     max_age_hours: 24,
+    transform: None,
 };
 pub const OUTBOUND: StreamSpec = StreamSpec {
     name: "FL_OUTBOUND",
     subjects: "fl.*.outbound.*",
     max_age_hours: 24 * 7,
+    transform: None,
 };
 pub const NOTIFY: StreamSpec = StreamSpec {
     name: "FL_NOTIFY",
     subjects: "fl.*.notify.*",
     max_age_hours: 24,
+    transform: None,
 };
 pub const EVENTS: StreamSpec = StreamSpec {
     name: "FL_EVENTS",
     subjects: "fl.*.events.*",
     max_age_hours: 24 * 7,
+    transform: None,
 };
 pub const DEAD_LETTERS: StreamSpec = StreamSpec {
     name: "FL_DEADLETTER",
     subjects: "fl.*.deadletter.*",
     max_age_hours: 24 * 30,
+    transform: None,
 };
 
 pub const ALL_STREAMS: [StreamSpec; 10] = [
@@ -182,6 +224,33 @@ mod tests {
             Some(("acme", "agent", vec!["amy", "action"]))
         );
         assert_eq!(split("other.acme.x"), None);
+    }
+
+    #[test]
+    fn the_inbound_partition_is_part_of_the_stored_subject_only() {
+        assert_eq!(
+            INBOUND
+                .transform
+                .unwrap()
+                .1
+                .matches("partition(16,")
+                .count(),
+            1
+        );
+        assert_eq!(INBOUND_PARTITIONS, 16);
+        assert_eq!(
+            parse_inbound("fl.acme.inbound.line.7").unwrap().1.as_str(),
+            "line"
+        );
+        assert_eq!(
+            inbound_as_published("fl.acme.inbound.line.7"),
+            "fl.acme.inbound.line"
+        );
+        assert_eq!(
+            inbound_as_published("fl.acme.inbound.line"),
+            "fl.acme.inbound.line"
+        );
+        assert!(parse_inbound("fl.acme.inbound.line.x").is_err());
     }
 
     #[test]

@@ -62,11 +62,11 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
     });
 
     // Kill each kind of worker mid-load, and restart it; then the NATS server.
-    for w in 0..workers.len() {
+    for worker in workers.iter_mut() {
         tokio::time::sleep(Duration::from_millis(700)).await;
-        workers[w].kill();
+        worker.kill();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        workers[w].restart();
+        worker.restart();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     app.nats.kill();
@@ -183,4 +183,83 @@ async fn sigterm_stops_a_worker_cleanly_mid_load_and_a_new_one_goes_on() {
         .await,
         300
     );
+}
+
+/// Per-conversation order with two ingest instances, one SIGKILLed mid-load (and not
+/// restarted): every message stored once, and each conversation's messages stored in the
+/// order the customer sent them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ingest_instances_one_killed_keep_each_conversations_order() {
+    const CHANNELS: usize = 8;
+    const CUSTOMERS_PER_CHANNEL: usize = 4;
+    const MESSAGES: usize = 20;
+    let channels: Vec<String> = (0..CHANNELS)
+        .map(|c| format!(r#"{{"id":"ch{c}","bot_enabled":false}}"#))
+        .collect();
+    let setup = format!(
+        r#"{{"tenants":[{{"id":"t1","channels":[{}]}}]}}"#,
+        channels.join(",")
+    );
+    let app = TestApp::without_workers(&setup).await;
+    let mut first = WorkerProcess::start("firstline-ingest", &app.config);
+    let _second = WorkerProcess::start("firstline-ingest", &app.config);
+
+    let total = CHANNELS * CUSTOMERS_PER_CHANNEL * MESSAGES;
+    let mut sent = 0;
+    for n in 0..MESSAGES {
+        for ch in 0..CHANNELS {
+            for cu in 0..CUSTOMERS_PER_CHANNEL {
+                let id = format!("ch{ch}-cu{cu}-n{n}");
+                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("cu{cu}")}, "text": format!("{n}")});
+                app.publish_json(
+                    &format!("fl.t1.inbound.ch{ch}"),
+                    Some(&format!("ch{ch}:{id}")),
+                    &body.to_string(),
+                )
+                .await;
+                sent += 1;
+                if sent == total / 3 {
+                    first.kill();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let pg = &app.pg;
+    eventually("every message stored", Duration::from_secs(90), || async {
+        (count(pg, "SELECT count(*) FROM messages", &[]).await == total as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(pg, "SELECT count(DISTINCT external_id) FROM messages", &[]).await,
+        total as i64
+    );
+    let rows = pg
+        .query(
+            "SELECT conversation_id, body FROM messages ORDER BY conversation_id, created_at, id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut order: std::collections::HashMap<uuid::Uuid, Vec<usize>> =
+        std::collections::HashMap::new();
+    for r in &rows {
+        order
+            .entry(r.get(0))
+            .or_default()
+            .push(r.get::<_, String>(1).parse().unwrap());
+    }
+    assert_eq!(
+        order.len(),
+        CHANNELS * CUSTOMERS_PER_CHANNEL,
+        "one conversation per customer"
+    );
+    for (conversation, sequence) in &order {
+        assert_eq!(
+            *sequence,
+            (0..MESSAGES).collect::<Vec<_>>(),
+            "conversation {conversation} out of order"
+        );
+    }
 }

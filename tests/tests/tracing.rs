@@ -125,7 +125,7 @@ async fn one_trace_runs_from_the_gateway_to_the_agents_notification() {
                     .cloned()
             };
             Some((
-                find("ingest ")?,
+                find("ingest-p")?,
                 find("dispatcher-queue ")?,
                 find("notifier ")?,
             ))

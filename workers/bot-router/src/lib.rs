@@ -29,11 +29,7 @@ pub struct Config {
 /// Consumes `FL_BOT` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    let spec = ConsumerSpec {
-        stream: subjects::BOT,
-        durable: "bot-router",
-        filter_subject: String::new(),
-    };
+    let spec = ConsumerSpec::new(subjects::BOT, "bot-router");
     let result = bus::consume(&services.js, &config.common, spec, shutdown, |m| {
         handle(&services, m)
     })
@@ -95,7 +91,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     }
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
-    staged.publish(&services.js, &services.pool).await;
+    staged.publish(&services.js, &client).await;
     Ok(())
 }
 

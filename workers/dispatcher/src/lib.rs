@@ -124,11 +124,7 @@ pub struct Dispatcher {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
     let dispatcher = Dispatcher::new(services.clone());
-    let consumer = |stream, durable| ConsumerSpec {
-        stream,
-        durable,
-        filter_subject: String::new(),
-    };
+    let consumer = ConsumerSpec::new;
     let js = &services.js;
     let common = &config.common;
     let batch = config.batch;
@@ -244,7 +240,7 @@ impl Dispatcher {
         let report = pass(&tx, &mut outbox, &settings).await?;
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
-        staged.publish(&self.services.js, &self.services.pool).await;
+        staged.publish(&self.services.js, &client).await;
         self.arm(tenant, report.next_deadline);
         Ok(report)
     }

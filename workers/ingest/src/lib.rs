@@ -35,18 +35,47 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
+/// The durable consumers of the inbound partitions.
+const PARTITION_CONSUMERS: [&str; subjects::INBOUND_PARTITIONS as usize] = [
+    "ingest-p0",
+    "ingest-p1",
+    "ingest-p2",
+    "ingest-p3",
+    "ingest-p4",
+    "ingest-p5",
+    "ingest-p6",
+    "ingest-p7",
+    "ingest-p8",
+    "ingest-p9",
+    "ingest-p10",
+    "ingest-p11",
+    "ingest-p12",
+    "ingest-p13",
+    "ingest-p14",
+    "ingest-p15",
+];
+
 /// Consumes `FL_INBOUND` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    let spec = ConsumerSpec {
-        stream: subjects::INBOUND,
-        durable: "ingest",
-        filter_subject: String::new(),
-    };
-    let result = bus::consume(&services.js, &config.common, spec, shutdown, |m| {
-        handle(&services, m)
-    })
-    .await;
+    // One consumer per inbound partition, one message in flight each: the messages of a
+    // conversation are handled in order, whichever instance takes them (subjects::INBOUND_PARTITIONS).
+    let partitions = PARTITION_CONSUMERS.iter().enumerate().map(|(p, durable)| {
+        let spec = ConsumerSpec {
+            filter_subject: subjects::inbound_partition_filter(p as u32),
+            max_ack_pending: 1,
+            ..ConsumerSpec::new(subjects::INBOUND, durable)
+        };
+        let services = &services;
+        bus::consume(
+            &services.js,
+            &config.common,
+            spec,
+            shutdown.clone(),
+            move |m| handle(services, m),
+        )
+    });
+    let result = futures::future::try_join_all(partitions).await.map(|_| ());
     services.close().await;
     result
 }
@@ -172,7 +201,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     }
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
-    staged.publish(&services.js, &services.pool).await;
+    staged.publish(&services.js, &client).await;
     tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
     Ok(())
 }

@@ -41,22 +41,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let deliveries = bus::consume(
         &services.js,
         &config.common,
-        ConsumerSpec {
-            stream: subjects::DELIVERY,
-            durable: "notifier",
-            filter_subject: String::new(),
-        },
+        ConsumerSpec::new(subjects::DELIVERY, "notifier"),
         shutdown.clone(),
         |m| deliver(&services, m),
     );
     let replies = bus::consume(
         &services.js,
         &config.common,
-        ConsumerSpec {
-            stream: subjects::ACTIONS,
-            durable: "notifier-actions",
-            filter_subject: String::new(),
-        },
+        ConsumerSpec::new(subjects::ACTIONS, "notifier-actions"),
         shutdown,
         |m| reply(&services, m),
     );
@@ -147,7 +139,7 @@ async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
         );
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
-        staged.publish(&services.js, &services.pool).await;
+        staged.publish(&services.js, &client).await;
         return Ok(());
     };
     let id = Uuid::now_v7();
@@ -187,7 +179,7 @@ async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
     );
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
-    staged.publish(&services.js, &services.pool).await;
+    staged.publish(&services.js, &client).await;
     Ok(())
 }
 
