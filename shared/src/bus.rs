@@ -425,8 +425,9 @@ where
             }
             Err(HandleError::Transient(e)) => {
                 span.in_scope(|| tracing::warn!("transient failure, will retry: {e:#}"));
-                let secs = 1u64 << delivered.clamp(0, 5) as u32;
-                AckKind::Nak(Some(Duration::from_millis(250 * secs)))
+                // 0.5 s, 1 s, 2 s… up to 30 s.
+                let backoff = Duration::from_millis(250 << delivered.clamp(1, 7) as u32);
+                AckKind::Nak(Some(backoff.min(Duration::from_secs(30))))
             }
         };
         if let Err(e) = message.ack_with(ack).await {

@@ -42,8 +42,9 @@ pub struct CommonConfig {
     /// How long a consumer waits for an ack before redelivering (seconds).
     #[arg(long, env = "FL_ACK_WAIT_SECS", default_value_t = 30)]
     pub ack_wait_secs: u64,
-    /// Deliveries of one message before it is dead-lettered.
-    #[arg(long, env = "FL_MAX_DELIVER", default_value_t = 8)]
+    /// Deliveries of one message before it is dead-lettered. Retries back off from 0.5 s to
+    /// 30 s, so 20 rides out several minutes of a database outage.
+    #[arg(long, env = "FL_MAX_DELIVER", default_value_t = 20)]
     pub max_deliver: i64,
 }
 
@@ -75,7 +76,7 @@ impl CommonConfig {
             metrics_addr: None,
             db_pool_size: 8,
             ack_wait_secs: 30,
-            max_deliver: 8,
+            max_deliver: 20,
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use firstline_shared::bus;
-use firstline_tests::{count, eventually, TestApp, WorkerProcess};
+use firstline_tests::{count, eventually, TestApp, TestDb, TestNats, TestPostgres, WorkerProcess};
 use serde_json::json;
 
 const SETUP: &str = r#"{"tenants":[{"id":"t1","dispatch_cycle_seconds":30,"channels":[
@@ -41,7 +41,7 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
             for c in 0..CUSTOMERS {
                 let channel = if c % 2 == 0 { "line" } else { "mail" };
                 let id = format!("c{c}-m{i}");
-                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("n={i}")});
+                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("{i}")});
                 loop {
                     let r = bus::publish(
                         &js,
@@ -137,6 +137,7 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
         (count(pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
     })
     .await;
+    assert_each_conversation_in_order(pg, CUSTOMERS, PER_CUSTOMER).await;
     let offers = app.stored("FL_NOTIFY", "fl.t1.notify.*").await;
     let offer_notes = offers.iter().filter(|n| n["type"] == "offer").count();
     assert_eq!(offer_notes, CUSTOMERS / 2, "each offer notified once");
@@ -262,4 +263,112 @@ async fn two_ingest_instances_one_killed_keep_each_conversations_order() {
             "conversation {conversation} out of order"
         );
     }
+}
+
+/// Each customer's conversation holds its messages in the order sent (texts 0, 1, 2…).
+async fn assert_each_conversation_in_order(
+    pg: &tokio_postgres::Client,
+    conversations: usize,
+    messages: usize,
+) {
+    let rows = pg
+        .query(
+            "SELECT conversation_id, body FROM messages WHERE author = 'customer'
+             ORDER BY conversation_id, created_at, id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut order: std::collections::HashMap<uuid::Uuid, Vec<usize>> =
+        std::collections::HashMap::new();
+    for r in &rows {
+        order
+            .entry(r.get(0))
+            .or_default()
+            .push(r.get::<_, String>(1).parse().unwrap());
+    }
+    assert_eq!(order.len(), conversations, "one conversation per customer");
+    for (conversation, sequence) in &order {
+        assert_eq!(
+            *sequence,
+            (0..messages).collect::<Vec<_>>(),
+            "conversation {conversation} out of order"
+        );
+    }
+}
+
+/// Postgres crashes mid-load (`pg_ctl stop -m immediate`) and comes back: the workers retry
+/// with back-off, reconnect, and every message is stored once, in order, nothing
+/// dead-lettered, the outbox drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
+    let postgres = TestPostgres::start().await;
+    let db = TestDb::create_on(&postgres.url).await;
+    let mut app = TestApp::without_workers_with(TestNats::start().await, db, SETUP).await;
+    let mut config = app.config.clone();
+    config.max_deliver = 20; // the default: retries outlast the outage
+    let shutdown = app.shutdown.clone();
+    app.spawn_worker(firstline::run_all(config, shutdown));
+    for a in 0..5 {
+        app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
+    }
+    let js = app.js.clone();
+    let gateway = tokio::spawn(async move {
+        for i in 0..PER_CUSTOMER {
+            for c in 0..CUSTOMERS {
+                let channel = if c % 2 == 0 { "line" } else { "mail" };
+                let id = format!("c{c}-m{i}");
+                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("{i}")});
+                bus::publish(
+                    &js,
+                    format!("fl.t1.inbound.{channel}"),
+                    &format!("{channel}:{id}"),
+                    Default::default(),
+                    body.to_string().into(),
+                )
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    postgres.crash();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    postgres.restart().await;
+    gateway.await.unwrap();
+
+    let pg = app.db.connect().await; // the test's own connection died with the server
+    let total = (CUSTOMERS * PER_CUSTOMER) as i64;
+    eventually("every message stored", Duration::from_secs(120), || async {
+        (count(
+            &pg,
+            "SELECT count(*) FROM messages WHERE author = 'customer'",
+            &[],
+        )
+        .await
+            == total)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(DISTINCT external_id) FROM messages WHERE author = 'customer'",
+            &[]
+        )
+        .await,
+        total
+    );
+    assert_each_conversation_in_order(&pg, CUSTOMERS, PER_CUSTOMER).await;
+    eventually("the outbox drained", Duration::from_secs(60), || async {
+        (count(&pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
+    })
+    .await;
+    assert!(
+        app.stored("FL_DEADLETTER", "fl.*.deadletter.*")
+            .await
+            .is_empty(),
+        "nothing dead-lettered"
+    );
 }
