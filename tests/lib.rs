@@ -218,8 +218,26 @@ impl TestApp {
         Self::without_workers_with(nats, TestDb::create().await, setup).await
     }
 
+    /// [`TestApp::spawn`] on a server that takes only this nkey (workers and test client).
+    pub async fn spawn_with_nkey(nats: TestNats, setup: &str, seed: String) -> Self {
+        let mut app =
+            Self::without_workers_inner(nats, TestDb::create().await, setup, Some(seed)).await;
+        let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
+        app.spawn_worker(worker);
+        app
+    }
+
     /// Like [`TestApp::without_workers`], on a given NATS server and database.
     pub async fn without_workers_with(nats: TestNats, db: TestDb, setup: &str) -> Self {
+        Self::without_workers_inner(nats, db, setup, None).await
+    }
+
+    async fn without_workers_inner(
+        nats: TestNats,
+        db: TestDb,
+        setup: &str,
+        nkey_seed: Option<String>,
+    ) -> Self {
         firstline_shared::telemetry::init_for_tests();
         let file = firstline::setup::SetupFile::parse(setup).expect("test setup file");
         firstline::setup::configure(&db.url, &file)
@@ -228,6 +246,7 @@ impl TestApp {
         let mut config = CommonConfig::new(&nats.url, &db.url);
         config.ack_wait_secs = 5;
         config.max_deliver = 3;
+        config.nats_nkey_seed = nkey_seed;
         let client = firstline_shared::bus::connect(&config).await.unwrap();
         let js = jetstream::new(client.clone());
         firstline_shared::bus::ensure_streams(&js).await.unwrap();

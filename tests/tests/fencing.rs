@@ -106,3 +106,29 @@ async fn a_tenants_gateway_is_refused_on_another_tenants_subjects() {
         0
     );
 }
+
+/// The workers authenticate with an nkey (`FL_NATS_NKEY_SEED`) against a server that knows
+/// only the public key; the pipeline works end to end over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_authenticate_with_an_nkey() {
+    let user = nkeys::KeyPair::new_user();
+    let auth = format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    );
+    let nats = TestNats::start_with_config(&auth, None).await;
+    let port = nats.port;
+    // Anonymous and password clients are refused.
+    assert!(async_nats::connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .is_err());
+    let mut config =
+        firstline_shared::config::CommonConfig::new(format!("nats://127.0.0.1:{port}"), "");
+    config.nats_nkey_seed = Some(user.seed().unwrap());
+    let client = firstline_shared::bus::connect(&config).await.unwrap();
+    client.flush().await.expect("connected with the nkey");
+    drop(client);
+    let app = TestApp::spawn_with_nkey(nats, SETUP, user.seed().unwrap()).await;
+    app.customer_says("ta", "mail", "K1", "hello").await;
+    app.wait_for_state("ta", "mail", "K1", "waiting").await;
+}
