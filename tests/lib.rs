@@ -252,10 +252,6 @@ impl TestApp {
         firstline_shared::bus::ensure_streams(&js).await.unwrap();
         let pg = db.connect().await;
         let shutdown = CancellationToken::new();
-        let workers = vec![tokio::spawn(firstline::run_all(
-            config.clone(),
-            shutdown.clone(),
-        ))];
         TestApp {
             db,
             pg,
@@ -263,7 +259,7 @@ impl TestApp {
             js,
             shutdown,
             config,
-            workers,
+            workers: Vec::new(),
             nats,
         }
     }

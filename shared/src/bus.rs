@@ -419,7 +419,7 @@ where
             }
             Err(HandleError::Transient(e)) if delivered >= config.max_deliver => {
                 let reason = format!("gave up after {delivered} deliveries: {e:#}");
-                span.in_scope(|| tracing::error!(%reason, "dead-lettering"));
+                span.in_scope(|| tracing::error!(%reason, consumer = spec.durable, max_deliver = config.max_deliver, "dead-lettering"));
                 dead_letter(js, spec, &message, stream_sequence, delivered, &reason).await?;
                 AckKind::Term
             }

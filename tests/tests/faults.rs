@@ -33,33 +33,8 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
         app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
     }
 
-    // The gateway: 600 messages, 30 customers, about 100 per second, each published until
-    // acknowledged (through the NATS restart too), with its Nats-Msg-Id.
-    let js = app.js.clone();
-    let gateway = tokio::spawn(async move {
-        for i in 0..PER_CUSTOMER {
-            for c in 0..CUSTOMERS {
-                let channel = if c % 2 == 0 { "line" } else { "mail" };
-                let id = format!("c{c}-m{i}");
-                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("{i}")});
-                loop {
-                    let r = bus::publish(
-                        &js,
-                        format!("fl.t1.inbound.{channel}"),
-                        &format!("{channel}:{id}"),
-                        Default::default(),
-                        body.to_string().into(),
-                    )
-                    .await;
-                    if r.is_ok() {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    });
+    // The gateway: 600 messages, 30 customers, about 100 per second.
+    let gateway = tokio::spawn(gateway_load(app.js.clone(), Duration::from_millis(10)));
 
     // Kill each kind of worker mid-load, and restart it; then the NATS server.
     for worker in workers.iter_mut() {
@@ -265,6 +240,32 @@ async fn two_ingest_instances_one_killed_keep_each_conversations_order() {
     }
 }
 
+/// The gateway of the crash tests: PER_CUSTOMER messages from each of CUSTOMERS customers
+/// (even ones on `line`, with the bot; odd ones on `mail`), texts 0, 1, 2… per customer, each
+/// with its Nats-Msg-Id and published until acknowledged (through a NATS restart too).
+async fn gateway_load(js: async_nats::jetstream::Context, pause: Duration) {
+    for i in 0..PER_CUSTOMER {
+        for c in 0..CUSTOMERS {
+            let channel = if c % 2 == 0 { "line" } else { "mail" };
+            let id = format!("c{c}-m{i}");
+            let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("{i}")});
+            while bus::publish(
+                &js,
+                format!("fl.t1.inbound.{channel}"),
+                &format!("{channel}:{id}"),
+                Default::default(),
+                body.to_string().into(),
+            )
+            .await
+            .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
 /// Each customer's conversation holds its messages in the order sent (texts 0, 1, 2…).
 async fn assert_each_conversation_in_order(
     pg: &tokio_postgres::Client,
@@ -312,26 +313,7 @@ async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
     for a in 0..5 {
         app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
     }
-    let js = app.js.clone();
-    let gateway = tokio::spawn(async move {
-        for i in 0..PER_CUSTOMER {
-            for c in 0..CUSTOMERS {
-                let channel = if c % 2 == 0 { "line" } else { "mail" };
-                let id = format!("c{c}-m{i}");
-                let body = json!({"version": 1, "message_id": id, "customer": {"id": format!("C{c}")}, "text": format!("{i}")});
-                bus::publish(
-                    &js,
-                    format!("fl.t1.inbound.{channel}"),
-                    &format!("{channel}:{id}"),
-                    Default::default(),
-                    body.to_string().into(),
-                )
-                .await
-                .unwrap();
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let gateway = tokio::spawn(gateway_load(app.js.clone(), Duration::from_millis(5)));
     tokio::time::sleep(Duration::from_millis(1000)).await;
     postgres.crash();
     tokio::time::sleep(Duration::from_millis(2000)).await;

@@ -319,7 +319,20 @@ impl Dispatcher {
     }
 }
 
-/// Applies accept (SPEC L7), decline (README) or close (SPEC L8) of `agent`.
+/// Whether `agent` is serving `conversation` (only they may close or transfer it).
+fn serves(conversation: &shared_db::Conversation, agent: &AgentId) -> bool {
+    conversation.state == ConversationState::Processing
+        && conversation.agent_id.as_ref() == Some(agent)
+}
+
+fn not_serving(conversation: &shared_db::Conversation) -> String {
+    format!(
+        "you are not serving this conversation (it is {})",
+        conversation.state
+    )
+}
+
+/// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
 async fn apply_action(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
@@ -407,16 +420,8 @@ async fn apply_action(
             );
         }
         AgentActionKind::Close { .. } => {
-            if conversation.state != ConversationState::Processing
-                || conversation.agent_id.as_ref() != Some(agent)
-            {
-                reject(
-                    outbox,
-                    &format!(
-                        "you are not serving this conversation (it is {})",
-                        conversation.state
-                    ),
-                );
+            if !serves(&conversation, agent) {
+                reject(outbox, &not_serving(&conversation));
                 return Ok(());
             }
             shared_db::transition(
@@ -441,16 +446,8 @@ async fn apply_action(
         AgentActionKind::Transfer {
             to_agent, skills, ..
         } => {
-            if conversation.state != ConversationState::Processing
-                || conversation.agent_id.as_ref() != Some(agent)
-            {
-                reject(
-                    outbox,
-                    &format!(
-                        "you are not serving this conversation (it is {})",
-                        conversation.state
-                    ),
-                );
+            if !serves(&conversation, agent) {
+                reject(outbox, &not_serving(&conversation));
                 return Ok(());
             }
             if to_agent.as_ref() == Some(agent) {
