@@ -227,6 +227,21 @@ impl TestApp {
         app
     }
 
+    /// [`TestApp::spawn`] on a server that requires TLS, trusting the CA in `ca` (PEM).
+    pub async fn spawn_with_tls_ca(nats: TestNats, setup: &str, ca: PathBuf) -> Self {
+        let mut app = Self::without_workers_tls(nats, TestDb::create().await, setup, ca).await;
+        let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
+        app.spawn_worker(worker);
+        app
+    }
+
+    async fn without_workers_tls(nats: TestNats, db: TestDb, setup: &str, ca: PathBuf) -> Self {
+        Self::without_workers_configured(nats, db, setup, |config| {
+            config.nats_tls_ca = Some(ca);
+        })
+        .await
+    }
+
     /// Like [`TestApp::without_workers`], on a given NATS server and database.
     pub async fn without_workers_with(nats: TestNats, db: TestDb, setup: &str) -> Self {
         Self::without_workers_inner(nats, db, setup, None).await
@@ -238,6 +253,18 @@ impl TestApp {
         setup: &str,
         nkey_seed: Option<String>,
     ) -> Self {
+        Self::without_workers_configured(nats, db, setup, |config| {
+            config.nats_nkey_seed = nkey_seed;
+        })
+        .await
+    }
+
+    async fn without_workers_configured(
+        nats: TestNats,
+        db: TestDb,
+        setup: &str,
+        adjust: impl FnOnce(&mut CommonConfig),
+    ) -> Self {
         firstline_shared::telemetry::init_for_tests();
         let file = firstline::setup::SetupFile::parse(setup).expect("test setup file");
         firstline::setup::configure(&db.url, &file)
@@ -246,7 +273,7 @@ impl TestApp {
         let mut config = CommonConfig::new(&nats.url, &db.url);
         config.ack_wait_secs = 5;
         config.max_deliver = 3;
-        config.nats_nkey_seed = nkey_seed;
+        adjust(&mut config);
         let client = firstline_shared::bus::connect(&config).await.unwrap();
         let js = jetstream::new(client.clone());
         firstline_shared::bus::ensure_streams(&js).await.unwrap();

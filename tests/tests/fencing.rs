@@ -132,3 +132,51 @@ async fn the_workers_authenticate_with_an_nkey() {
     app.customer_says("ta", "mail", "K1", "hello").await;
     app.wait_for_state("ta", "mail", "K1", "waiting").await;
 }
+
+/// NATS over TLS: the server requires it; the workers verify the server with the CA given in
+/// `FL_NATS_TLS_CA` and the pipeline works; a client that does not trust the CA is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_workers_talk_to_nats_over_tls() {
+    let dir = std::env::temp_dir().join(format!("fl-test-tls-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sh = |script: &str| {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "{script}");
+    };
+    // A CA, and a server certificate it signs for 127.0.0.1 and localhost.
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 1 -subj /CN=test-ca");
+    sh("openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost");
+    sh("printf 'subjectAltName=IP:127.0.0.1,DNS:localhost' > san.ext && \
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 1 -extfile san.ext");
+    let tls = format!(
+        "tls {{ cert_file: \"{0}/server.pem\", key_file: \"{0}/server.key\" }}",
+        dir.display()
+    );
+    let nats = TestNats::start_with_config(&tls, None).await;
+    let port = nats.port;
+
+    // Without the CA the server's certificate is not trusted.
+    let mut untrusting =
+        firstline_shared::config::CommonConfig::new(format!("nats://127.0.0.1:{port}"), "");
+    untrusting.nats_tls_required = true;
+    let refused = tokio::time::timeout(Duration::from_secs(3), async {
+        let client = firstline_shared::bus::connect(&untrusting).await.ok()?;
+        client.flush().await.ok()
+    })
+    .await;
+    assert!(
+        !matches!(refused, Ok(Some(()))),
+        "a client without the CA must not get through"
+    );
+
+    let app = TestApp::spawn_with_tls_ca(nats, SETUP, dir.join("ca.pem")).await;
+    app.customer_says("ta", "mail", "T1", "over TLS").await;
+    app.wait_for_state("ta", "mail", "T1", "waiting").await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
