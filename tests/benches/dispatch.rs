@@ -13,7 +13,8 @@
 //!   reaches the notifier's stream is recorded.
 //!
 //! Run: `scripts/bench` (or `cargo bench -p firstline-tests --bench dispatch`; `FL_BENCH_QUICK=1`
-//! for a short run). The last line is one JSON object with every figure.
+//! for a short run; `FL_BENCH_AGENTS=1000 FL_BENCH_WAITING=100000` for chosen sizes). The last
+//! line is one JSON object with every figure.
 
 use std::time::{Duration, Instant};
 
@@ -35,16 +36,29 @@ const SETUP: &str = r#"{"tenants":[{"id":"bench","dispatch_cycle_seconds":3600,"
 async fn main() -> anyhow::Result<()> {
     firstline_shared::telemetry::init_for_tests();
     let quick = std::env::var_os("FL_BENCH_QUICK").is_some();
-    let agent_counts: &[i64] = if quick {
-        &[100, 1_000]
-    } else {
-        &[100, 1_000, 5_000]
+    // FL_BENCH_AGENTS=1000 FL_BENCH_WAITING=100000: only these sizes (comma-separated lists).
+    let list = |var: &str, default: &[i64]| -> Vec<i64> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| default.to_vec())
     };
-    let waiting_counts: &[i64] = if quick {
-        &[1_000, 10_000]
-    } else {
-        &[1_000, 10_000, 100_000]
-    };
+    let agent_counts = list(
+        "FL_BENCH_AGENTS",
+        if quick {
+            &[100, 1_000]
+        } else {
+            &[100, 1_000, 5_000]
+        },
+    );
+    let waiting_counts = list(
+        "FL_BENCH_WAITING",
+        if quick {
+            &[1_000, 10_000]
+        } else {
+            &[1_000, 10_000, 100_000]
+        },
+    );
     let latency_samples = if quick { 100 } else { 300 };
 
     let nats = TestNats::start().await;
@@ -64,8 +78,8 @@ async fn main() -> anyhow::Result<()> {
         "agents", "waiting", "offers", "offers/s", "µs/offer", "p50 ms", "p99 ms", "max ms"
     );
     let mut rows = Vec::new();
-    for &agents in agent_counts {
-        for &waiting in waiting_counts {
+    for &agents in &agent_counts {
+        for &waiting in &waiting_counts {
             let (offers, secs) = throughput(&config, &pg, &tenant, agents, waiting).await?;
             let latency = latency(
                 &config,
