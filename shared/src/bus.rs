@@ -64,8 +64,8 @@ pub async fn connect(config: &CommonConfig) -> anyhow::Result<async_nats::Client
         .with_context(|| format!("connecting to NATS at {}", config.nats_url))
 }
 
-/// Creates every stream of [`ALL_STREAMS`] that does not exist yet. Safe to run from every
-/// instance at every start.
+/// Creates every stream of [`ALL_STREAMS`], or updates it to this build's configuration.
+/// Safe to run from every instance at every start ([`crate::worker::Services::start`] does).
 pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
     for spec in ALL_STREAMS {
         ensure_stream(js, spec).await?;
@@ -74,7 +74,7 @@ pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
 }
 
 /// Creates the stream, or updates it to this configuration (a new version may change it).
-async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<stream::Stream> {
+async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<()> {
     let config = stream::Config {
         name: spec.name.to_owned(),
         subjects: vec![spec.subjects.to_owned()],
@@ -93,9 +93,7 @@ async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<strea
     js.create_or_update_stream(config)
         .await
         .with_context(|| format!("creating stream {}", spec.name))?;
-    js.get_stream(spec.name)
-        .await
-        .with_context(|| format!("opening stream {}", spec.name))
+    Ok(())
 }
 
 /// A durable pull consumer of one stream, as the workers use it.
@@ -272,7 +270,13 @@ where
     F: FnMut(Vec<Delivered>) -> Fut,
     Fut: Future<Output = Vec<Result<(), HandleError>>>,
 {
-    let stream = ensure_stream(js, spec.stream).await?;
+    // The streams exist: every worker runs ensure_streams at start.
+    let stream = js.get_stream(spec.stream.name).await.with_context(|| {
+        format!(
+            "opening stream {} (run ensure_streams first)",
+            spec.stream.name
+        )
+    })?;
     let consumer: consumer::PullConsumer = stream
         .get_or_create_consumer(
             spec.durable,
@@ -393,6 +397,12 @@ where
         trace_id = tracing::field::Empty,
     );
     crate::telemetry::set_parent_from(&span, first.headers.as_ref());
+    // What the ack decision needs, read once in the consume loop, kept before the handler
+    // takes the messages.
+    let deliveries: Vec<(u64, i64)> = batch
+        .iter()
+        .map(|(_, d)| (d.stream_sequence, d.delivered))
+        .collect();
     let (messages, delivered): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
     let n = messages.len();
     let mut results = handler(delivered).instrument(span.clone()).await;
@@ -401,9 +411,9 @@ where
             "handler returned no result for this message"
         )))
     });
-    for (message, result) in messages.into_iter().zip(results) {
-        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (stream_sequence, delivered) = (info.stream_sequence, info.delivered);
+    for ((message, result), (stream_sequence, delivered)) in
+        messages.into_iter().zip(results).zip(deliveries)
+    {
         let outcome = match &result {
             Ok(()) => "ok",
             Err(HandleError::Transient(_)) if delivered < config.max_deliver => "retry",
