@@ -187,21 +187,20 @@ pub async fn conversation_for_update(
         .transpose()
 }
 
-/// Loads a conversation without locking it.
-pub async fn conversation(
-    client: &impl deadpool_postgres::GenericClient,
-    tenant: &TenantId,
-    id: Uuid,
-) -> anyhow::Result<Option<Conversation>> {
-    let sql = format!(
-        "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-         WHERE c.id = $1 AND c.tenant_id = $2"
-    );
-    client
-        .query_opt(&sql, &[&id, &tenant.as_str()])
-        .await?
-        .map(|r| conversation_from_row(&r))
-        .transpose()
+impl Conversation {
+    /// Whether `agent` is serving it (`processing` with them): only they may reply, close or
+    /// transfer it.
+    pub fn is_served_by(&self, agent: &AgentId) -> bool {
+        self.state == ConversationState::Processing && self.agent_id.as_ref() == Some(agent)
+    }
+
+    /// Why an action that needs [`Conversation::is_served_by`] is refused.
+    pub fn not_served_reason(&self) -> String {
+        format!(
+            "you are not serving this conversation (it is {})",
+            self.state
+        )
+    }
 }
 
 /// One state change (SPEC S, L).

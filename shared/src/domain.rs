@@ -195,11 +195,6 @@ impl ConversationState {
         matches!(self, Self::Script | Self::Bot)
     }
 
-    /// SPEC L1/L9: every state but `completed` is open.
-    pub fn is_open(self) -> bool {
-        self != Self::Completed
-    }
-
     /// The lifecycle's edges (SPEC L2-L8), plus the ones our reading of the open points adds:
     /// `assigning -> waiting` (a declined or expired offer with nobody else to take it is
     /// re-queued only by an explicit decline), and `processing -> waiting` (transfer).

@@ -219,4 +219,26 @@ impl Outbox {
             },
         );
     }
+
+    /// Stages the `action_rejected` notification for an action `agent` may not take. Its id
+    /// derives from the action's, so a redelivered action is refused once.
+    pub fn reject_action(
+        &mut self,
+        tenant: &crate::domain::TenantId,
+        agent: &crate::domain::AgentId,
+        conversation_id: uuid::Uuid,
+        action_id: uuid::Uuid,
+        reason: &str,
+    ) {
+        self.notify_agent(
+            tenant,
+            agent,
+            conversation_id,
+            uuid::Uuid::new_v5(&action_id, b"rejected"),
+            crate::wire::NotificationKind::ActionRejected {
+                action_id,
+                reason: reason.to_owned(),
+            },
+        );
+    }
 }

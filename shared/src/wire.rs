@@ -218,15 +218,6 @@ impl AgentActionKind {
             } => *conversation_id,
         }
     }
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Accept { .. } => "accept",
-            Self::Decline { .. } => "decline",
-            Self::Reply { .. } => "reply",
-            Self::Close { .. } => "close",
-            Self::Transfer { .. } => "transfer",
-        }
-    }
 }
 
 /// `fl.<tenant>.notify.<agent>`, published by the notifier for the agent's desktop.

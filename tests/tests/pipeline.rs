@@ -493,6 +493,17 @@ async fn offers_respect_readiness_and_limits() {
             .contains("no open offer"),
         "{rejected}"
     );
+    // Nor may ben reply in a conversation he does not serve (the notifier refuses it).
+    app.agent_does("t1", "ben", "reply", someone_elses, json!({"text": "hi"}))
+        .await;
+    let refused = next_matching(&mut ben_notes, "the reply refused", |v| {
+        v["type"] == "action_rejected"
+    })
+    .await;
+    assert!(
+        refused["reason"].as_str().unwrap().contains("not serving"),
+        "{refused}"
+    );
     assert_eq!(open_offers().await, 3);
 }
 

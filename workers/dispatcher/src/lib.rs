@@ -319,19 +319,6 @@ impl Dispatcher {
     }
 }
 
-/// Whether `agent` is serving `conversation` (only they may close or transfer it).
-fn serves(conversation: &shared_db::Conversation, agent: &AgentId) -> bool {
-    conversation.state == ConversationState::Processing
-        && conversation.agent_id.as_ref() == Some(agent)
-}
-
-fn not_serving(conversation: &shared_db::Conversation) -> String {
-    format!(
-        "you are not serving this conversation (it is {})",
-        conversation.state
-    )
-}
-
 /// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
 async fn apply_action(
     tx: &Transaction<'_>,
@@ -342,16 +329,7 @@ async fn apply_action(
 ) -> anyhow::Result<()> {
     let conversation_id = action.kind.conversation_id();
     let reject = |outbox: &mut Outbox, reason: &str| {
-        outbox.notify_agent(
-            tenant,
-            agent,
-            conversation_id,
-            Uuid::new_v5(&action.action_id, b"rejected"),
-            NotificationKind::ActionRejected {
-                action_id: action.action_id,
-                reason: reason.to_owned(),
-            },
-        );
+        outbox.reject_action(tenant, agent, conversation_id, action.action_id, reason)
     };
     let Some(mut conversation) =
         shared_db::conversation_for_update(tx, tenant, conversation_id).await?
@@ -420,8 +398,8 @@ async fn apply_action(
             );
         }
         AgentActionKind::Close { .. } => {
-            if !serves(&conversation, agent) {
-                reject(outbox, &not_serving(&conversation));
+            if !conversation.is_served_by(agent) {
+                reject(outbox, &conversation.not_served_reason());
                 return Ok(());
             }
             shared_db::transition(
@@ -446,8 +424,8 @@ async fn apply_action(
         AgentActionKind::Transfer {
             to_agent, skills, ..
         } => {
-            if !serves(&conversation, agent) {
-                reject(outbox, &not_serving(&conversation));
+            if !conversation.is_served_by(agent) {
+                reject(outbox, &conversation.not_served_reason());
                 return Ok(());
             }
             if to_agent.as_ref() == Some(agent) {

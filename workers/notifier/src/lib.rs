@@ -14,11 +14,10 @@ use async_nats::HeaderMap;
 use firstline_shared::bus::{self, ConsumerSpec, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db;
-use firstline_shared::domain::{AgentId, ConversationState, TenantId};
+use firstline_shared::domain::TenantId;
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{
-    self, AgentAction, AgentActionKind, AgentNotification, Author, Delivery, NotificationKind,
-    OutboundMessage, Version,
+    self, AgentAction, AgentActionKind, Author, Delivery, OutboundMessage, Version,
 };
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, telemetry, HandleError};
@@ -125,12 +124,8 @@ async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let tx = client.transaction().await?;
     let mut outbox = Outbox::new();
     let conversation = db::conversation_for_update(&tx, &tenant, conversation_id).await?;
-    let serving = conversation.as_ref().is_some_and(|c| {
-        c.state == ConversationState::Processing && c.agent_id.as_ref() == Some(&agent)
-    });
-    let Some(conversation) = conversation.filter(|_| serving) else {
-        reject(
-            &mut outbox,
+    let Some(conversation) = conversation.filter(|c| c.is_served_by(&agent)) else {
+        outbox.reject_action(
             &tenant,
             &agent,
             conversation_id,
@@ -181,31 +176,6 @@ async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
     tx.commit().await?;
     staged.publish(&services.js, &client).await;
     Ok(())
-}
-
-/// Stages an `action_rejected` notification for the agent.
-pub fn reject(
-    outbox: &mut Outbox,
-    tenant: &TenantId,
-    agent: &AgentId,
-    conversation_id: Uuid,
-    action_id: Uuid,
-    reason: &str,
-) {
-    let notification_id = Uuid::new_v5(&action_id, b"rejected");
-    outbox.push(
-        subjects::notify(tenant, agent),
-        notification_id.to_string(),
-        &AgentNotification {
-            version: Version,
-            notification_id,
-            conversation_id,
-            kind: NotificationKind::ActionRejected {
-                action_id,
-                reason: reason.to_owned(),
-            },
-        },
-    );
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {
