@@ -203,7 +203,17 @@ impl TestApp {
 
     /// [`TestApp::spawn`] on a given NATS server; credentials, if it needs any, go in the URL.
     pub async fn spawn_on(nats: TestNats, setup: &str) -> Self {
-        let mut app = Self::without_workers_on(nats, setup).await;
+        Self::spawn_configured(nats, setup, |_| {}).await
+    }
+
+    /// [`TestApp::spawn`] with the workers' settings changed by `adjust` (an nkey, a TLS CA...).
+    pub async fn spawn_configured(
+        nats: TestNats,
+        setup: &str,
+        adjust: impl FnOnce(&mut CommonConfig),
+    ) -> Self {
+        let db = TestDb::create().await;
+        let mut app = Self::without_workers_configured(nats, db, setup, adjust).await;
         let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
         app.spawn_worker(worker);
         app
@@ -211,55 +221,13 @@ impl TestApp {
 
     /// Like [`TestApp::spawn`] but starts no worker: the test starts the ones it wants.
     pub async fn without_workers(setup: &str) -> Self {
-        Self::without_workers_on(TestNats::start().await, setup).await
+        let db = TestDb::create().await;
+        Self::without_workers_configured(TestNats::start().await, db, setup, |_| {}).await
     }
 
-    async fn without_workers_on(nats: TestNats, setup: &str) -> Self {
-        Self::without_workers_with(nats, TestDb::create().await, setup).await
-    }
-
-    /// [`TestApp::spawn`] on a server that takes only this nkey (workers and test client).
-    pub async fn spawn_with_nkey(nats: TestNats, setup: &str, seed: String) -> Self {
-        let mut app =
-            Self::without_workers_inner(nats, TestDb::create().await, setup, Some(seed)).await;
-        let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
-        app.spawn_worker(worker);
-        app
-    }
-
-    /// [`TestApp::spawn`] on a server that requires TLS, trusting the CA in `ca` (PEM).
-    pub async fn spawn_with_tls_ca(nats: TestNats, setup: &str, ca: PathBuf) -> Self {
-        let mut app = Self::without_workers_tls(nats, TestDb::create().await, setup, ca).await;
-        let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
-        app.spawn_worker(worker);
-        app
-    }
-
-    async fn without_workers_tls(nats: TestNats, db: TestDb, setup: &str, ca: PathBuf) -> Self {
-        Self::without_workers_configured(nats, db, setup, |config| {
-            config.nats_tls_ca = Some(ca);
-        })
-        .await
-    }
-
-    /// Like [`TestApp::without_workers`], on a given NATS server and database.
-    pub async fn without_workers_with(nats: TestNats, db: TestDb, setup: &str) -> Self {
-        Self::without_workers_inner(nats, db, setup, None).await
-    }
-
-    async fn without_workers_inner(
-        nats: TestNats,
-        db: TestDb,
-        setup: &str,
-        nkey_seed: Option<String>,
-    ) -> Self {
-        Self::without_workers_configured(nats, db, setup, |config| {
-            config.nats_nkey_seed = nkey_seed;
-        })
-        .await
-    }
-
-    async fn without_workers_configured(
+    /// Like [`TestApp::without_workers`], on a given NATS server and database, with the
+    /// workers' settings changed by `adjust`.
+    pub async fn without_workers_configured(
         nats: TestNats,
         db: TestDb,
         setup: &str,
@@ -727,4 +695,18 @@ impl Drop for TestPostgres {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits until the count `sql` returns equals `expected`, or panics after `timeout` naming `what`.
+pub async fn wait_for_count(
+    pg: &tokio_postgres::Client,
+    what: &str,
+    timeout: Duration,
+    sql: &str,
+    expected: i64,
+) {
+    eventually(what, timeout, || async {
+        (count(pg, sql, &[]).await == expected).then_some(())
+    })
+    .await
 }

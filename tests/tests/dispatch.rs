@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, next_matching, TestApp};
+use firstline_tests::{count, eventually, next_matching, wait_for_count, TestApp};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -137,16 +137,13 @@ async fn the_outbox_publishes_what_a_crashed_process_left_behind() {
         .unwrap();
     let got = firstline_tests::next_json(&mut sub, "the swept message").await;
     assert_eq!(got, json!({"left": "behind"}));
-    eventually("the row removed", Duration::from_secs(10), || async {
-        (count(
-            &app.pg,
-            "SELECT count(*) FROM outbox WHERE msg_id = 'crash-1'",
-            &[],
-        )
-        .await
-            == 0)
-            .then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "the row removed",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM outbox WHERE msg_id = 'crash-1'",
+        0,
+    )
     .await;
 }
 
@@ -372,15 +369,13 @@ async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
     .await;
     app.presence("t1", "vic", "offline", 5, &["vip"]).await;
     app.presence("t1", "amy", "offline", 1, &[]).await;
-    eventually("nobody ready", Duration::from_secs(20), || async {
-        let ready = count(
-            &app.pg,
-            "SELECT count(*) FROM agents WHERE status = 'ready'",
-            &[],
-        )
-        .await;
-        (ready == 0).then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "nobody ready",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM agents WHERE status = 'ready'",
+        0,
+    )
     .await;
     app.customer_says("t1", "mail", "P1", "old").await;
     app.wait_for_state("t1", "mail", "P1", "waiting").await;

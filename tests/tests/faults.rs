@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use firstline_shared::bus;
-use firstline_tests::{count, eventually, TestApp, TestDb, TestNats, TestPostgres, WorkerProcess};
+use firstline_tests::{
+    count, eventually, wait_for_count, TestApp, TestDb, TestNats, TestPostgres, WorkerProcess,
+};
 use serde_json::json;
 
 const SETUP: &str = r#"{"tenants":[{"id":"t1","dispatch_cycle_seconds":30,"channels":[
@@ -51,16 +53,13 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
 
     let total = (CUSTOMERS * PER_CUSTOMER) as i64;
     let pg = &app.pg;
-    eventually("every message stored", Duration::from_secs(90), || async {
-        (count(
-            pg,
-            "SELECT count(*) FROM messages WHERE author = 'customer'",
-            &[],
-        )
-        .await
-            == total)
-            .then_some(())
-    })
+    wait_for_count(
+        pg,
+        "every message stored",
+        Duration::from_secs(90),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        total,
+    )
     .await;
     // Exactly once: one row per gateway message id (the unique key makes more impossible;
     // the count above makes fewer impossible), and one open conversation per customer.
@@ -78,39 +77,31 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
     );
     // Every message on a bot channel got its bot reply while in the bot (the bot-router was
     // killed too): on `line`, each customer's first message is answered by the bot.
-    eventually(
+    wait_for_count(
+        pg,
         "the bot answered each line customer",
         Duration::from_secs(60),
-        || async {
-            let answered = count(
-                pg,
-                "SELECT count(DISTINCT conversation_id) FROM messages WHERE author = 'bot'",
-                &[],
-            )
-            .await;
-            (answered == (CUSTOMERS / 2) as i64).then_some(())
-        },
+        "SELECT count(DISTINCT conversation_id) FROM messages WHERE author = 'bot'",
+        (CUSTOMERS / 2) as i64,
     )
     .await;
     // The waiting `mail` conversations were offered despite the dispatcher's and the
     // notifier's deaths, and the outbox drained.
-    eventually(
+    wait_for_count(
+        pg,
         "mail conversations offered",
         Duration::from_secs(60),
-        || async {
-            let offered = count(
-                pg,
-                "SELECT count(DISTINCT conversation_id) FROM offers",
-                &[],
-            )
-            .await;
-            (offered == (CUSTOMERS / 2) as i64).then_some(())
-        },
+        "SELECT count(DISTINCT conversation_id) FROM offers",
+        (CUSTOMERS / 2) as i64,
     )
     .await;
-    eventually("the outbox drained", Duration::from_secs(30), || async {
-        (count(pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
-    })
+    wait_for_count(
+        pg,
+        "the outbox drained",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbox",
+        0,
+    )
     .await;
     assert_each_conversation_in_order(pg, CUSTOMERS, PER_CUSTOMER).await;
     let offers = app.stored("FL_NOTIFY", "fl.t1.notify.*").await;
@@ -145,9 +136,13 @@ async fn sigterm_stops_a_worker_cleanly_mid_load_and_a_new_one_goes_on() {
     let stored_at_stop = count(&app.pg, "SELECT count(*) FROM messages", &[]).await;
 
     ingest.restart();
-    eventually("all 300 stored", Duration::from_secs(60), || async {
-        (count(&app.pg, "SELECT count(*) FROM messages", &[]).await == 300).then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "all 300 stored",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM messages",
+        300,
+    )
     .await;
     assert!(stored_at_stop <= 300);
     assert_eq!(
@@ -203,9 +198,13 @@ async fn two_ingest_instances_one_killed_keep_each_conversations_order() {
     }
 
     let pg = &app.pg;
-    eventually("every message stored", Duration::from_secs(90), || async {
-        (count(pg, "SELECT count(*) FROM messages", &[]).await == total as i64).then_some(())
-    })
+    wait_for_count(
+        pg,
+        "every message stored",
+        Duration::from_secs(90),
+        "SELECT count(*) FROM messages",
+        total as i64,
+    )
     .await;
     assert_eq!(
         count(pg, "SELECT count(DISTINCT external_id) FROM messages", &[]).await,
@@ -305,11 +304,13 @@ async fn assert_each_conversation_in_order(
 async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
     let postgres = TestPostgres::start().await;
     let db = TestDb::create_on(&postgres.url).await;
-    let mut app = TestApp::without_workers_with(TestNats::start().await, db, SETUP).await;
-    let mut config = app.config.clone();
-    config.max_deliver = 20; // the default: retries outlast the outage
-    let shutdown = app.shutdown.clone();
-    app.spawn_worker(firstline::run_all(config, shutdown));
+    // The default max_deliver (20): retries outlast the outage.
+    let mut app = TestApp::without_workers_configured(TestNats::start().await, db, SETUP, |c| {
+        c.max_deliver = 20
+    })
+    .await;
+    let worker = firstline::run_all(app.config.clone(), app.shutdown.clone());
+    app.spawn_worker(worker);
     for a in 0..5 {
         app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
     }
@@ -322,16 +323,13 @@ async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
 
     let pg = app.db.connect().await; // the test's own connection died with the server
     let total = (CUSTOMERS * PER_CUSTOMER) as i64;
-    eventually("every message stored", Duration::from_secs(120), || async {
-        (count(
-            &pg,
-            "SELECT count(*) FROM messages WHERE author = 'customer'",
-            &[],
-        )
-        .await
-            == total)
-            .then_some(())
-    })
+    wait_for_count(
+        &pg,
+        "every message stored",
+        Duration::from_secs(120),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        total,
+    )
     .await;
     assert_eq!(
         count(
@@ -343,9 +341,13 @@ async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
         total
     );
     assert_each_conversation_in_order(&pg, CUSTOMERS, PER_CUSTOMER).await;
-    eventually("the outbox drained", Duration::from_secs(60), || async {
-        (count(&pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
-    })
+    wait_for_count(
+        &pg,
+        "the outbox drained",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM outbox",
+        0,
+    )
     .await;
     assert!(
         app.stored("FL_DEADLETTER", "fl.*.deadletter.*")

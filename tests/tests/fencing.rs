@@ -128,7 +128,8 @@ async fn the_workers_authenticate_with_an_nkey() {
     let client = firstline_shared::bus::connect(&config).await.unwrap();
     client.flush().await.expect("connected with the nkey");
     drop(client);
-    let app = TestApp::spawn_with_nkey(nats, SETUP, user.seed().unwrap()).await;
+    let seed = user.seed().unwrap();
+    let app = TestApp::spawn_configured(nats, SETUP, |c| c.nats_nkey_seed = Some(seed)).await;
     app.customer_says("ta", "mail", "K1", "hello").await;
     app.wait_for_state("ta", "mail", "K1", "waiting").await;
 }
@@ -175,7 +176,8 @@ async fn the_workers_talk_to_nats_over_tls() {
         "a client without the CA must not get through"
     );
 
-    let app = TestApp::spawn_with_tls_ca(nats, SETUP, dir.join("ca.pem")).await;
+    let ca = dir.join("ca.pem");
+    let app = TestApp::spawn_configured(nats, SETUP, |c| c.nats_tls_ca = Some(ca)).await;
     app.customer_says("ta", "mail", "T1", "over TLS").await;
     app.wait_for_state("ta", "mail", "T1", "waiting").await;
     let _ = std::fs::remove_dir_all(&dir);

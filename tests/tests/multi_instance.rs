@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, TestApp, WorkerProcess};
+use firstline_tests::{count, eventually, wait_for_count, TestApp, WorkerProcess};
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
@@ -203,12 +203,12 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
     }
     let pg = &app.pg;
     let total = (TENANTS.len() * CONVERSATIONS_PER_TENANT) as i64;
-    eventually(
+    wait_for_count(
+        pg,
         "every conversation stored",
         Duration::from_secs(60),
-        || async {
-            (count(pg, "SELECT count(*) FROM conversations", &[]).await == total).then_some(())
-        },
+        "SELECT count(*) FROM conversations",
+        total,
     )
     .await;
     // Settled: nothing left that a ready agent who has not declined it could take.

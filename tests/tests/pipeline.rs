@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, next_json, next_matching, TestApp};
+use firstline_tests::{count, eventually, next_json, next_matching, wait_for_count, TestApp};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -200,10 +200,13 @@ async fn simultaneous_first_messages_of_one_customer_make_one_conversation() {
         }
     }
     futures::future::join_all(sends).await;
-    eventually("every message stored", Duration::from_secs(30), || async {
-        let n = count(&app.pg, "SELECT count(*) FROM messages", &[]).await;
-        (n == (customers * per_customer) as i64).then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "every message stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages",
+        (customers * per_customer) as i64,
+    )
     .await;
     let per: Vec<i64> = app
         .pg
@@ -253,19 +256,12 @@ async fn the_same_inbound_published_twice_is_stored_once() {
             .to_string(),
     )
     .await;
-    eventually(
+    wait_for_count(
+        &app.pg,
         "the later message stored",
         Duration::from_secs(20),
-        || async {
-            (count(
-                &app.pg,
-                "SELECT count(*) FROM messages WHERE external_id = 'ext-43'",
-                &[],
-            )
-            .await
-                == 1)
-                .then_some(())
-        },
+        "SELECT count(*) FROM messages WHERE external_id = 'ext-43'",
+        1,
     )
     .await;
     assert_eq!(
@@ -282,16 +278,13 @@ async fn the_same_inbound_published_twice_is_stored_once() {
         1
     );
     // The bot answered each stored message once.
-    eventually("two bot replies", Duration::from_secs(20), || async {
-        (count(
-            &app.pg,
-            "SELECT count(*) FROM messages WHERE author = 'bot'",
-            &[],
-        )
-        .await
-            == 2)
-            .then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "two bot replies",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM messages WHERE author = 'bot'",
+        2,
+    )
     .await;
 }
 
@@ -379,16 +372,13 @@ async fn offers_respect_readiness_and_limits() {
         app.customer_says("t1", "mail", &format!("Q{i}"), "help")
             .await;
     }
-    eventually("ten waiting", Duration::from_secs(20), || async {
-        (count(
-            &app.pg,
-            "SELECT count(*) FROM conversations WHERE state = 'waiting'",
-            &[],
-        )
-        .await
-            == 10)
-            .then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "ten waiting",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM conversations WHERE state = 'waiting'",
+        10,
+    )
     .await;
     // D3: online but not ready -> nothing is offered.
     app.presence("t1", "amy", "not_ready", 10, &[]).await;
@@ -402,16 +392,13 @@ async fn offers_respect_readiness_and_limits() {
         .await
     };
     // A pass has run for each presence event once the agents' rows say so.
-    eventually("presence applied", Duration::from_secs(20), || async {
-        (count(
-            &app.pg,
-            "SELECT count(*) FROM agents WHERE status IN ('not_ready', 'offline')",
-            &[],
-        )
-        .await
-            == 2)
-            .then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "presence applied",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM agents WHERE status IN ('not_ready', 'offline')",
+        2,
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(open_offers().await, 0);
@@ -455,16 +442,13 @@ async fn offers_respect_readiness_and_limits() {
         .unwrap()
         .get(0);
     app.agent_does("t1", "ben", "accept", bens, json!({})).await;
-    eventually("ben processing", Duration::from_secs(20), || async {
-        (count(
-            &app.pg,
-            "SELECT count(*) FROM conversations WHERE state = 'processing'",
-            &[],
-        )
-        .await
-            == 1)
-            .then_some(())
-    })
+    wait_for_count(
+        &app.pg,
+        "ben processing",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM conversations WHERE state = 'processing'",
+        1,
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(open_offers().await, 3);
