@@ -56,6 +56,17 @@ fn skills(agent: usize) -> Vec<&'static str> {
     }
 }
 
+/// Every agent of both tenants ready, with its capacity and skills.
+async fn all_ready(app: &TestApp) {
+    for tenant in TENANTS {
+        for agent in 0..AGENTS_PER_TENANT {
+            let name = format!("a{agent}");
+            app.presence(tenant, &name, "ready", capacity(agent), &skills(agent))
+                .await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
     let mut app = TestApp::without_workers(&setup()).await;
@@ -153,18 +164,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
             }
         })
     };
-    for tenant in TENANTS {
-        for agent in 0..AGENTS_PER_TENANT {
-            app.presence(
-                tenant,
-                &format!("a{agent}"),
-                "ready",
-                capacity(agent),
-                &skills(agent),
-            )
-            .await;
-        }
-    }
+    all_ready(&app).await;
 
     // 2,000 conversations over about 8 s; one dispatcher killed at ~3 s, restarted at ~5 s.
     for i in 0..CONVERSATIONS_PER_TENANT {
@@ -189,18 +189,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
     churning.store(false, Ordering::Relaxed);
     churn_task.await.unwrap();
     draining.store(true, Ordering::Relaxed);
-    for tenant in TENANTS {
-        for agent in 0..AGENTS_PER_TENANT {
-            app.presence(
-                tenant,
-                &format!("a{agent}"),
-                "ready",
-                capacity(agent),
-                &skills(agent),
-            )
-            .await;
-        }
-    }
+    all_ready(&app).await;
     let pg = &app.pg;
     let total = (TENANTS.len() * CONVERSATIONS_PER_TENANT) as i64;
     wait_for_count(
