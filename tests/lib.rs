@@ -292,14 +292,42 @@ impl TestApp {
         customer: &str,
         text: &str,
     ) -> String {
+        self.customer_sends(tenant, channel, customer, text, None)
+            .await
+    }
+
+    /// A customer's button press: a postback with the button's `payload`, `label` as text.
+    pub async fn customer_presses(
+        &self,
+        tenant: &str,
+        channel: &str,
+        customer: &str,
+        label: &str,
+        payload: &str,
+    ) -> String {
+        self.customer_sends(tenant, channel, customer, label, Some(payload))
+            .await
+    }
+
+    async fn customer_sends(
+        &self,
+        tenant: &str,
+        channel: &str,
+        customer: &str,
+        text: &str,
+        postback: Option<&str>,
+    ) -> String {
         let message_id = Uuid::new_v4().to_string();
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "version": 1,
             "message_id": message_id,
             "customer": {"id": customer, "name": format!("customer {customer}")},
             "text": text,
-        })
-        .to_string();
+        });
+        if let Some(p) = postback {
+            body["postback"] = p.into();
+        }
+        let body = body.to_string();
         self.publish_json(
             &format!("fl.{tenant}.inbound.{channel}"),
             Some(&format!("{channel}:{message_id}")),
@@ -348,6 +376,16 @@ impl TestApp {
             &body.to_string(),
         )
         .await;
+    }
+
+    /// Loads a bot configuration file (YAML), as `firstline bot load` does.
+    pub async fn load_bot(
+        &self,
+        yaml: &str,
+    ) -> anyhow::Result<firstline_bot_router::setup::Applied> {
+        let file = firstline_bot_router::setup::BotFile::parse(yaml, false)?;
+        let mut client = self.db.connect().await;
+        file.apply(&mut client).await
     }
 
     /// The state of `customer`'s newest conversation on `channel`.

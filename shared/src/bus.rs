@@ -254,6 +254,35 @@ where
     .await
 }
 
+/// Consumes every partition of a partitioned stream (`FL_INBOUND`, `FL_BOT`; see
+/// [`subjects::PARTITIONS`]) with durable consumers `<prefix>-p<N>`, one message in flight
+/// each: the messages of one (tenant, channel) are handled in the stream's order, whichever
+/// instance takes them, and the partitions spread over the instances.
+pub async fn consume_partitioned<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    stream: StreamSpec,
+    prefix: &str,
+    shutdown: CancellationToken,
+    handler: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Delivered) -> Fut,
+    Fut: Future<Output = Result<(), HandleError>>,
+{
+    let partitions = (0..subjects::PARTITIONS).map(|p| {
+        // Durable names live as long as the consumers: a handful of bytes per start.
+        let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
+        let spec = ConsumerSpec {
+            filter_subject: subjects::partition_filter(&stream, p),
+            max_ack_pending: 1,
+            ..ConsumerSpec::new(stream, durable)
+        };
+        consume(js, config, spec, shutdown.clone(), &handler)
+    });
+    futures::future::try_join_all(partitions).await.map(|_| ())
+}
+
 /// Like [`consume`], but hands the handler every message already delivered, up to
 /// `max_batch`, at once: a worker that can merge work (the dispatcher runs one pass per tenant
 /// for a whole batch) does less of it under load, and waits for nothing when idle. The handler

@@ -14,7 +14,9 @@ use crate::config::CommonConfig;
 use crate::domain::{AgentId, ChannelId, ConversationState, SkillSet, TenantId};
 use crate::outbox::Outbox;
 use crate::subjects;
-use crate::wire::{ConversationEvent, QueueSignal, Version};
+use crate::wire::{
+    Author, ConversationEvent, Delivery, OutboundMessage, QueueSignal, QuickReply, Version,
+};
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -106,8 +108,13 @@ pub struct TenantSettings {
     /// SPEC D1.
     pub offer_limit: i32,
     pub handover_keywords: Vec<String>,
+    /// What the bot says when nothing matches.
     pub bot_reply: String,
     pub handover_reply: String,
+    /// A knowledge-base article answers when its score reaches this.
+    pub kb_min_score: f64,
+    /// Moves with every change of keyword rules, articles or published flows.
+    pub bot_config_version: i64,
 }
 
 pub async fn tenant_settings(
@@ -116,7 +123,8 @@ pub async fn tenant_settings(
 ) -> Result<Option<TenantSettings>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply
+            "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply,
+                    kb_min_score, bot_config_version
              FROM tenants WHERE id = $1",
             &[&tenant.as_str()],
         )
@@ -128,6 +136,8 @@ pub async fn tenant_settings(
         handover_keywords: r.get(2),
         bot_reply: r.get(3),
         handover_reply: r.get(4),
+        kb_min_score: f64::from(r.get::<_, f32>(5)),
+        bot_config_version: r.get(6),
     }))
 }
 
@@ -341,4 +351,82 @@ pub fn stage_event(
             },
         );
     }
+}
+
+/// What the bot (or the survey) says to a customer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct BotSays {
+    pub text: String,
+    pub buttons: Vec<QuickReply>,
+    pub image_url: Option<String>,
+}
+
+impl BotSays {
+    pub fn text(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// Stores a bot message in the conversation and stages it for the customer's channel.
+/// `external_id` makes it idempotent: `false` if a message with that id is already stored
+/// (a redelivery of what caused it).
+pub async fn send_bot_message(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    conversation: &Conversation,
+    external_id: &str,
+    says: &BotSays,
+) -> anyhow::Result<bool> {
+    let id = Uuid::now_v7();
+    let attachments = (!says.buttons.is_empty() || says.image_url.is_some())
+        .then(|| serde_json::json!({ "buttons": says.buttons, "image_url": says.image_url }));
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, attachments)
+             VALUES ($1, $2, $3, $4, $5, 'bot', $6, $7)
+             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
+             RETURNING created_at",
+        )
+        .await?;
+    let Some(row) = tx
+        .query_opt(
+            &stmt,
+            &[
+                &id,
+                &conversation.tenant.as_str(),
+                &conversation.channel.as_str(),
+                &conversation.id,
+                &external_id,
+                &says.text,
+                &attachments,
+            ],
+        )
+        .await?
+    else {
+        return Ok(false);
+    };
+    outbox.push(
+        subjects::delivery(&conversation.tenant, "customer"),
+        format!("delivery:{id}"),
+        &Delivery::ToCustomer {
+            version: Version,
+            channel: conversation.channel.clone(),
+            message: OutboundMessage {
+                version: Version,
+                message_id: id,
+                conversation_id: conversation.id,
+                customer_id: conversation.customer_external_id.clone(),
+                author: Author::Bot,
+                agent_id: None,
+                text: says.text.clone(),
+                buttons: says.buttons.clone(),
+                image_url: says.image_url.clone(),
+                at: row.get(0),
+            },
+        },
+    );
+    Ok(true)
 }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod shutdown;
 pub mod subjects;
+pub mod survey;
 pub mod telemetry;
 pub mod wire;
 pub mod worker;

@@ -68,3 +68,9 @@ pub fn offer_accepted(tenant: &str, since_offered: Duration) {
     histogram!("fl_offer_to_accept_seconds", "tenant" => tenant.to_owned())
         .record(since_offered.as_secs_f64());
 }
+
+/// A bot answer, by where it came from (keyword, article, flow, fallback, closed, handover).
+pub fn bot_replied(tenant: &str, source: &'static str) {
+    counter!("fl_bot_replies_total", "tenant" => tenant.to_owned(), "source" => source)
+        .increment(1);
+}

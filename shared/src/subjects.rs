@@ -74,35 +74,35 @@ fn tenant_and_id<'s>(
 }
 
 /// `fl.<tenant>.inbound.<channel>`, as published, or `fl.<tenant>.inbound.<channel>.<partition>`,
-/// as stored by `FL_INBOUND` (see [`INBOUND_PARTITIONS`]).
+/// as stored by `FL_INBOUND` (see [`PARTITIONS`]).
 pub fn parse_inbound(subject: &str) -> Result<(TenantId, ChannelId), String> {
-    let published = inbound_as_published(subject);
+    let published = as_published(subject);
     let (tenant, id) = tenant_and_id(&published, "inbound", None)?;
     Ok((tenant, ChannelId::parse(id).map_err(|e| e.to_string())?))
 }
 
-/// The subject a gateway published an inbound message on, from the subject `FL_INBOUND`
-/// stored it under (which ends in the partition): what a replay publishes to.
-pub fn inbound_as_published(subject: &str) -> String {
+/// The subject a message was published on, from the subject a partitioned stream (`FL_INBOUND`,
+/// `FL_BOT`) stored it under (which ends in the partition): what a replay publishes to.
+pub fn as_published(subject: &str) -> String {
     let tokens: Vec<&str> = subject.split('.').collect();
     match tokens.as_slice() {
-        ["fl", _, "inbound", _, partition] if partition.parse::<u32>().is_ok() => {
+        ["fl", _, "inbound" | "bot", _, partition] if partition.parse::<u32>().is_ok() => {
             tokens[..4].join(".")
         }
         _ => subject.to_owned(),
     }
 }
 
-/// Inbound messages are stored partitioned by tenant and channel: `FL_INBOUND` rewrites
-/// `fl.<t>.inbound.<c>` to `fl.<t>.inbound.<c>.<p>`, p = a hash of (t, c) mod this. Ingest
-/// consumes each partition with one message in flight at a time, so the messages of a
-/// conversation (which is within one channel) are handled in order, by whichever instance,
-/// even across crashes; the partitions spread over the instances.
-pub const INBOUND_PARTITIONS: u32 = 16;
+/// `FL_INBOUND` and `FL_BOT` are stored partitioned by tenant and channel: the stream rewrites
+/// `fl.<t>.<kind>.<c>` to `fl.<t>.<kind>.<c>.<p>`, p = a hash of (t, c) mod this. Ingest and
+/// the bot-router consume each partition with one message in flight at a time, so the messages
+/// of a conversation (which is within one channel) are handled in order, by whichever
+/// instance, even across crashes; the partitions spread over the instances.
+pub const PARTITIONS: u32 = 16;
 
-/// The consumer filter of one inbound partition.
-pub fn inbound_partition_filter(partition: u32) -> String {
-    format!("fl.*.inbound.*.{partition}")
+/// The consumer filter of one partition of a partitioned stream.
+pub fn partition_filter(stream: &StreamSpec, partition: u32) -> String {
+    format!("{}.{partition}", stream.subjects)
 }
 
 /// `fl.<tenant>.presence.<agent>`.
@@ -132,7 +132,7 @@ pub const INBOUND: StreamSpec = StreamSpec {
     name: "FL_INBOUND",
     subjects: "fl.*.inbound.*",
     max_age_hours: 24 * 7,
-    // partition(16, tenant, channel): keep in step with INBOUND_PARTITIONS.
+    // partition(16, tenant, channel): keep in step with PARTITIONS.
     transform: Some((
         "fl.*.inbound.*",
         "fl.{{wildcard(1)}}.inbound.{{wildcard(2)}}.{{partition(16,1,2)}}",
@@ -142,7 +142,11 @@ pub const BOT: StreamSpec = StreamSpec {
     name: "FL_BOT",
     subjects: "fl.*.bot.*",
     max_age_hours: 24,
-    transform: None,
+    // Like FL_INBOUND: a flow's steps are answered in the order the customer sent them.
+    transform: Some((
+        "fl.*.bot.*",
+        "fl.{{wildcard(1)}}.bot.{{wildcard(2)}}.{{partition(16,1,2)}}",
+    )),
 };
 /// The waiting-queue stream of DESIGN.md.
 pub const QUEUE: StreamSpec = StreamSpec {
@@ -237,19 +241,18 @@ mod tests {
                 .count(),
             1
         );
-        assert_eq!(INBOUND_PARTITIONS, 16);
+        assert_eq!(PARTITIONS, 16);
+        assert_eq!(partition_filter(&BOT, 3), "fl.*.bot.*.3");
+        assert_eq!(as_published("fl.acme.bot.line.15"), "fl.acme.bot.line");
         assert_eq!(
             parse_inbound("fl.acme.inbound.line.7").unwrap().1.as_str(),
             "line"
         );
         assert_eq!(
-            inbound_as_published("fl.acme.inbound.line.7"),
+            as_published("fl.acme.inbound.line.7"),
             "fl.acme.inbound.line"
         );
-        assert_eq!(
-            inbound_as_published("fl.acme.inbound.line"),
-            "fl.acme.inbound.line"
-        );
+        assert_eq!(as_published("fl.acme.inbound.line"), "fl.acme.inbound.line");
         assert!(parse_inbound("fl.acme.inbound.line.x").is_err());
     }
 

@@ -142,6 +142,10 @@ pub struct InboundMessage {
     /// When the customer sent it, by the channel's clock.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<DateTime<Utc>>,
+    /// A button press (postback): the `payload` of the [`QuickReply`] the customer chose. The
+    /// gateway puts the button's label (or what the channel shows) in `text`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postback: Option<String>,
 }
 
 /// `fl.<tenant>.presence.<agent>`, published by the agent desktop or the API.
@@ -296,7 +300,23 @@ pub struct OutboundMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<AgentId>,
     pub text: String,
+    /// Quick-reply buttons to show under the text (bot messages); a press comes back as an
+    /// inbound message with `postback` = the button's `payload`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buttons: Vec<QuickReply>,
+    /// An image to show with the text (bot messages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_url: Option<String>,
     pub at: DateTime<Utc>,
+}
+
+/// A quick-reply button of an outbound message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct QuickReply {
+    /// What the button shows.
+    pub label: String,
+    /// What comes back in `postback` when the customer presses it.
+    pub payload: String,
 }
 
 /// `fl.<tenant>.events.conversation`: one state change of a conversation.
@@ -325,6 +345,9 @@ pub struct BotWork {
     pub conversation_id: Uuid,
     pub message_id: Uuid,
     pub text: String,
+    /// The pressed button's payload, when the message is a postback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postback: Option<String>,
 }
 
 /// Internal, `fl.<tenant>.queue.<reason>`: the waiting queue or the offers of a tenant

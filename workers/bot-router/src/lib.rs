@@ -1,20 +1,41 @@
 //! The bot-router worker: answers customer messages of conversations in a bot state
-//! (`fl.<tenant>.bot.<channel>`, from ingest). Minimal for now: a hand-over keyword moves the
-//! conversation to `waiting` (SPEC L4) with the tenant's hand-over reply; anything else gets
-//! the tenant's bot reply. A message that arrives after the conversation left the bot is
-//! not answered (SPEC L5).
+//! (`fl.<tenant>.bot.<channel>`, from ingest; SPEC L2-L5).
+//!
+//! In `bot`, a message is tried against the hand-over keywords (L4), the tenant's keyword
+//! rules in priority order ([`keywords`]), then the knowledge base ([`kb`]); nothing
+//! matching gets the fallback reply (or, outside the channel's business hours ([`hours`]), its
+//! closed message). A keyword rule may start a scripted flow ([`flow`], state `script`); a
+//! channel may start every new conversation in one. A flow ends by completing the conversation
+//! (L3) or handing it over with the skills it needs (L4, D4). A conversation idle with the bot
+//! past its channel's `bot_idle_seconds` is completed. A message that arrives after the
+//! conversation left the bot is not answered (L5). Each customer message is answered once,
+//! in the order the customer sent it (the stream is partitioned like `FL_INBOUND`).
+
+pub mod decide;
+pub mod flow;
+pub mod hours;
+pub mod kb;
+pub mod keywords;
+pub mod setup;
+mod store;
+pub mod text;
+
+use std::time::Duration;
 
 use deadpool_postgres::Transaction;
-use firstline_shared::bus::{self, ConsumerSpec, Delivered};
+use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
-use firstline_shared::db::{self, Conversation, Transition};
-use firstline_shared::domain::{ConversationState, TenantId};
+use firstline_shared::db::{self, BotSays, Conversation, TenantSettings, Transition};
+use firstline_shared::domain::{ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
-use firstline_shared::wire::{self, Author, BotWork, Delivery, OutboundMessage, Version};
+use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
-use firstline_shared::{subjects, telemetry, HandleError};
+use firstline_shared::{metrics, subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
+
+use crate::decide::{BotAction, Context};
+use crate::flow::{FlowNext, FlowOutcome, FlowPosition};
+use crate::store::Caches;
 
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
@@ -24,27 +45,45 @@ use uuid::Uuid;
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
+    /// How often idle bot conversations are looked for (seconds).
+    #[arg(long, env = "FL_BOT_IDLE_SWEEP_SECS", default_value_t = 5.0)]
+    pub idle_sweep_secs: f64,
 }
 
-/// Consumes `FL_BOT` until `shutdown`.
+impl Config {
+    /// The defaults, with these common settings.
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            idle_sweep_secs: 5.0,
+        }
+    }
+}
+
+/// Consumes `FL_BOT` until `shutdown`, and completes idle bot conversations.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    let spec = ConsumerSpec::new(subjects::BOT, "bot-router");
-    let result = bus::consume(&services.js, &config.common, spec, shutdown, |m| {
-        handle(&services, m)
-    })
+    let caches = Caches::default();
+    let sweeper = tokio::spawn(sweep_idle(
+        services.clone(),
+        Duration::from_secs_f64(config.idle_sweep_secs.max(0.1)),
+        shutdown.clone(),
+    ));
+    let result = bus::consume_partitioned(
+        &services.js,
+        &config.common,
+        subjects::BOT,
+        "bot-router",
+        shutdown,
+        |m| handle(&services, &caches, m),
+    )
     .await;
+    let _ = sweeper.await;
     services.close().await;
     result
 }
 
-/// SPEC L4: the text is a hand-over keyword (trimmed, case-insensitive; whole message).
-pub fn is_handover(text: &str, keywords: &[String]) -> bool {
-    let text = text.trim().to_lowercase();
-    !text.is_empty() && keywords.iter().any(|k| k.trim().to_lowercase() == text)
-}
-
-async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
+async fn handle(services: &Services, caches: &Caches, m: Delivered) -> Result<(), HandleError> {
     let tenant =
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let work: BotWork = wire::decode(&m.payload)?;
@@ -54,7 +93,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let Some(settings) = db::tenant_settings(&tx, &tenant).await? else {
         return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
     };
-    let Some(mut conversation) =
+    let Some(conversation) =
         db::conversation_for_update(&tx, &tenant, work.conversation_id).await?
     else {
         return Err(HandleError::poison(format!(
@@ -67,107 +106,306 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
         tracing::debug!(state = %conversation.state, "conversation left the bot; no reply");
         return Ok(());
     }
+    if !store::claim_message(&tx, work.message_id).await? {
+        tracing::info!(message = %work.message_id, "already answered");
+        return Ok(());
+    }
+    let mut turn = Turn {
+        tx: &tx,
+        caches,
+        settings: &settings,
+        conversation,
+        outbox: Outbox::new(),
+        says: Vec::new(),
+        source: "fallback",
+    };
+    turn.run(&work).await?;
+    let Turn {
+        mut outbox,
+        says,
+        conversation,
+        source,
+        ..
+    } = turn;
+    for (i, s) in says.iter().enumerate() {
+        let external_id = format!("bot-reply:{}:{i}", work.message_id);
+        db::send_bot_message(&tx, &mut outbox, &conversation, &external_id, s).await?;
+    }
+    let staged = outbox.stage(&tx).await?;
+    tx.commit().await?;
+    staged.publish(&services.js, &client).await;
+    metrics::bot_replied(tenant.as_str(), source);
+    Ok(())
+}
+
+/// One customer message being answered, inside its transaction.
+struct Turn<'a, 't> {
+    tx: &'a Transaction<'t>,
+    caches: &'a Caches,
+    settings: &'a TenantSettings,
+    conversation: Conversation,
+    outbox: Outbox,
+    says: Vec<BotSays>,
+    /// What answered (for the metrics).
+    source: &'static str,
+}
+
+impl Turn<'_, '_> {
+    async fn run(&mut self, work: &BotWork) -> anyhow::Result<()> {
+        let channel = store::channel(
+            self.tx,
+            &self.conversation.tenant,
+            &self.conversation.channel,
+        )
+        .await?;
+        let now = chrono::Utc::now();
+        let (settings, channel_id) = (self.settings, self.conversation.channel.clone());
+        let ctx = Context {
+            channel: &channel_id,
+            handover_keywords: &settings.handover_keywords,
+            fallback_reply: &settings.bot_reply,
+            handover_reply: &settings.handover_reply,
+            kb_min_score: settings.kb_min_score,
+            hours: channel.hours.as_ref(),
+            after_hours: channel.after_hours,
+            now,
+        };
+        let postback = work.postback.as_deref();
+        let id = self.conversation.id;
+        if self.conversation.state == ConversationState::Script {
+            let state = store::flow_state(self.tx, id).await?;
+            match (state.flow, state.step) {
+                (Some((flow_id, version)), Some(step)) => {
+                    let flow = self
+                        .caches
+                        .flow(self.tx, &self.conversation.tenant, &flow_id, Some(version))
+                        .await?;
+                    let Some((_, def)) = flow else {
+                        anyhow::bail!("flow {flow_id} version {version} is gone");
+                    };
+                    if decide::is_handover(
+                        decide::input(&work.text, postback),
+                        ctx.handover_keywords,
+                    ) {
+                        // SPEC L4, mid-flow: with the flow's skills.
+                        self.source = "handover";
+                        let skills = decide::handover_skills(Some(def.handover_skills.clone()));
+                        let queued = self.handover(&ctx, skills, false).await?;
+                        if !queued {
+                            store::save_flow(
+                                self.tx,
+                                id,
+                                Some((&flow_id, version)),
+                                Some(&step),
+                                &state.vars,
+                            )
+                            .await?;
+                        }
+                        return Ok(());
+                    }
+                    self.source = "flow";
+                    let at = FlowPosition {
+                        step,
+                        vars: state.vars,
+                    };
+                    let outcome = flow::answer(&def, at, &work.text, postback);
+                    return self.follow(&ctx, (&flow_id, version), outcome).await;
+                }
+                _ => {
+                    // A new conversation of a channel with a welcome flow (SPEC L2).
+                    if let Some(flow_id) = &channel.welcome_flow {
+                        if let Some((version, def)) = self
+                            .caches
+                            .flow(self.tx, &self.conversation.tenant, flow_id, None)
+                            .await?
+                        {
+                            self.source = "flow";
+                            let outcome = flow::start(&def);
+                            return self.follow(&ctx, (flow_id, version), outcome).await;
+                        }
+                        tracing::warn!(
+                            flow = flow_id,
+                            "welcome flow has no published version; the bot answers"
+                        );
+                    }
+                    self.transition(ConversationState::Bot, "no_flow").await?;
+                }
+            }
+        }
+        let bot = self
+            .caches
+            .tenant(
+                self.tx,
+                &self.conversation.tenant,
+                self.settings.bot_config_version,
+            )
+            .await?;
+        match decide::decide_bot(&ctx, &bot, &work.text, postback) {
+            BotAction::Reply { says, source } => {
+                tracing::debug!(source = ?source, "bot reply");
+                self.source = source.kind();
+                self.says.push(says);
+                store::touch(self.tx, id).await?;
+            }
+            BotAction::Handover => {
+                self.source = "handover";
+                if !self.handover(&ctx, None, false).await? {
+                    store::touch(self.tx, id).await?;
+                }
+            }
+            BotAction::StartFlow { says, flow, rule } => {
+                self.says.extend(says);
+                match self
+                    .caches
+                    .flow(self.tx, &self.conversation.tenant, &flow, None)
+                    .await?
+                {
+                    Some((version, def)) => {
+                        self.source = "flow";
+                        let outcome = flow::start(&def);
+                        self.follow(&ctx, (&flow, version), outcome).await?;
+                    }
+                    None => {
+                        tracing::warn!(
+                            rule,
+                            flow,
+                            "keyword rule starts a flow with no published version"
+                        );
+                        self.source = "fallback";
+                        self.says.push(BotSays::text(ctx.fallback_reply));
+                        store::touch(self.tx, id).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Says what the flow said and goes where it went.
+    async fn follow(
+        &mut self,
+        ctx: &Context<'_>,
+        flow: (&str, i32),
+        outcome: FlowOutcome,
+    ) -> anyhow::Result<()> {
+        let said = !outcome.says.is_empty();
+        self.says.extend(outcome.says);
+        let id = self.conversation.id;
+        let vars = outcome.vars;
+        match outcome.next {
+            FlowNext::Wait(at) => {
+                if self.conversation.state == ConversationState::Bot {
+                    self.transition(ConversationState::Script, "flow_started")
+                        .await?;
+                }
+                store::save_flow(self.tx, id, Some(flow), Some(&at.step), &at.vars).await?;
+            }
+            FlowNext::Handover(skills) => {
+                // The answers stay on the conversation for the agent.
+                store::save_flow(self.tx, id, Some(flow), None, &vars).await?;
+                if !self
+                    .handover(ctx, decide::handover_skills(skills), said)
+                    .await?
+                {
+                    // Outside business hours and kept with the bot: the flow is over.
+                    if self.conversation.state == ConversationState::Script {
+                        self.transition(ConversationState::Bot, "flow_handover_after_hours")
+                            .await?;
+                    }
+                    store::save_flow(self.tx, id, None, None, &vars).await?;
+                }
+            }
+            FlowNext::End => {
+                // SPEC L3: the bot finishes the conversation (keeping the answers).
+                store::save_flow(self.tx, id, Some(flow), None, &vars).await?;
+                self.transition(ConversationState::Completed, "flow_end")
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SPEC L4 (with business hours): returns whether the conversation went to `waiting`.
+    async fn handover(
+        &mut self,
+        ctx: &Context<'_>,
+        skills: Option<SkillSet>,
+        said: bool,
+    ) -> anyhow::Result<bool> {
+        let h = decide::handover(ctx, said);
+        self.says.extend(h.says);
+        if !h.queue {
+            return Ok(false);
+        }
+        if let Some(skills) = &skills {
+            store::require_skills(self.tx, self.conversation.id, skills).await?;
+            self.conversation.required_skills = skills.clone();
+        }
+        self.transition(ConversationState::Waiting, h.reason)
+            .await?;
+        Ok(true)
+    }
+
+    async fn transition(&mut self, to: ConversationState, reason: &str) -> anyhow::Result<()> {
+        db::transition(
+            self.tx,
+            &mut self.outbox,
+            &mut self.conversation,
+            Transition {
+                to,
+                agent: None,
+                reason,
+            },
+        )
+        .await
+    }
+}
+
+/// Completes conversations idle with the bot past their channel's `bot_idle_seconds`, every
+/// `every`, until `shutdown`. Instances share the work (locked rows are skipped).
+async fn sweep_idle(services: Services, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match complete_idle(&services).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(completed = n, "idle bot conversations completed"),
+            Err(e) => tracing::warn!("idle sweep failed, retrying: {e:#}"),
+        }
+    }
+}
+
+async fn complete_idle(services: &Services) -> anyhow::Result<usize> {
+    let mut client = services.pool.get().await?;
+    let tx = client.transaction().await?;
+    let idle = store::idle_conversations(&tx, 500).await?;
     let mut outbox = Outbox::new();
-    let reply = if is_handover(&work.text, &settings.handover_keywords) {
+    for (tenant, id) in &idle {
+        let Some(mut conversation) = db::conversation_for_update(&tx, tenant, *id).await? else {
+            continue;
+        };
         db::transition(
             &tx,
             &mut outbox,
             &mut conversation,
             Transition {
-                to: ConversationState::Waiting,
+                to: ConversationState::Completed,
                 agent: None,
-                reason: "handover_keyword",
+                reason: "bot_idle",
             },
         )
         .await?;
-        settings.handover_reply
-    } else {
-        settings.bot_reply
-    };
-    if !reply_once(&tx, &mut outbox, &conversation, work.message_id, &reply).await? {
-        tracing::info!(message = %work.message_id, "already answered");
-        tx.rollback().await?;
-        return Ok(());
     }
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
     staged.publish(&services.js, &client).await;
-    Ok(())
-}
-
-/// Stores the bot's reply to `in_reply_to` and stages it for the customer; `false` if that
-/// message was already answered (a redelivery).
-async fn reply_once(
-    tx: &Transaction<'_>,
-    outbox: &mut Outbox,
-    conversation: &Conversation,
-    in_reply_to: Uuid,
-    text: &str,
-) -> anyhow::Result<bool> {
-    let id = Uuid::now_v7();
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body)
-             VALUES ($1, $2, $3, $4, $5, 'bot', $6)
-             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
-             RETURNING created_at",
-        )
-        .await?;
-    let Some(row) = tx
-        .query_opt(
-            &stmt,
-            &[
-                &id,
-                &conversation.tenant.as_str(),
-                &conversation.channel.as_str(),
-                &conversation.id,
-                &format!("bot-reply:{in_reply_to}"),
-                &text,
-            ],
-        )
-        .await?
-    else {
-        return Ok(false);
-    };
-    outbox.push(
-        subjects::delivery(&conversation.tenant, "customer"),
-        format!("delivery:{id}"),
-        &Delivery::ToCustomer {
-            version: Version,
-            channel: conversation.channel.clone(),
-            message: OutboundMessage {
-                version: Version,
-                message_id: id,
-                conversation_id: conversation.id,
-                customer_id: conversation.customer_external_id.clone(),
-                author: Author::Bot,
-                agent_id: None,
-                text: text.to_owned(),
-                at: row.get(0),
-            },
-        },
-    );
-    Ok(true)
+    Ok(idle.len())
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {
     fn common(&self) -> &CommonConfig {
         &self.common
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn handover_keywords_match_whole_trimmed_text_in_any_case() {
-        let keywords = vec!["轉真人".to_owned(), "Agent".to_owned()];
-        assert!(is_handover("轉真人", &keywords));
-        assert!(is_handover("  轉真人\n", &keywords));
-        assert!(is_handover("AGENT", &keywords));
-        assert!(!is_handover("我想轉真人嗎", &keywords));
-        assert!(!is_handover("", &keywords));
-        assert!(!is_handover("agents", &keywords));
     }
 }

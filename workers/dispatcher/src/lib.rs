@@ -413,6 +413,8 @@ async fn apply_action(
                 },
             )
             .await?;
+            // 滿意度調查, if the channel asks one.
+            firstline_shared::survey::ask(tx, outbox, &conversation).await?;
             outbox.notify_agent(
                 tenant,
                 agent,

@@ -86,10 +86,10 @@ pub async fn replay(js: &jetstream::Context, sequences: &[u64]) -> anyhow::Resul
                 headers.insert(k.as_str(), v.as_str());
             }
         }
-        // An inbound message is stored under its partition; it is replayed as the gateway sent it.
+        // An inbound or bot message is stored under its partition; it is replayed as the gateway sent it.
         bus::publish(
             js,
-            firstline_shared::subjects::inbound_as_published(&letter.subject),
+            firstline_shared::subjects::as_published(&letter.subject),
             &format!("replay:{}:{seq}", DEAD_LETTERS.name),
             headers,
             letter.payload.clone().into(),

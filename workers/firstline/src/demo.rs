@@ -194,6 +194,7 @@ async fn send_inbound(
         customer: customer.clone(),
         text: text.to_owned(),
         sent_at: Some(chrono::Utc::now()),
+        postback: None,
     };
     bus::publish(
         js,

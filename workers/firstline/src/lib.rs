@@ -22,9 +22,7 @@ pub async fn run_all(common: CommonConfig, shutdown: CancellationToken) -> anyho
         shutdown.clone(),
     );
     let bot = firstline_bot_router::run(
-        firstline_bot_router::Config {
-            common: common.clone(),
-        },
+        firstline_bot_router::Config::new(common.clone()),
         shutdown.clone(),
     );
     let dispatcher = firstline_dispatcher::run(

@@ -37,6 +37,11 @@ enum Command {
         #[arg(long, default_value_t = 2.0)]
         every: f64,
     },
+    /// The bot's configuration: keyword rules, articles, flows, business hours, survey.
+    Bot {
+        #[command(subcommand)]
+        action: BotAction,
+    },
     /// List dead letters (messages that could never be handled), oldest first.
     DeadLetters {
         #[command(subcommand)]
@@ -59,6 +64,62 @@ enum Command {
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BotAction {
+    /// Load a tenant's bot configuration from a YAML or JSON file (checked first; all or nothing).
+    Load {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Check a file without writing anything.
+    Check {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Check a flow's draft and publish it as the next version.
+    Publish {
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        flow: String,
+    },
+}
+
+async fn bot(common: &CommonConfig, action: BotAction) -> anyhow::Result<()> {
+    use firstline_bot_router::setup::{self as bot_setup, BotFile};
+    match action {
+        BotAction::Check { file } => {
+            BotFile::read(&file)?;
+            println!("{}: ok", file.display());
+        }
+        BotAction::Load { file } => {
+            let parsed = BotFile::read(&file)?;
+            let applied = bot_setup::load(&common.database_url, &parsed).await?;
+            println!(
+                "loaded {} for tenant {}: {applied:?}",
+                file.display(),
+                parsed.tenant
+            );
+        }
+        BotAction::Publish { tenant, flow } => {
+            let tenant = firstline_shared::domain::TenantId::parse(tenant)?;
+            let (mut client, connection) =
+                tokio_postgres::connect(&common.database_url, tokio_postgres::NoTls).await?;
+            tokio::spawn(connection);
+            let tx = client.transaction().await?;
+            let published = bot_setup::publish(&tx, &tenant, &flow).await?;
+            tx.commit().await?;
+            match published {
+                Some(v) => println!("flow {flow} of tenant {tenant}: published version {v}"),
+                None => {
+                    println!("flow {flow} of tenant {tenant}: the draft equals the latest version")
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
             completed.map(|n| println!("demo finished: {n} conversations completed"))
         }
         Command::DeadLetters { action } => dead_letters(&cli.common, action).await,
+        Command::Bot { action } => bot(&cli.common, action).await,
         Command::NatsConfig {
             gateways,
             workers_user,

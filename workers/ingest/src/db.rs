@@ -4,6 +4,7 @@ use deadpool_postgres::Transaction;
 use firstline_shared::db::{self, Conversation, Transition};
 use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
+use firstline_shared::survey::Survey;
 use firstline_shared::wire::{CustomerRef, InboundMessage};
 use uuid::Uuid;
 
@@ -12,8 +13,12 @@ pub struct ChannelSettings {
     pub required_skills: SkillSet,
     /// SPEC L2.
     pub bot_enabled: bool,
+    /// SPEC L2: new conversations start in the channel's welcome flow (`script`).
+    pub welcome_flow: bool,
     /// SPEC D5: the queue priority of the channel's conversations.
     pub priority: i32,
+    /// 滿意度調查 settings, when the channel asks.
+    pub survey: Option<Survey>,
 }
 
 pub async fn channel(
@@ -23,7 +28,8 @@ pub async fn channel(
 ) -> Result<Option<ChannelSettings>, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "SELECT required_skills, bot_enabled, priority FROM channels WHERE tenant_id = $1 AND id = $2",
+            "SELECT required_skills, bot_enabled, priority, survey, welcome_flow IS NOT NULL
+             FROM channels WHERE tenant_id = $1 AND id = $2",
         )
         .await?;
     Ok(tx
@@ -32,7 +38,11 @@ pub async fn channel(
         .map(|r| ChannelSettings {
             required_skills: SkillSet::new(r.get::<_, Vec<String>>(0)),
             bot_enabled: r.get(1),
+            welcome_flow: r.get(4),
             priority: r.get(2),
+            survey: r
+                .get::<_, Option<serde_json::Value>>(3)
+                .and_then(|v| serde_json::from_value(v).ok()),
         }))
 }
 
@@ -90,7 +100,9 @@ pub async fn open_conversation(
             .await?
             .ok_or_else(|| anyhow::anyhow!("conversation {id} vanished"));
     }
-    let state = if settings.bot_enabled {
+    let state = if settings.bot_enabled && settings.welcome_flow {
+        ConversationState::Script
+    } else if settings.bot_enabled {
         ConversationState::Bot
     } else {
         ConversationState::Waiting
@@ -100,7 +112,7 @@ pub async fn open_conversation(
         .prepare_cached(
             "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7,
-                     CASE WHEN $5 = 'bot' THEN statement_timestamp() END,
+                     CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
                      CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)",
         )
         .await?;
@@ -167,4 +179,43 @@ pub async fn insert_customer_message(
         )
         .await?;
     Ok(n == 1)
+}
+
+/// The customer's latest conversation, locked, if it is `completed` with a survey question
+/// sent less than `window_minutes` ago and not yet answered (and no conversation is open).
+pub async fn awaiting_rating(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    customer_id: Uuid,
+    window_minutes: u32,
+) -> anyhow::Result<Option<Conversation>> {
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id, state = 'completed' AND survey_sent_at IS NOT NULL AND rating IS NULL
+                    AND survey_sent_at > statement_timestamp() - make_interval(mins => $2)
+             FROM conversations WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+        )
+        .await?;
+    let window = i32::try_from(window_minutes).unwrap_or(i32::MAX);
+    match tx.query_opt(&stmt, &[&customer_id, &window]).await? {
+        Some(row) if row.get::<_, bool>(1) => {
+            db::conversation_for_update(tx, tenant, row.get(0)).await
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Stores the rating on the conversation it answers.
+pub async fn store_rating(
+    tx: &Transaction<'_>,
+    conversation: Uuid,
+    rating: i16,
+) -> anyhow::Result<()> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE conversations SET rating = $2, rated_at = statement_timestamp() WHERE id = $1",
+        )
+        .await?;
+    tx.execute(&stmt, &[&conversation, &rating]).await?;
+    Ok(())
 }

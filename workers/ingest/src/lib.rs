@@ -4,7 +4,8 @@
 //!
 //! | state | route |
 //! |---|---|
-//! | new, channel's bot on | `bot`: to the bot-router (L2) |
+//! | new, channel's bot on | `bot`, or `script` when the channel has a welcome flow: to the bot-router (L2) |
+//! | a rating, after a survey question | stored on the closed conversation (滿意度調查) |
 //! | new, bot off | `waiting`: queued, the dispatcher is woken (L2) |
 //! | `script`, `bot` | to the bot-router |
 //! | `waiting`, `assigning` | stored only: no bot reply, no flow (L5) |
@@ -12,8 +13,9 @@
 
 mod db;
 
-use firstline_shared::bus::{self, ConsumerSpec, Delivered};
+use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
+use firstline_shared::db as shared_db;
 use firstline_shared::domain::ConversationState;
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{
@@ -35,47 +37,20 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
-/// The durable consumers of the inbound partitions.
-const PARTITION_CONSUMERS: [&str; subjects::INBOUND_PARTITIONS as usize] = [
-    "ingest-p0",
-    "ingest-p1",
-    "ingest-p2",
-    "ingest-p3",
-    "ingest-p4",
-    "ingest-p5",
-    "ingest-p6",
-    "ingest-p7",
-    "ingest-p8",
-    "ingest-p9",
-    "ingest-p10",
-    "ingest-p11",
-    "ingest-p12",
-    "ingest-p13",
-    "ingest-p14",
-    "ingest-p15",
-];
-
 /// Consumes `FL_INBOUND` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
     // One consumer per inbound partition, one message in flight each: the messages of a
-    // conversation are handled in order, whichever instance takes them (subjects::INBOUND_PARTITIONS).
-    let partitions = PARTITION_CONSUMERS.iter().enumerate().map(|(p, durable)| {
-        let spec = ConsumerSpec {
-            filter_subject: subjects::inbound_partition_filter(p as u32),
-            max_ack_pending: 1,
-            ..ConsumerSpec::new(subjects::INBOUND, durable)
-        };
-        let services = &services;
-        bus::consume(
-            &services.js,
-            &config.common,
-            spec,
-            shutdown.clone(),
-            move |m| handle(services, m),
-        )
-    });
-    let result = futures::future::try_join_all(partitions).await.map(|_| ());
+    // conversation are handled in order, whichever instance takes them (subjects::PARTITIONS).
+    let result = bus::consume_partitioned(
+        &services.js,
+        &config.common,
+        subjects::INBOUND,
+        "ingest",
+        shutdown,
+        |m| handle(&services, m),
+    )
+    .await;
     services.close().await;
     result
 }
@@ -130,6 +105,36 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     };
     let mut outbox = Outbox::new();
     let customer_id = db::upsert_customer(&tx, &tenant, &channel, &inbound.customer).await?;
+    if let Some(survey) = &channel_settings.survey {
+        if let Some(rating) = survey.rating(&inbound.text, inbound.postback.as_deref()) {
+            if let Some(answered) =
+                db::awaiting_rating(&tx, &tenant, customer_id, survey.window_minutes).await?
+            {
+                // 滿意度調查: the answer belongs to the closed conversation (README: survey).
+                let message_id = Uuid::now_v7();
+                if db::insert_customer_message(&tx, &answered, message_id, &inbound, "survey")
+                    .await?
+                {
+                    db::store_rating(&tx, answered.id, rating).await?;
+                    if let Some(thanks) = &survey.thanks {
+                        shared_db::send_bot_message(
+                            &tx,
+                            &mut outbox,
+                            &answered,
+                            &format!("survey-thanks:{}", answered.id),
+                            &shared_db::BotSays::text(thanks.clone()),
+                        )
+                        .await?;
+                    }
+                }
+                let staged = outbox.stage(&tx).await?;
+                tx.commit().await?;
+                staged.publish(&services.js, &client).await;
+                tracing::info!(conversation = %answered.id, rating, "survey answered");
+                return Ok(());
+            }
+        }
+    }
     let conversation = db::open_conversation(
         &tx,
         &mut outbox,
@@ -169,6 +174,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
                 conversation_id: conversation.id,
                 message_id,
                 text: inbound.text.clone(),
+                postback: inbound.postback.clone(),
             },
         ),
         // L5: left the bot; the message waits in the transcript for the agent.

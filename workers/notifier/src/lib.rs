@@ -169,6 +169,8 @@ async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
             author: Author::Agent,
             agent_id: Some(agent),
             text,
+            buttons: Vec::new(),
+            image_url: None,
             at: row.get(0),
         },
     );
