@@ -38,6 +38,9 @@ pub const DEMO_SETUP: &str = r#"{"tenants":[{
     ]
 }]}"#;
 
+/// The demo tenant's bot: keyword rules, articles, a flow, the survey.
+pub const DEMO_BOT: &str = include_str!("../../../config/demo-bot.yaml");
+
 /// Options of `firstline demo`.
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
@@ -57,6 +60,8 @@ pub async fn run(
 ) -> anyhow::Result<usize> {
     let setup = SetupFile::parse(DEMO_SETUP)?;
     crate::setup::configure(database_url, &setup).await?;
+    let bot = firstline_bot_router::setup::BotFile::parse(DEMO_BOT, false)?;
+    firstline_bot_router::setup::load(database_url, &bot).await?;
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client.clone());
     bus::ensure_streams(&js).await?;
@@ -220,7 +225,19 @@ async fn simulated_customer(
         name: Some(names[n as usize % names.len()].to_owned()),
     };
     let result = async {
-        send_inbound(&js, &tenant, &channel, &customer, "你好，我的訂單還沒到").await?;
+        // The bot answers each from its keyword rules or knowledge base (or says it does not know).
+        let first = [
+            "你好，請問營業時間？",
+            "請問怎麼查詢我的訂單狀態？",
+            "退貨的退款要多久？",
+            "I forgot my password",
+        ];
+        let text = if handover {
+            first[n as usize % first.len()]
+        } else {
+            "Hello, my order has not arrived"
+        };
+        send_inbound(&js, &tenant, &channel, &customer, text).await?;
         if handover {
             tokio::time::sleep(Duration::from_millis(700)).await;
             send_inbound(&js, &tenant, &channel, &customer, "轉真人").await?;
