@@ -270,6 +270,16 @@ where
     F: Fn(Delivered) -> Fut,
     Fut: Future<Output = Result<(), HandleError>>,
 {
+    // The single durable consumer of a version from before partitioning would keep its backlog
+    // forever: remove it (nothing happens when there is none).
+    if let Ok(s) = js.get_stream(stream.name).await {
+        if s.delete_consumer(prefix).await.is_ok() {
+            tracing::info!(
+                consumer = prefix,
+                "removed the unpartitioned consumer of an older version"
+            );
+        }
+    }
     let partitions = (0..subjects::PARTITIONS).map(|p| {
         // Durable names live as long as the consumers: a handful of bytes per start.
         let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
