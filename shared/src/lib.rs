@@ -23,6 +23,7 @@ pub mod shutdown;
 pub mod subjects;
 pub mod survey;
 pub mod telemetry;
+pub mod text;
 pub mod wire;
 pub mod worker;
 

@@ -70,19 +70,7 @@ impl Survey {
     pub fn rating(&self, text: &str, postback: Option<&str>) -> Option<i16> {
         let n: u8 = match postback {
             Some(p) => p.strip_prefix("rating:")?.parse().ok()?,
-            None => {
-                let t: String = text
-                    .trim()
-                    .chars()
-                    .map(|c| match c {
-                        '０'..='９' => {
-                            char::from_u32(c as u32 - '０' as u32 + '0' as u32).unwrap_or(c)
-                        }
-                        c => c,
-                    })
-                    .collect();
-                t.parse().ok()?
-            }
+            None => crate::text::normalize(text).parse().ok()?,
         };
         (1..=self.scale).contains(&n).then_some(i16::from(n))
     }

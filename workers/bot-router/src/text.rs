@@ -5,15 +5,7 @@
 //! Chinese is not split into words (there are no spaces to split on): runs of ideographs become
 //! overlapping character bigrams, the usual dictionary-free way to search Chinese text.
 
-use unicode_normalization::UnicodeNormalization;
-
-/// The text in the form keyword rules match on: Unicode NFKC (full-width `ＡＧＥＮＴ` becomes
-/// `AGENT`, full-width digits and punctuation become ASCII), lowercase, every run of whitespace
-/// one space, trimmed.
-pub fn normalize(text: &str) -> String {
-    let lower = text.nfkc().collect::<String>().to_lowercase();
-    lower.split_whitespace().collect::<Vec<_>>().join(" ")
-}
+pub use firstline_shared::text::normalize;
 
 /// English words that carry no meaning in a question.
 const STOP_WORDS: &[&str] = &[

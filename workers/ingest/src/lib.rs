@@ -5,8 +5,8 @@
 //! | state | route |
 //! |---|---|
 //! | new, channel's bot on | `bot`, or `script` when the channel has a welcome flow: to the bot-router (L2) |
-//! | a rating, after a survey question | stored on the closed conversation (滿意度調查) |
 //! | new, bot off | `waiting`: queued, the dispatcher is woken (L2) |
+//! | a rating, after a survey question | stored on the closed conversation (滿意度調查) |
 //! | `script`, `bot` | to the bot-router |
 //! | `waiting`, `assigning` | stored only: no bot reply, no flow (L5) |
 //! | `processing` | to the serving agent, through the notifier |
