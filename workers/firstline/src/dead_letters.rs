@@ -80,6 +80,13 @@ pub async fn replay(js: &jetstream::Context, sequences: &[u64]) -> anyhow::Resul
             .await
             .with_context(|| format!("dead letter {seq}"))?;
         let letter: DeadLetter = wire::decode(&raw.payload)?;
+        if letter.consumer == "webhooks" {
+            // A webhook's body is not a message of the pipeline: the API sends it again.
+            anyhow::bail!(
+                "dead letter {seq} is a webhook delivery; send it again with POST /api/v1/webhooks/<id>/deliveries/{}/retry",
+                letter.headers.get("FirstLine-Delivery-Id").map_or("<delivery>", String::as_str)
+            );
+        }
         let mut headers = async_nats::HeaderMap::new();
         for (k, v) in &letter.headers {
             if !k.eq_ignore_ascii_case("Nats-Msg-Id") {

@@ -1,0 +1,183 @@
+//! The API worker: what agents' desktops, supervisors' screens and admins' tools talk to.
+//!
+//! - A JSON HTTP API under `/api/v1` (its OpenAPI document at `/openapi.json`): tenant settings,
+//!   channels, agents, presence, the agent's actions, conversations, the queue snapshot, tokens
+//!   and webhooks. Tokens are per tenant with a role ([`auth`]).
+//! - Live agent notifications over a WebSocket ([`live`]): offers with their deadline,
+//!   revocations, customer messages, from `fl.<tenant>.notify.<agent>`, resumable after a
+//!   reconnect.
+//! - The queue dashboard page (`/dashboard`, 交談佇列), updated live over server-sent events.
+//! - Webhooks ([`webhooks`]): conversation events POSTed to each tenant's URLs, signed with
+//!   HMAC-SHA256, retried with backoff, dead-lettered after the last try.
+//!
+//! Presence and actions are not applied here: the API checks them against the database (so a
+//! bad request gets its 4xx at once) and publishes them on the same subjects a desktop on NATS
+//! would (`fl.<tenant>.presence.<agent>`, `fl.<tenant>.agent.<agent>.action`); the dispatcher
+//! and notifier apply them. Several API instances can run side by side.
+
+pub mod auth;
+pub mod error;
+mod live;
+mod routes;
+pub mod webhooks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::response::{Html, IntoResponse, Redirect};
+use axum::routing::get;
+use axum::Json;
+use deadpool_postgres::Pool;
+use firstline_shared::bus::JetStream;
+use firstline_shared::config::CommonConfig;
+use firstline_shared::worker::Services;
+use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
+/// Settings of the API worker.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "firstline-api",
+    about = "HTTP API, live agent notifications, the queue dashboard and webhooks"
+)]
+pub struct Config {
+    #[command(flatten)]
+    pub common: CommonConfig,
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "FL_API_ADDR", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub webhooks: webhooks::WebhookConfig,
+}
+
+impl Config {
+    pub fn new(common: CommonConfig) -> Self {
+        Self {
+            common,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            webhooks: webhooks::WebhookConfig::default(),
+        }
+    }
+}
+
+impl firstline_shared::worker::WorkerConfig for Config {
+    fn common(&self) -> &CommonConfig {
+        &self.common
+    }
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: Pool,
+    pub js: JetStream,
+    pub nats: async_nats::Client,
+    /// Ends WebSocket and event streams when the process stops.
+    pub shutdown: CancellationToken,
+    pub doc: Arc<utoipa::openapi::OpenApi>,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "FIRST LINE routing API",
+        description = "Tenants' settings, channels, agents, presence, the agent's actions, conversations, the queue, tokens and webhooks. Every request sends `Authorization: Bearer <token>`; the token decides the tenant and the role (admin, supervisor, agent). Errors are `{\"error\": {\"status\", \"message\"}}`."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "tenant", description = "The token's tenant and its settings"),
+        (name = "channels", description = "Channels: required skills, bot, business hours"),
+        (name = "agents", description = "Agents: skills, capacity, presence"),
+        (name = "conversations", description = "Conversations and the agent's actions on them"),
+        (name = "queue", description = "The queue snapshot (交談佇列) and its live updates"),
+        (name = "live", description = "Live notifications for an agent's desktop"),
+        (name = "admin", description = "Tokens and webhooks"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A tenant's API token (fl_...)"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The whole HTTP application over `services`.
+pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
+    let (router, doc) = routes::register(OpenApiRouter::with_openapi(ApiDoc::openapi()))
+        .split_for_parts();
+    let state = AppState {
+        pool: services.pool.clone(),
+        js: services.js.clone(),
+        nats: services.nats.clone(),
+        shutdown,
+        doc: Arc::new(doc),
+    };
+    router
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/", get(|| async { Redirect::temporary("/dashboard") }))
+        .route("/dashboard", get(dashboard))
+        .with_state(state)
+}
+
+async fn openapi(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    Json(state.doc.as_ref().clone())
+}
+
+/// The queue dashboard (交談佇列): one self-contained page; it asks for a token and reads the
+/// API like any other client.
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("../static/dashboard.html"))
+}
+
+/// Makes ring the process's TLS provider (reqwest is built without a default one; the NATS
+/// client uses ring too). Safe to call more than once.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Serves on `config.listen` until `shutdown`.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("listening on {}: {e}", config.listen))?;
+    serve(config, listener, shutdown).await
+}
+
+/// Serves on `listener` (tests bind port 0 first) until `shutdown`; runs the webhook consumer
+/// and sender beside it.
+pub async fn serve(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    install_crypto();
+    let services = Services::start(&config.common, &shutdown).await?;
+    let app = app(&services, shutdown.clone());
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    let hooks = webhooks::run(&services, &config.common, config.webhooks, shutdown.clone());
+    let http = async {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    let result = tokio::try_join!(http, hooks).map(|_| ());
+    services.close().await;
+    result
+}

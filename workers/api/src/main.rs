@@ -1,0 +1,6 @@
+//! `firstline-api`: see the crate documentation.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    firstline_shared::worker::main("firstline-api", firstline_api::run).await
+}

@@ -1,0 +1,68 @@
+//! The `/api/v1` endpoints, each documented in the OpenAPI document by its `#[utoipa::path]`.
+
+mod agents;
+mod channels;
+mod conversations;
+mod queue;
+mod tenant;
+mod tokens;
+mod webhooks;
+
+use async_nats::HeaderMap;
+use firstline_shared::domain::TenantId;
+use firstline_shared::wire::{self, QueueSignal, Version};
+use firstline_shared::{bus, subjects, telemetry};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::error::ApiResult;
+use crate::AppState;
+
+pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
+    router
+        .routes(routes!(tenant::me))
+        .routes(routes!(tenant::get_settings, tenant::patch_settings))
+        .routes(routes!(channels::list))
+        .routes(routes!(channels::get_one, channels::put, channels::delete))
+        .routes(routes!(agents::list))
+        .routes(routes!(agents::get_one, agents::put))
+        .routes(routes!(agents::presence))
+        .routes(routes!(conversations::list))
+        .routes(routes!(conversations::get_one))
+        .routes(routes!(conversations::accept))
+        .routes(routes!(conversations::decline))
+        .routes(routes!(conversations::reply))
+        .routes(routes!(conversations::close))
+        .routes(routes!(conversations::transfer))
+        .routes(routes!(queue::snapshot))
+        .routes(routes!(queue::live))
+        .routes(routes!(crate::live::agent_live))
+        .routes(routes!(tokens::list, tokens::create))
+        .routes(routes!(tokens::revoke))
+        .routes(routes!(webhooks::list, webhooks::create))
+        .routes(routes!(webhooks::get_one, webhooks::delete))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(webhooks::retry))
+}
+
+/// Wakes the dispatcher for `tenant`: a change made here (skills, capacity, offer limit) may
+/// let queued conversations be offered now.
+pub(crate) async fn wake_dispatcher(state: &AppState, tenant: &TenantId, reason: &str) -> ApiResult<()> {
+    let mut headers = HeaderMap::new();
+    telemetry::inject_current(&mut headers);
+    let signal = QueueSignal {
+        version: Version,
+        conversation_id: None,
+        reason: reason.to_string(),
+    };
+    bus::publish(
+        &state.js,
+        subjects::queue(tenant, "api"),
+        &format!("queue:api:{}", Uuid::now_v7()),
+        headers,
+        wire::encode(&signal),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,173 @@
+//! The token's tenant: who am I, and the tenant's dispatch settings.
+
+use axum::extract::State;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::wake_dispatcher;
+use crate::auth::{Principal, Role};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody};
+use crate::AppState;
+
+/// The token's identity.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Me {
+    pub tenant: String,
+    pub role: Role,
+    /// For an agent token: the agent it acts as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/me", tag = "tenant",
+    summary = "Who the token is: tenant, role, agent",
+    responses((status = 200, body = Me), (status = 401, body = ErrorBody)))]
+pub async fn me(p: Principal) -> Json<Me> {
+    Json(Me {
+        tenant: p.tenant.to_string(),
+        role: p.role,
+        agent_id: p.agent.map(|a| a.to_string()),
+    })
+}
+
+/// A tenant's settings.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Settings {
+    pub id: String,
+    pub name: String,
+    /// SPEC D8 (當指派專員未接應時): seconds an offer stands before it is re-dispatched.
+    pub dispatch_cycle_seconds: i32,
+    /// SPEC D1: open offers an agent may hold at once.
+    pub offer_limit: i32,
+    /// SPEC L4: a customer message equal to one of these hands the conversation to a person.
+    pub handover_keywords: Vec<String>,
+    /// What the bot answers when nothing matches.
+    pub bot_reply: String,
+    pub handover_reply: String,
+    /// A knowledge-base article answers when its score reaches this (0..1].
+    pub kb_min_score: f32,
+}
+
+/// A change of settings: fields left out keep their value.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    pub name: Option<String>,
+    /// 5 to 86400.
+    pub dispatch_cycle_seconds: Option<i32>,
+    /// 1 to 50.
+    pub offer_limit: Option<i32>,
+    pub handover_keywords: Option<Vec<String>>,
+    pub bot_reply: Option<String>,
+    pub handover_reply: Option<String>,
+    /// Above 0, at most 1.
+    pub kb_min_score: Option<f32>,
+}
+
+impl SettingsPatch {
+    fn check(&self) -> ApiResult<()> {
+        if let Some(c) = self.dispatch_cycle_seconds {
+            if !(5..=86_400).contains(&c) {
+                return Err(ApiError::invalid(format!(
+                    "dispatch_cycle_seconds must be 5 to 86400, not {c}"
+                )));
+            }
+        }
+        if let Some(l) = self.offer_limit {
+            if !(1..=50).contains(&l) {
+                return Err(ApiError::invalid(format!("offer_limit must be 1 to 50, not {l}")));
+            }
+        }
+        if let Some(s) = self.kb_min_score {
+            if !(s > 0.0 && s <= 1.0) {
+                return Err(ApiError::invalid(format!("kb_min_score must be above 0 and at most 1, not {s}")));
+            }
+        }
+        if let Some(k) = &self.handover_keywords {
+            if k.iter().any(|k| k.trim().is_empty()) {
+                return Err(ApiError::invalid("handover_keywords may not contain an empty keyword"));
+            }
+        }
+        for (field, value) in [("bot_reply", &self.bot_reply), ("handover_reply", &self.handover_reply), ("name", &self.name)] {
+            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(ApiError::invalid(format!("{field} may not be empty")));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
+    let client = state.pool.get().await?;
+    let row = client
+        .query_one(
+            "SELECT id, name, dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply,
+                    handover_reply, kb_min_score
+             FROM tenants WHERE id = $1",
+            &[&p.tenant.as_str()],
+        )
+        .await?;
+    Ok(Settings {
+        id: row.get(0),
+        name: row.get(1),
+        dispatch_cycle_seconds: row.get(2),
+        offer_limit: row.get(3),
+        handover_keywords: row.get(4),
+        bot_reply: row.get(5),
+        handover_reply: row.get(6),
+        kb_min_score: row.get(7),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/settings", tag = "tenant",
+    summary = "The tenant's settings (admin, supervisor)",
+    responses((status = 200, body = Settings), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+pub async fn get_settings(State(state): State<AppState>, p: Principal) -> ApiResult<Json<Settings>> {
+    p.staff()?;
+    Ok(Json(read_settings(&state, &p).await?))
+}
+
+#[utoipa::path(patch, path = "/api/v1/settings", tag = "tenant",
+    summary = "Change the tenant's settings (admin)",
+    request_body = SettingsPatch,
+    responses((status = 200, body = Settings), (status = 400, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn patch_settings(
+    State(state): State<AppState>,
+    p: Principal,
+    Body(patch): Body<SettingsPatch>,
+) -> ApiResult<Json<Settings>> {
+    p.admin()?;
+    patch.check()?;
+    let client = state.pool.get().await?;
+    client
+        .execute(
+            "UPDATE tenants SET
+                 name = coalesce($2, name),
+                 dispatch_cycle_seconds = coalesce($3, dispatch_cycle_seconds),
+                 offer_limit = coalesce($4, offer_limit),
+                 handover_keywords = coalesce($5, handover_keywords),
+                 bot_reply = coalesce($6, bot_reply),
+                 handover_reply = coalesce($7, handover_reply),
+                 kb_min_score = coalesce($8, kb_min_score)
+             WHERE id = $1",
+            &[
+                &p.tenant.as_str(),
+                &patch.name,
+                &patch.dispatch_cycle_seconds,
+                &patch.offer_limit,
+                &patch.handover_keywords,
+                &patch.bot_reply,
+                &patch.handover_reply,
+                &patch.kb_min_score,
+            ],
+        )
+        .await?;
+    drop(client);
+    if patch.offer_limit.is_some() {
+        // A higher limit lets waiting conversations be offered now.
+        wake_dispatcher(&state, &p.tenant, "settings").await?;
+    }
+    Ok(Json(read_settings(&state, &p).await?))
+}

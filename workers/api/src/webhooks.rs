@@ -1,0 +1,476 @@
+//! Webhooks: every conversation event (`fl.<tenant>.events.conversation`) POSTed to each of
+//! the tenant's registered URLs, signed, retried with backoff, dead-lettered after the last try.
+//!
+//! Two halves, so that a slow or failing endpoint never slows the pipeline:
+//! - the **consumer** (durable `webhooks` on `FL_EVENTS`) only writes one `webhook_deliveries`
+//!   row per matching webhook (unique per webhook and event: a redelivered event makes no
+//!   second delivery) and acks;
+//! - the **sender** claims due deliveries (`FOR UPDATE SKIP LOCKED`, with a lease, so several
+//!   instances share the work and a crash mid-send only delays a try), POSTs them concurrently
+//!   with a timeout, and records the outcome: delivered, retry at `backoff(attempts)`, or dead
+//!   after `max_attempts` (also published to `fl.<tenant>.deadletter.webhooks`).
+//!
+//! Signature (like Stripe's): `FirstLine-Signature: t=<unix seconds>,v1=<hex>`, where `<hex>` is
+//! HMAC-SHA256 with the webhook's secret over `"<t>.<body>"`. A receiver recomputes it,
+//! compares in constant time and rejects old timestamps ([`verify`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use chrono::Utc;
+use deadpool_postgres::Pool;
+use firstline_shared::bus::{self, ConsumerSpec, Delivered, JetStream};
+use firstline_shared::config::CommonConfig;
+use firstline_shared::domain::TenantId;
+use firstline_shared::wire::{self, ConversationEvent, DeadLetter, Version};
+use firstline_shared::worker::Services;
+use firstline_shared::{subjects, HandleError};
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Webhook delivery settings.
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebhookConfig {
+    /// Tries of one delivery before it is dead-lettered.
+    #[arg(long = "webhook-max-attempts", env = "FL_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    pub max_attempts: i32,
+    /// Delay before the first retry (ms); it doubles with every try.
+    #[arg(long = "webhook-backoff-ms", env = "FL_WEBHOOK_BACKOFF_MS", default_value_t = 5000)]
+    pub backoff_ms: u64,
+    /// Longest delay between two tries (seconds).
+    #[arg(long = "webhook-backoff-max-secs", env = "FL_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 3600)]
+    pub backoff_max_secs: u64,
+    /// How long an endpoint has to answer (seconds).
+    #[arg(long = "webhook-timeout-secs", env = "FL_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    pub timeout_secs: u64,
+    /// Requests in flight at once (per API instance).
+    #[arg(long = "webhook-concurrency", env = "FL_WEBHOOK_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 12,
+            backoff_ms: 5000,
+            backoff_max_secs: 3600,
+            timeout_secs: 10,
+            concurrency: 32,
+        }
+    }
+}
+
+/// A new webhook secret: `whsec_` and 64 hex digits.
+pub fn new_secret() -> String {
+    format!("whsec_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+}
+
+fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    mac
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The `FirstLine-Signature` header of `body` sent at `timestamp` (unix seconds).
+pub fn signature_header(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    let digest = mac(secret, timestamp, body).finalize().into_bytes();
+    format!("t={timestamp},v1={}", hex(&digest))
+}
+
+/// Checks a `FirstLine-Signature` header as a receiver should: a `v1` HMAC of `"<t>.<body>"`
+/// (compared in constant time) and `t` within `tolerance_secs` of `now`.
+pub fn verify(
+    secret: &str,
+    header: &str,
+    body: &[u8],
+    now: i64,
+    tolerance_secs: i64,
+) -> Result<(), &'static str> {
+    let mut timestamp = None;
+    let mut signatures = Vec::new();
+    for part in header.split(',') {
+        match part.trim().split_once('=') {
+            Some(("t", t)) => timestamp = t.parse::<i64>().ok(),
+            Some(("v1", s)) => signatures.push(s),
+            _ => {}
+        }
+    }
+    let timestamp = timestamp.ok_or("no timestamp")?;
+    if (now - timestamp).abs() > tolerance_secs {
+        return Err("timestamp outside the tolerance");
+    }
+    let expected = mac(secret, timestamp, body);
+    for s in signatures {
+        if let Some(bytes) = unhex(s) {
+            if expected.clone().verify_slice(&bytes).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err("no matching v1 signature")
+}
+
+/// Delay before try `attempts + 1`, after `attempts` failed ones (1, 2, ...): `base`,
+/// doubling, at most `max`.
+pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
+    let doublings = attempts.saturating_sub(1).clamp(0, 30) as u32;
+    base.saturating_mul(1u32 << doublings).min(max)
+}
+
+/// The body POSTed for one event.
+pub fn body(tenant: &TenantId, event: &ConversationEvent) -> String {
+    serde_json::json!({
+        "id": event.event_id,
+        "type": format!("conversation.{}", event.to.as_str()),
+        "tenant": tenant.as_str(),
+        "created_at": event.at,
+        "data": event,
+    })
+    .to_string()
+}
+
+/// Runs the consumer and the sender until `shutdown`.
+pub async fn run(
+    services: &Services,
+    common: &CommonConfig,
+    config: WebhookConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let wake = Arc::new(Notify::new());
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(config.timeout_secs))
+        .user_agent("FirstLine-Webhooks/1")
+        .build()?;
+    let sender = Sender {
+        pool: services.pool.clone(),
+        js: services.js.clone(),
+        http: client,
+        config,
+        wake: wake.clone(),
+    };
+    let sending = tokio::spawn(sender.run(shutdown.clone()));
+    let pool = services.pool.clone();
+    let consumed = bus::consume(
+        &services.js,
+        common,
+        ConsumerSpec::new(subjects::EVENTS, "webhooks"),
+        shutdown,
+        |m| enqueue(&pool, &wake, m),
+    )
+    .await;
+    sending.await?;
+    consumed
+}
+
+/// Writes a delivery per webhook of the event's tenant that wants it.
+async fn enqueue(pool: &Pool, wake: &Notify, m: Delivered) -> Result<(), HandleError> {
+    let tenant = TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
+    let event: ConversationEvent = wire::decode(&m.payload)?;
+    let client = pool.get().await?;
+    let stmt = client
+        .prepare_cached(
+            "SELECT id FROM webhooks WHERE tenant_id = $1 AND (states = '{}' OR $2 = ANY(states))",
+        )
+        .await?;
+    let hooks = client.query(&stmt, &[&tenant.as_str(), &event.to.as_str()]).await?;
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let body = body(&tenant, &event);
+    let insert = client
+        .prepare_cached(
+            "INSERT INTO webhook_deliveries (id, webhook_id, tenant_id, event_id, body)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (webhook_id, event_id) DO NOTHING",
+        )
+        .await?;
+    for hook in hooks {
+        let webhook: Uuid = hook.get(0);
+        client
+            .execute(&insert, &[&Uuid::now_v7(), &webhook, &tenant.as_str(), &event.event_id, &body])
+            .await?;
+    }
+    wake.notify_one();
+    Ok(())
+}
+
+struct Sender {
+    pool: Pool,
+    js: JetStream,
+    http: reqwest::Client,
+    config: WebhookConfig,
+    wake: Arc<Notify>,
+}
+
+/// A delivery claimed for one try.
+struct Claimed {
+    id: Uuid,
+    tenant: String,
+    event_id: Uuid,
+    body: String,
+    attempts: i32,
+    url: String,
+    secret: String,
+    webhook: Uuid,
+}
+
+impl Sender {
+    async fn run(self, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let permits = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
+        loop {
+            let free = permits.available_permits();
+            let claimed = if free > 0 {
+                match this.claim(free as i64).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("claiming webhook deliveries: {e:#}");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let full = !claimed.is_empty() && claimed.len() == free;
+            for delivery in claimed {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let this = this.clone();
+                tokio::spawn(async move {
+                    this.send(delivery).await;
+                    drop(permit);
+                    this.wake.notify_one();
+                });
+            }
+            if full {
+                // More may be due: go again as soon as a request ends.
+                tokio::select! {
+                    _ = this.wake.notified() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = this.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Takes up to `limit` due deliveries, leasing each for longer than a try can take.
+    async fn claim(&self, limit: i64) -> anyhow::Result<Vec<Claimed>> {
+        let client = self.pool.get().await?;
+        let lease = (self.config.timeout_secs + 30) as f64;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE webhook_deliveries d
+                 SET attempts = d.attempts + 1, next_attempt_at = now() + make_interval(secs => $2)
+                 FROM webhooks w
+                 WHERE w.id = d.webhook_id AND d.id IN (
+                     SELECT id FROM webhook_deliveries
+                     WHERE status = 'pending' AND next_attempt_at <= now()
+                     ORDER BY next_attempt_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 RETURNING d.id, d.tenant_id, d.event_id, d.body, d.attempts, w.url, w.secret, w.id",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&limit, &lease]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| Claimed {
+                id: r.get(0),
+                tenant: r.get(1),
+                event_id: r.get(2),
+                body: r.get(3),
+                attempts: r.get(4),
+                url: r.get(5),
+                secret: r.get(6),
+                webhook: r.get(7),
+            })
+            .collect())
+    }
+
+    async fn send(&self, d: Claimed) {
+        let timestamp = Utc::now().timestamp();
+        let result = self
+            .http
+            .post(&d.url)
+            .header("content-type", "application/json")
+            .header("firstline-signature", signature_header(&d.secret, timestamp, d.body.as_bytes()))
+            .header("firstline-event-id", d.event_id.to_string())
+            .header("firstline-delivery-id", d.id.to_string())
+            .header("firstline-attempt", d.attempts.to_string())
+            .body(d.body.clone())
+            .send()
+            .await;
+        let (status, error) = match result {
+            Ok(r) if r.status().is_success() => (Some(r.status().as_u16() as i32), None),
+            Ok(r) => (
+                Some(r.status().as_u16() as i32),
+                Some(format!("HTTP {}", r.status())),
+            ),
+            Err(e) if e.is_timeout() => (None, Some(format!("no answer within {} s", self.config.timeout_secs))),
+            Err(e) => (None, Some(format!("{e}"))),
+        };
+        if let Err(e) = self.record(&d, status, error).await {
+            // The lease runs out and the delivery is tried again.
+            tracing::warn!(delivery = %d.id, "recording a webhook outcome: {e:#}");
+        }
+    }
+
+    async fn record(&self, d: &Claimed, status: Option<i32>, error: Option<String>) -> anyhow::Result<()> {
+        let client = self.pool.get().await?;
+        let Some(error) = error else {
+            client
+                .execute(
+                    "UPDATE webhook_deliveries SET status = 'delivered', ended_at = now(), last_status = $2, last_error = NULL
+                     WHERE id = $1",
+                    &[&d.id, &status],
+                )
+                .await?;
+            metrics::counter!("fl_webhook_deliveries_total", "outcome" => "delivered").increment(1);
+            return Ok(());
+        };
+        if d.attempts < self.config.max_attempts {
+            let delay = backoff(
+                d.attempts,
+                Duration::from_millis(self.config.backoff_ms),
+                Duration::from_secs(self.config.backoff_max_secs),
+            );
+            client
+                .execute(
+                    "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => $2),
+                         last_status = $3, last_error = $4
+                     WHERE id = $1",
+                    &[&d.id, &delay.as_secs_f64(), &status, &error],
+                )
+                .await?;
+            metrics::counter!("fl_webhook_deliveries_total", "outcome" => "retry").increment(1);
+            tracing::info!(delivery = %d.id, url = %d.url, attempts = d.attempts, retry_in_ms = delay.as_millis() as u64, "webhook failed: {error}");
+            return Ok(());
+        }
+        let reason = format!("webhook {} failed {} times; last: {error}", d.url, d.attempts);
+        // The dead letter is published before the row says dead: a crash in between tries
+        // once more rather than losing the dead letter.
+        let tenant = TenantId::parse(d.tenant.clone())?;
+        let letter = DeadLetter {
+            version: Version,
+            reason: reason.clone(),
+            stream: subjects::EVENTS.name.to_string(),
+            consumer: "webhooks".to_string(),
+            subject: subjects::conversation_events(&tenant),
+            stream_sequence: 0,
+            deliveries: d.attempts as u64,
+            payload: d.body.clone(),
+            headers: BTreeMap::from([
+                ("FirstLine-Webhook-Id".to_string(), d.webhook.to_string()),
+                ("FirstLine-Delivery-Id".to_string(), d.id.to_string()),
+                ("FirstLine-Webhook-Url".to_string(), d.url.clone()),
+            ]),
+            at: Utc::now(),
+        };
+        bus::publish(
+            &self.js,
+            subjects::dead_letter(tenant.as_str(), "webhooks"),
+            &format!("webhook-dead:{}", d.id),
+            HeaderMap::new(),
+            wire::encode(&letter),
+        )
+        .await?;
+        client
+            .execute(
+                "UPDATE webhook_deliveries SET status = 'dead', ended_at = now(), last_status = $2, last_error = $3
+                 WHERE id = $1",
+                &[&d.id, &status, &reason],
+            )
+            .await?;
+        metrics::counter!("fl_webhook_deliveries_total", "outcome" => "dead").increment(1);
+        tracing::warn!(delivery = %d.id, "{reason}; dead-lettered");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_signature_verifies_and_a_changed_body_or_secret_does_not() {
+        let header = signature_header("whsec_x", 1_700_000_000, b"{\"a\":1}");
+        assert!(header.starts_with("t=1700000000,v1="));
+        assert_eq!(header.len(), "t=1700000000,v1=".len() + 64);
+        assert_eq!(verify("whsec_x", &header, b"{\"a\":1}", 1_700_000_010, 300), Ok(()));
+        assert!(verify("whsec_x", &header, b"{\"a\":2}", 1_700_000_010, 300).is_err());
+        assert!(verify("whsec_y", &header, b"{\"a\":1}", 1_700_000_010, 300).is_err());
+        assert_eq!(
+            verify("whsec_x", &header, b"{\"a\":1}", 1_700_001_000, 300),
+            Err("timestamp outside the tolerance")
+        );
+        assert_eq!(verify("whsec_x", "v1=00", b"", 0, 300), Err("no timestamp"));
+    }
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_timestamp_dot_body() {
+        // RFC 4231 test case 2 ("Jefe"), with the message split as "<t>.<body>".
+        let header = signature_header("Jefe", 0, b"");
+        let expected = {
+            let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(b"Jefe").unwrap();
+            m.update(b"0.");
+            hex(&m.finalize().into_bytes())
+        };
+        assert_eq!(header, format!("t=0,v1={expected}"));
+        let rfc = {
+            let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(b"Jefe").unwrap();
+            m.update(b"what do ya want for nothing?");
+            hex(&m.finalize().into_bytes())
+        };
+        assert_eq!(rfc, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(10);
+        let delays: Vec<u128> = (1..=8).map(|a| backoff(a, base, max).as_millis()).collect();
+        assert_eq!(delays, [500, 1000, 2000, 4000, 8000, 10000, 10000, 10000]);
+        assert_eq!(backoff(i32::MAX, base, max), max);
+        assert_eq!(backoff(0, base, max), base);
+    }
+
+    proptest! {
+        #[test]
+        fn any_body_round_trips_and_any_flip_fails(body in proptest::collection::vec(any::<u8>(), 0..200), flip in any::<usize>()) {
+            let header = signature_header("s3cret", 42, &body);
+            prop_assert_eq!(verify("s3cret", &header, &body, 42, 0), Ok(()));
+            if !body.is_empty() {
+                let mut changed = body.clone();
+                let i = flip % changed.len();
+                changed[i] ^= 1;
+                prop_assert!(verify("s3cret", &header, &changed, 42, 0).is_err());
+            }
+        }
+    }
+}
