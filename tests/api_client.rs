@@ -34,13 +34,22 @@ impl TestApp {
         config.webhooks.backoff_ms = 100;
         config.webhooks.timeout_secs = 2;
         adjust(&mut config);
-        self.spawn_worker(firstline_api::serve(config, listener, self.shutdown.clone()));
+        self.spawn_worker(firstline_api::serve(
+            config,
+            listener,
+            self.shutdown.clone(),
+        ));
         let api = TestApi {
             base,
             http: reqwest::Client::new(),
         };
         crate::eventually("the API to answer", Duration::from_secs(20), || async {
-            let r = api.http.get(format!("{}/healthz", api.base)).send().await.ok()?;
+            let r = api
+                .http
+                .get(format!("{}/healthz", api.base))
+                .send()
+                .await
+                .ok()?;
             r.status().is_success().then_some(())
         })
         .await;

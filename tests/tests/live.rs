@@ -23,7 +23,9 @@ async fn connect(api: &TestApi, token: &str, after: Option<u64>) -> Socket {
     if let Some(a) = after {
         url.push_str(&format!("&after={a}"));
     }
-    let (socket, response) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    let (socket, response) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("connect");
     assert_eq!(response.status(), 101);
     socket
 }
@@ -65,21 +67,42 @@ async fn an_agent_gets_an_offer_accepts_it_over_the_api_then_the_customers_next_
     assert_eq!(snapshot["offers"], json!([]));
     assert_eq!(snapshot["serving"], json!([]));
 
-    assert_eq!(api.put("/api/v1/agents/amy/presence", &amy, json!({"status": "ready"})).await.0, 202);
-    app.customer_says("acme", "mail", "C1", "我的訂單還沒到").await;
+    assert_eq!(
+        api.put(
+            "/api/v1/agents/amy/presence",
+            &amy,
+            json!({"status": "ready"})
+        )
+        .await
+        .0,
+        202
+    );
+    app.customer_says("acme", "mail", "C1", "我的訂單還沒到")
+        .await;
     let (_, offer) = notification(&mut socket, "offer").await;
     let conversation = offer["conversation_id"].as_str().unwrap().to_string();
     assert_eq!(offer["customer"]["id"], "C1");
-    let deadline: chrono::DateTime<chrono::Utc> = offer["deadline"].as_str().unwrap().parse().unwrap();
+    let deadline: chrono::DateTime<chrono::Utc> =
+        offer["deadline"].as_str().unwrap().parse().unwrap();
     let left = deadline - chrono::Utc::now();
-    assert!(left > chrono::Duration::seconds(50) && left <= chrono::Duration::seconds(60), "SPEC D8: {left}");
+    assert!(
+        left > chrono::Duration::seconds(50) && left <= chrono::Duration::seconds(60),
+        "SPEC D8: {left}"
+    );
 
-    let (status, body) = api.post(&format!("/api/v1/conversations/{conversation}/accept"), &amy, json!({})).await;
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/conversations/{conversation}/accept"),
+            &amy,
+            json!({}),
+        )
+        .await;
     assert_eq!(status, 202, "{body}");
     let (_, assigned) = notification(&mut socket, "assigned").await;
     assert_eq!(assigned["conversation_id"], conversation.as_str());
 
-    app.customer_says("acme", "mail", "C1", "訂單號碼 A123").await;
+    app.customer_says("acme", "mail", "C1", "訂單號碼 A123")
+        .await;
     let (seq, message) = notification(&mut socket, "customer_message").await;
     assert_eq!(message["text"], "訂單號碼 A123");
     assert_eq!(message["conversation_id"], conversation.as_str());
@@ -91,7 +114,12 @@ async fn an_agent_gets_an_offer_accepts_it_over_the_api_then_the_customers_next_
     app.customer_says("acme", "mail", "C1", "還在嗎？").await;
     app.customer_says("acme", "mail", "C1", "hello?").await;
     firstline_tests::eventually("both stored", Duration::from_secs(10), || async {
-        let n = firstline_tests::count(&app.pg, "SELECT count(*) FROM messages WHERE author = 'customer'", &[]).await;
+        let n = firstline_tests::count(
+            &app.pg,
+            "SELECT count(*) FROM messages WHERE author = 'customer'",
+            &[],
+        )
+        .await;
         (n == 4).then_some(())
     })
     .await;
@@ -100,7 +128,10 @@ async fn an_agent_gets_an_offer_accepts_it_over_the_api_then_the_customers_next_
     assert_eq!(snapshot["serving"], json!([conversation]));
     let (_, first) = notification(&mut socket, "customer_message").await;
     let (_, second) = notification(&mut socket, "customer_message").await;
-    assert_eq!((first["text"].as_str(), second["text"].as_str()), (Some("還在嗎？"), Some("hello?")));
+    assert_eq!(
+        (first["text"].as_str(), second["text"].as_str()),
+        (Some("還在嗎？"), Some("hello?"))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,10 +139,24 @@ async fn a_desktop_connecting_later_learns_of_its_open_offers_from_the_snapshot(
     let mut app = TestApp::spawn(SETUP).await;
     let api = app.start_api().await;
     let amy = app.token("acme", "agent", Some("amy")).await;
-    assert_eq!(api.put("/api/v1/agents/amy/presence", &amy, json!({"status": "ready"})).await.0, 202);
+    assert_eq!(
+        api.put(
+            "/api/v1/agents/amy/presence",
+            &amy,
+            json!({"status": "ready"})
+        )
+        .await
+        .0,
+        202
+    );
     app.customer_says("acme", "mail", "S1", "hi").await;
     let offered = firstline_tests::eventually("an open offer", Duration::from_secs(20), || async {
-        let n = firstline_tests::count(&app.pg, "SELECT count(*) FROM offers WHERE status = 'open'", &[]).await;
+        let n = firstline_tests::count(
+            &app.pg,
+            "SELECT count(*) FROM offers WHERE status = 'open'",
+            &[],
+        )
+        .await;
         (n == 1).then_some(())
     });
     offered.await;
@@ -128,7 +173,10 @@ async fn a_desktop_connecting_later_learns_of_its_open_offers_from_the_snapshot(
     assert_eq!(status, 403, "{body}");
     let (status, body) = api.get("/api/v1/live", &amy).await;
     assert_eq!(status, 400, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("WebSocket"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("WebSocket"));
     let (status, _) = api.call("GET", "/api/v1/live", None, None).await;
     assert_eq!(status, 401);
 }

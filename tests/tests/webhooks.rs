@@ -35,36 +35,66 @@ struct Receiver {
 
 impl Receiver {
     fn hits(&self, path: &str) -> Vec<Hit> {
-        self.hits.lock().unwrap().get(path).cloned().unwrap_or_default()
+        self.hits
+            .lock()
+            .unwrap()
+            .get(path)
+            .cloned()
+            .unwrap_or_default()
     }
     fn answer(&self, path: &str, statuses: &[u16]) {
-        self.script.lock().unwrap().insert(path.into(), statuses.to_vec());
+        self.script
+            .lock()
+            .unwrap()
+            .insert(path.into(), statuses.to_vec());
     }
 }
 
-async fn hook(State(r): State<Receiver>, Path(path): Path<String>, headers: HeaderMap, body: String) -> StatusCode {
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
-    r.hits.lock().unwrap().entry(path.clone()).or_default().push(Hit {
-        at: Instant::now(),
-        signature: header("firstline-signature"),
-        delivery: header("firstline-delivery-id"),
-        attempt: header("firstline-attempt"),
-        body,
-    });
+async fn hook(
+    State(r): State<Receiver>,
+    Path(path): Path<String>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    r.hits
+        .lock()
+        .unwrap()
+        .entry(path.clone())
+        .or_default()
+        .push(Hit {
+            at: Instant::now(),
+            signature: header("firstline-signature"),
+            delivery: header("firstline-delivery-id"),
+            attempt: header("firstline-attempt"),
+            body,
+        });
     if path == "slow" {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
     let status = {
         let mut script = r.script.lock().unwrap();
         let statuses = script.entry(path).or_insert_with(|| vec![200]);
-        if statuses.len() > 1 { statuses.remove(0) } else { statuses[0] }
+        if statuses.len() > 1 {
+            statuses.remove(0)
+        } else {
+            statuses[0]
+        }
     };
     StatusCode::from_u16(status).unwrap()
 }
 
 async fn start_receiver() -> (Receiver, String) {
     let receiver = Receiver::default();
-    let app = axum::Router::new().route("/{path}", post(hook)).with_state(receiver.clone());
+    let app = axum::Router::new()
+        .route("/{path}", post(hook))
+        .with_state(receiver.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -84,7 +114,13 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
         let api = &api;
         let admin = &admin;
         async move {
-            let (status, body) = api.post("/api/v1/webhooks", admin, json!({"url": url, "states": states})).await;
+            let (status, body) = api
+                .post(
+                    "/api/v1/webhooks",
+                    admin,
+                    json!({"url": url, "states": states}),
+                )
+                .await;
             assert_eq!(status, 201, "{body}");
             assert!(body["secret"].as_str().unwrap().starts_with("whsec_"));
             body
@@ -96,15 +132,25 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
     for (body, needle) in [
         (json!({"url": "ftp://x/y"}), "http:// or https://"),
         (json!({"url": "not a url"}), "url:"),
-        (json!({"url": "http://x/y", "states": ["lost"]}), "not a conversation state"),
+        (
+            json!({"url": "http://x/y", "states": ["lost"]}),
+            "not a conversation state",
+        ),
         (json!({}), "missing field `url`"),
     ] {
         let (status, err) = api.post("/api/v1/webhooks", &admin, body).await;
         assert_eq!(status, 422, "{err}");
-        assert!(err["error"]["message"].as_str().unwrap().contains(needle), "{err}");
+        assert!(
+            err["error"]["message"].as_str().unwrap().contains(needle),
+            "{err}"
+        );
     }
 
-    let mut dead_letters = app.client.subscribe("fl.acme.deadletter.webhooks").await.unwrap();
+    let mut dead_letters = app
+        .client
+        .subscribe("fl.acme.deadletter.webhooks")
+        .await
+        .unwrap();
     app.customer_says("acme", "mail", "H1", "hello").await;
 
     // flaky: a 500, then the same delivery again, accepted.
@@ -116,14 +162,27 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
     assert_eq!(hits.len(), 2, "delivered on the second try, not sent again");
     assert_eq!(hits[0].delivery, hits[1].delivery);
     assert_eq!(hits[0].body, hits[1].body);
-    assert_eq!((hits[0].attempt.as_str(), hits[1].attempt.as_str()), ("1", "2"));
-    assert!(hits[1].at - hits[0].at >= Duration::from_millis(90), "backoff before the retry");
+    assert_eq!(
+        (hits[0].attempt.as_str(), hits[1].attempt.as_str()),
+        ("1", "2")
+    );
+    assert!(
+        hits[1].at - hits[0].at >= Duration::from_millis(90),
+        "backoff before the retry"
+    );
     let secret = flaky["secret"].as_str().unwrap();
     let now = chrono::Utc::now().timestamp();
     for h in &hits {
         firstline_api::webhooks::verify(secret, &h.signature, h.body.as_bytes(), now, 300)
             .unwrap_or_else(|e| panic!("signature {}: {e}", h.signature));
-        assert!(firstline_api::webhooks::verify("whsec_wrong", &h.signature, h.body.as_bytes(), now, 300).is_err());
+        assert!(firstline_api::webhooks::verify(
+            "whsec_wrong",
+            &h.signature,
+            h.body.as_bytes(),
+            now,
+            300
+        )
+        .is_err());
     }
     let body: Value = serde_json::from_str(&hits[0].body).unwrap();
     assert_eq!(body["type"], "conversation.waiting");
@@ -132,43 +191,108 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
     assert_eq!(body["data"]["to"], "waiting");
 
     // down: three tries with growing gaps, then dead, with a dead letter.
-    let letter = tokio::time::timeout(Duration::from_secs(20), dead_letters.next()).await.expect("a dead letter").unwrap();
+    let letter = tokio::time::timeout(Duration::from_secs(20), dead_letters.next())
+        .await
+        .expect("a dead letter")
+        .unwrap();
     let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
-    assert!(letter["reason"].as_str().unwrap().contains("failed 3 times; last: HTTP 500"), "{letter}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap()
+            .contains("failed 3 times; last: HTTP 500"),
+        "{letter}"
+    );
     assert_eq!(letter["consumer"], "webhooks");
     assert_eq!(letter["deliveries"], 3);
-    assert_eq!(letter["payload"].as_str().unwrap(), receiver.hits("down")[0].body);
+    assert_eq!(
+        letter["payload"].as_str().unwrap(),
+        receiver.hits("down")[0].body
+    );
     let tries = receiver.hits("down");
     assert_eq!(tries.len(), 3);
     let (gap1, gap2) = (tries[1].at - tries[0].at, tries[2].at - tries[1].at);
-    assert!(gap1 >= Duration::from_millis(90) && gap2 >= Duration::from_millis(180), "{gap1:?} {gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(90) && gap2 >= Duration::from_millis(180),
+        "{gap1:?} {gap2:?}"
+    );
     let down_id = down["id"].as_str().unwrap();
-    let dead = api.ok(&format!("/api/v1/webhooks/{down_id}/deliveries?status=dead"), &admin).await;
+    let dead = api
+        .ok(
+            &format!("/api/v1/webhooks/{down_id}/deliveries?status=dead"),
+            &admin,
+        )
+        .await;
     assert_eq!(dead.as_array().unwrap().len(), 1);
     assert_eq!(dead[0]["attempts"], 3);
     assert_eq!(dead[0]["last_status"], 500);
     let listed = api.ok(&format!("/api/v1/webhooks/{down_id}"), &admin).await;
-    assert_eq!((listed["dead"].as_i64(), listed["delivered"].as_i64()), (Some(1), Some(0)));
+    assert_eq!(
+        (listed["dead"].as_i64(), listed["delivered"].as_i64()),
+        (Some(1), Some(0))
+    );
     assert!(listed.get("secret").is_none(), "the secret is shown once");
     let flaky_id = flaky["id"].as_str().unwrap();
-    let delivered = api.ok(&format!("/api/v1/webhooks/{flaky_id}/deliveries"), &admin).await;
-    assert_eq!((delivered[0]["status"].as_str(), delivered[0]["attempts"].as_i64()), (Some("delivered"), Some(2)));
+    let delivered = api
+        .ok(&format!("/api/v1/webhooks/{flaky_id}/deliveries"), &admin)
+        .await;
+    assert_eq!(
+        (
+            delivered[0]["status"].as_str(),
+            delivered[0]["attempts"].as_i64()
+        ),
+        (Some("delivered"), Some(2))
+    );
 
     // The endpoint is fixed: the admin sends the dead delivery again.
     receiver.answer("down", &[200]);
     let delivery = dead[0]["id"].as_str().unwrap();
-    let (status, _) = api.call("POST", &format!("/api/v1/webhooks/{down_id}/deliveries/{delivery}/retry"), Some(&admin), None).await;
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/api/v1/webhooks/{down_id}/deliveries/{delivery}/retry"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!(status, 202);
-    eventually("the retried delivery delivered", Duration::from_secs(10), || async {
-        let d = api.ok(&format!("/api/v1/webhooks/{down_id}/deliveries"), &admin).await;
-        (d[0]["status"] == "delivered").then_some(())
-    })
+    eventually(
+        "the retried delivery delivered",
+        Duration::from_secs(10),
+        || async {
+            let d = api
+                .ok(&format!("/api/v1/webhooks/{down_id}/deliveries"), &admin)
+                .await;
+            (d[0]["status"] == "delivered").then_some(())
+        },
+    )
     .await;
-    let (status, _) = api.call("POST", &format!("/api/v1/webhooks/{down_id}/deliveries/{delivery}/retry"), Some(&admin), None).await;
+    let (status, _) = api
+        .call(
+            "POST",
+            &format!("/api/v1/webhooks/{down_id}/deliveries/{delivery}/retry"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!(status, 409, "delivered already");
-    let (status, _) = api.call("DELETE", &format!("/api/v1/webhooks/{down_id}"), Some(&admin), None).await;
+    let (status, _) = api
+        .call(
+            "DELETE",
+            &format!("/api/v1/webhooks/{down_id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
-    assert_eq!(api.ok("/api/v1/webhooks", &admin).await.as_array().unwrap().len(), 1);
+    assert_eq!(
+        api.ok("/api/v1/webhooks", &admin)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,22 +302,48 @@ async fn a_hanging_endpoint_does_not_hold_the_pipeline() {
     let api = app.start_api_with(|c| c.webhooks.concurrency = 1).await;
     let admin = app.token("acme", "admin", None).await;
     let (receiver, base) = start_receiver().await;
-    let (status, _) = api.post("/api/v1/webhooks", &admin, json!({"url": format!("{base}/slow")})).await;
+    let (status, _) = api
+        .post(
+            "/api/v1/webhooks",
+            &admin,
+            json!({"url": format!("{base}/slow")}),
+        )
+        .await;
     assert_eq!(status, 201);
     let started = Instant::now();
     for i in 0..10 {
-        app.customer_says("acme", "mail", &format!("S{i}"), "hello").await;
+        app.customer_says("acme", "mail", &format!("S{i}"), "hello")
+            .await;
     }
-    eventually("ten conversations queued", Duration::from_secs(20), || async {
-        (count(&app.pg, "SELECT count(*) FROM conversations WHERE state = 'waiting'", &[]).await == 10).then_some(())
-    })
+    eventually(
+        "ten conversations queued",
+        Duration::from_secs(20),
+        || async {
+            (count(
+                &app.pg,
+                "SELECT count(*) FROM conversations WHERE state = 'waiting'",
+                &[],
+            )
+            .await
+                == 10)
+                .then_some(())
+        },
+    )
     .await;
     let queued_in = started.elapsed();
     // Every event has its delivery row although the endpoint answers none of them.
-    eventually("ten deliveries recorded", Duration::from_secs(20), || async {
-        (count(&app.pg, "SELECT count(*) FROM webhook_deliveries", &[]).await == 10).then_some(())
-    })
+    eventually(
+        "ten deliveries recorded",
+        Duration::from_secs(20),
+        || async {
+            (count(&app.pg, "SELECT count(*) FROM webhook_deliveries", &[]).await == 10)
+                .then_some(())
+        },
+    )
     .await;
     assert!(receiver.hits("slow").len() <= 3, "one at a time, 2 s each");
-    assert!(queued_in < Duration::from_secs(15), "the pipeline went on (a blocked one would take 20 s): {queued_in:?}");
+    assert!(
+        queued_in < Duration::from_secs(15),
+        "the pipeline went on (a blocked one would take 20 s): {queued_in:?}"
+    );
 }

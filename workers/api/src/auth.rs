@@ -96,11 +96,7 @@ impl Principal {
 
 /// A new random token: `fl_` and 64 hex digits (244 random bits from the OS).
 pub fn new_token() -> String {
-    format!(
-        "fl_{}{}",
-        Uuid::new_v4().simple(),
-        Uuid::new_v4().simple()
-    )
+    format!("fl_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
 }
 
 pub fn hash(token: &str) -> Vec<u8> {

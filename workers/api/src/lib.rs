@@ -118,8 +118,8 @@ impl utoipa::Modify for BearerAuth {
 
 /// The whole HTTP application over `services`.
 pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
-    let (router, doc) = routes::register(OpenApiRouter::with_openapi(ApiDoc::openapi()))
-        .split_for_parts();
+    let (router, doc) =
+        routes::register(OpenApiRouter::with_openapi(ApiDoc::openapi())).split_for_parts();
     let state = AppState {
         pool: services.pool.clone(),
         js: services.js.clone(),

@@ -98,7 +98,12 @@ pub async fn agent_live(
         .into_response())
 }
 
-async fn snapshot(state: &AppState, tenant: &TenantId, agent: &AgentId, last_seq: u64) -> anyhow::Result<Snapshot> {
+async fn snapshot(
+    state: &AppState,
+    tenant: &TenantId,
+    agent: &AgentId,
+    last_seq: u64,
+) -> anyhow::Result<Snapshot> {
     let client = state.pool.get().await?;
     let offers = client
         .query(
@@ -237,13 +242,22 @@ mod tests {
             kind: NotificationKind::Offer {
                 offer_id: Uuid::nil(),
                 channel: ChannelId::parse("line").unwrap(),
-                customer: CustomerRef { id: "u".into(), name: None },
+                customer: CustomerRef {
+                    id: "u".into(),
+                    name: None,
+                },
                 required_skills: SkillSet::default(),
                 deadline,
             },
         };
-        assert!(still_relevant(&offer(now + chrono::Duration::seconds(5)), now));
-        assert!(!still_relevant(&offer(now - chrono::Duration::seconds(5)), now));
+        assert!(still_relevant(
+            &offer(now + chrono::Duration::seconds(5)),
+            now
+        ));
+        assert!(!still_relevant(
+            &offer(now - chrono::Duration::seconds(5)),
+            now
+        ));
         let closed = AgentNotification {
             kind: NotificationKind::Closed,
             ..offer(now)

@@ -37,19 +37,39 @@ use uuid::Uuid;
 #[derive(Clone, Debug, clap::Args)]
 pub struct WebhookConfig {
     /// Tries of one delivery before it is dead-lettered.
-    #[arg(long = "webhook-max-attempts", env = "FL_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    #[arg(
+        long = "webhook-max-attempts",
+        env = "FL_WEBHOOK_MAX_ATTEMPTS",
+        default_value_t = 12
+    )]
     pub max_attempts: i32,
     /// Delay before the first retry (ms); it doubles with every try.
-    #[arg(long = "webhook-backoff-ms", env = "FL_WEBHOOK_BACKOFF_MS", default_value_t = 5000)]
+    #[arg(
+        long = "webhook-backoff-ms",
+        env = "FL_WEBHOOK_BACKOFF_MS",
+        default_value_t = 5000
+    )]
     pub backoff_ms: u64,
     /// Longest delay between two tries (seconds).
-    #[arg(long = "webhook-backoff-max-secs", env = "FL_WEBHOOK_BACKOFF_MAX_SECS", default_value_t = 3600)]
+    #[arg(
+        long = "webhook-backoff-max-secs",
+        env = "FL_WEBHOOK_BACKOFF_MAX_SECS",
+        default_value_t = 3600
+    )]
     pub backoff_max_secs: u64,
     /// How long an endpoint has to answer (seconds).
-    #[arg(long = "webhook-timeout-secs", env = "FL_WEBHOOK_TIMEOUT_SECS", default_value_t = 10)]
+    #[arg(
+        long = "webhook-timeout-secs",
+        env = "FL_WEBHOOK_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
     pub timeout_secs: u64,
     /// Requests in flight at once (per API instance).
-    #[arg(long = "webhook-concurrency", env = "FL_WEBHOOK_CONCURRENCY", default_value_t = 32)]
+    #[arg(
+        long = "webhook-concurrency",
+        env = "FL_WEBHOOK_CONCURRENCY",
+        default_value_t = 32
+    )]
     pub concurrency: usize,
 }
 
@@ -67,7 +87,11 @@ impl Default for WebhookConfig {
 
 /// A new webhook secret: `whsec_` and 64 hex digits.
 pub fn new_secret() -> String {
-    format!("whsec_{}{}", Uuid::new_v4().simple(), Uuid::new_v4().simple())
+    format!(
+        "whsec_{}{}",
+        Uuid::new_v4().simple(),
+        Uuid::new_v4().simple()
+    )
 }
 
 fn mac(secret: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
@@ -84,7 +108,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -186,7 +210,8 @@ pub async fn run(
 
 /// Writes a delivery per webhook of the event's tenant that wants it.
 async fn enqueue(pool: &Pool, wake: &Notify, m: Delivered) -> Result<(), HandleError> {
-    let tenant = TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
+    let tenant =
+        TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let event: ConversationEvent = wire::decode(&m.payload)?;
     let client = pool.get().await?;
     let stmt = client
@@ -194,7 +219,9 @@ async fn enqueue(pool: &Pool, wake: &Notify, m: Delivered) -> Result<(), HandleE
             "SELECT id FROM webhooks WHERE tenant_id = $1 AND (states = '{}' OR $2 = ANY(states))",
         )
         .await?;
-    let hooks = client.query(&stmt, &[&tenant.as_str(), &event.to.as_str()]).await?;
+    let hooks = client
+        .query(&stmt, &[&tenant.as_str(), &event.to.as_str()])
+        .await?;
     if hooks.is_empty() {
         return Ok(());
     }
@@ -208,7 +235,16 @@ async fn enqueue(pool: &Pool, wake: &Notify, m: Delivered) -> Result<(), HandleE
     for hook in hooks {
         let webhook: Uuid = hook.get(0);
         client
-            .execute(&insert, &[&Uuid::now_v7(), &webhook, &tenant.as_str(), &event.event_id, &body])
+            .execute(
+                &insert,
+                &[
+                    &Uuid::now_v7(),
+                    &webhook,
+                    &tenant.as_str(),
+                    &event.event_id,
+                    &body,
+                ],
+            )
             .await?;
     }
     wake.notify_one();
@@ -318,7 +354,10 @@ impl Sender {
             .http
             .post(&d.url)
             .header("content-type", "application/json")
-            .header("firstline-signature", signature_header(&d.secret, timestamp, d.body.as_bytes()))
+            .header(
+                "firstline-signature",
+                signature_header(&d.secret, timestamp, d.body.as_bytes()),
+            )
             .header("firstline-event-id", d.event_id.to_string())
             .header("firstline-delivery-id", d.id.to_string())
             .header("firstline-attempt", d.attempts.to_string())
@@ -331,7 +370,10 @@ impl Sender {
                 Some(r.status().as_u16() as i32),
                 Some(format!("HTTP {}", r.status())),
             ),
-            Err(e) if e.is_timeout() => (None, Some(format!("no answer within {} s", self.config.timeout_secs))),
+            Err(e) if e.is_timeout() => (
+                None,
+                Some(format!("no answer within {} s", self.config.timeout_secs)),
+            ),
             Err(e) => (None, Some(format!("{e}"))),
         };
         if let Err(e) = self.record(&d, status, error).await {
@@ -340,7 +382,12 @@ impl Sender {
         }
     }
 
-    async fn record(&self, d: &Claimed, status: Option<i32>, error: Option<String>) -> anyhow::Result<()> {
+    async fn record(
+        &self,
+        d: &Claimed,
+        status: Option<i32>,
+        error: Option<String>,
+    ) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
         let Some(error) = error else {
             client
@@ -371,7 +418,10 @@ impl Sender {
             tracing::info!(delivery = %d.id, url = %d.url, attempts = d.attempts, retry_in_ms = delay.as_millis() as u64, "webhook failed: {error}");
             return Ok(());
         }
-        let reason = format!("webhook {} failed {} times; last: {error}", d.url, d.attempts);
+        let reason = format!(
+            "webhook {} failed {} times; last: {error}",
+            d.url, d.attempts
+        );
         // The dead letter is published before the row says dead: a crash in between tries
         // once more rather than losing the dead letter.
         let tenant = TenantId::parse(d.tenant.clone())?;
@@ -422,7 +472,10 @@ mod tests {
         let header = signature_header("whsec_x", 1_700_000_000, b"{\"a\":1}");
         assert!(header.starts_with("t=1700000000,v1="));
         assert_eq!(header.len(), "t=1700000000,v1=".len() + 64);
-        assert_eq!(verify("whsec_x", &header, b"{\"a\":1}", 1_700_000_010, 300), Ok(()));
+        assert_eq!(
+            verify("whsec_x", &header, b"{\"a\":1}", 1_700_000_010, 300),
+            Ok(())
+        );
         assert!(verify("whsec_x", &header, b"{\"a\":2}", 1_700_000_010, 300).is_err());
         assert!(verify("whsec_y", &header, b"{\"a\":1}", 1_700_000_010, 300).is_err());
         assert_eq!(
@@ -447,7 +500,10 @@ mod tests {
             m.update(b"what do ya want for nothing?");
             hex(&m.finalize().into_bytes())
         };
-        assert_eq!(rfc, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        assert_eq!(
+            rfc,
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct DemoOptions {
     pub conversations: Option<usize>,
     /// Seconds between two new customers.
     pub every: Duration,
+    /// Where the API serves the dashboard, if it runs: the demo prints its address with a
+    /// supervisor token.
+    pub api_addr: Option<std::net::SocketAddr>,
 }
 
 /// Runs the simulation against running workers until `shutdown`, or until
@@ -66,6 +69,21 @@ pub async fn run(
     let js = jetstream::new(client.clone());
     bus::ensure_streams(&js).await?;
     let tenant = TenantId::parse("demo")?;
+    if let Some(addr) = options.api_addr {
+        let (pg, connection) = tokio_postgres::connect(database_url, tokio_postgres::NoTls).await?;
+        tokio::spawn(connection);
+        let (_, token) = firstline_api::auth::create_token(
+            &pg,
+            &tenant,
+            firstline_api::auth::Role::Supervisor,
+            None,
+            "demo dashboard",
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        println!("queue dashboard (交談佇列): http://{addr}/dashboard#token={token}");
+        println!("API: http://{addr}/openapi.json");
+    }
 
     let completed = Arc::new(Mutex::new(HashSet::<Uuid>::new()));
     let done = CancellationToken::new();

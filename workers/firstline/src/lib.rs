@@ -36,3 +36,24 @@ pub async fn run_all(common: CommonConfig, shutdown: CancellationToken) -> anyho
     }
     result
 }
+
+/// [`run_all`] and, when `api` is set, the HTTP API (with the dashboard, agents' WebSockets
+/// and webhooks) on that address.
+pub async fn run_all_with_api(
+    common: CommonConfig,
+    api: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Some(listen) = api else {
+        return run_all(common, shutdown).await;
+    };
+    let mut config = firstline_api::Config::new(common.clone());
+    config.listen = listen;
+    let workers = run_all(common, shutdown.clone());
+    let api = firstline_api::run(config, shutdown.clone());
+    let result = tokio::try_join!(workers, api).map(|_| ());
+    if result.is_err() {
+        shutdown.cancel();
+    }
+    result
+}

@@ -19,8 +19,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run ingest, bot-router, dispatcher and notifier in this process.
-    Run,
+    /// Run ingest, bot-router, dispatcher, notifier and the API in this process.
+    Run {
+        #[command(flatten)]
+        api: ApiOptions,
+    },
     /// Create the database if missing and apply the migrations.
     Migrate,
     /// Create or update tenants, channels and agents from a JSON file.
@@ -36,6 +39,13 @@ enum Command {
         /// Seconds between new customers.
         #[arg(long, default_value_t = 2.0)]
         every: f64,
+        #[command(flatten)]
+        api: ApiOptions,
+    },
+    /// API tokens: `token create --tenant acme --role admin` prints a new token (shown once).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
     },
     /// The bot's configuration: keyword rules, articles, flows, business hours, survey.
     Bot {
@@ -64,6 +74,66 @@ enum Command {
         #[arg(long, default_value = "schemas")]
         dir: PathBuf,
     },
+}
+
+/// Where the all-in-one process serves the HTTP API and dashboard.
+#[derive(Debug, clap::Args)]
+struct ApiOptions {
+    /// Address of the HTTP API, the dashboard and agents' WebSockets.
+    #[arg(long, env = "FL_API_ADDR", default_value = "127.0.0.1:8080")]
+    api_addr: std::net::SocketAddr,
+    /// Do not serve the API in this process (run `firstline-api` apart).
+    #[arg(long)]
+    no_api: bool,
+}
+
+impl ApiOptions {
+    fn addr(&self) -> Option<std::net::SocketAddr> {
+        (!self.no_api).then_some(self.api_addr)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenAction {
+    /// Make a token and print it (only its hash is stored).
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// admin, supervisor or agent.
+        #[arg(long)]
+        role: String,
+        /// The agent an agent token acts as.
+        #[arg(long)]
+        agent: Option<String>,
+        /// What the token is for.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+}
+
+async fn token(common: &CommonConfig, action: TokenAction) -> anyhow::Result<()> {
+    let TokenAction::Create {
+        tenant,
+        role,
+        agent,
+        name,
+    } = action;
+    let tenant = firstline_shared::domain::TenantId::parse(tenant)?;
+    let role = firstline_api::auth::Role::parse(&role)
+        .with_context(|| format!("role {role:?}: use admin, supervisor or agent"))?;
+    let agent = agent
+        .map(firstline_shared::domain::AgentId::parse)
+        .transpose()?;
+    firstline_shared::db::migrate(&common.database_url).await?;
+    let (client, connection) =
+        tokio_postgres::connect(&common.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let (_, token) =
+        firstline_api::auth::create_token(&client, &tenant, role, agent.as_ref(), &name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    println!("{token}");
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,15 +274,15 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = firstline_shared::telemetry::init("firstline")?;
     let shutdown = firstline_shared::shutdown::on_signals();
-    if let (Command::Run | Command::Demo { .. }, Some(addr)) =
+    if let (Command::Run { .. } | Command::Demo { .. }, Some(addr)) =
         (&cli.command, cli.common.metrics_addr)
     {
         firstline_shared::metrics::serve(addr)?;
     }
     let result = match cli.command {
-        Command::Run => {
+        Command::Run { api } => {
             firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
-            firstline::run_all(cli.common, shutdown).await
+            firstline::run_all_with_api(cli.common, api.addr(), shutdown).await
         }
         Command::Migrate => {
             firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
@@ -228,13 +298,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo {
             conversations,
             every,
+            api,
         } => {
             firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
             firstline_shared::db::migrate(&cli.common.database_url).await?;
-            let workers = tokio::spawn(firstline::run_all(cli.common.clone(), shutdown.clone()));
+            let workers = tokio::spawn(firstline::run_all_with_api(
+                cli.common.clone(),
+                api.addr(),
+                shutdown.clone(),
+            ));
             let options = demo::DemoOptions {
                 conversations,
                 every: Duration::from_secs_f64(every),
+                api_addr: api.addr(),
             };
             let completed = demo::run(
                 &cli.common.nats_url,
@@ -249,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::DeadLetters { action } => dead_letters(&cli.common, action).await,
         Command::Bot { action } => bot(&cli.common, action).await,
+        Command::Token { action } => token(&cli.common, action).await,
         Command::NatsConfig {
             gateways,
             workers_user,

@@ -69,7 +69,10 @@ pub(crate) async fn all(state: &AppState, tenant: &TenantId) -> ApiResult<Vec<Ag
 async fn read(state: &AppState, tenant: &TenantId, id: &AgentId) -> ApiResult<Agent> {
     let client = state.pool.get().await?;
     client
-        .query_opt(&format!("{AGENT_SQL} AND a.id = $2"), &[&tenant.as_str(), &id.as_str()])
+        .query_opt(
+            &format!("{AGENT_SQL} AND a.id = $2"),
+            &[&tenant.as_str(), &id.as_str()],
+        )
         .await?
         .map(|r| from_row(&r))
         .ok_or_else(|| ApiError::not_found(format!("no agent {id}")))
@@ -91,7 +94,11 @@ pub async fn list(State(state): State<AppState>, p: Principal) -> ApiResult<Json
     summary = "One agent (admin, supervisor, or the agent themselves)",
     params(("id" = String, Path, description = "The agent's id")),
     responses((status = 200, body = Agent), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_one(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<Json<Agent>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<Json<Agent>> {
     let id = agent_id(&id)?;
     p.may_act_for(&id)?;
     Ok(Json(read(&state, &p.tenant, &id).await?))
@@ -132,7 +139,10 @@ pub async fn put(
     p.admin()?;
     let id = agent_id(&id)?;
     if !(0..=1000).contains(&input.capacity) {
-        return Err(ApiError::invalid(format!("capacity must be 0 to 1000, not {}", input.capacity)));
+        return Err(ApiError::invalid(format!(
+            "capacity must be 0 to 1000, not {}",
+            input.capacity
+        )));
     }
     let client = state.pool.get().await?;
     let row = client
@@ -141,14 +151,24 @@ pub async fn put(
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (tenant_id, id) DO UPDATE SET display_name = $3, skills = $4, capacity = $5
              RETURNING (xmax = 0)",
-            &[&p.tenant.as_str(), &id.as_str(), &input.display_name, &input.skills.to_vec(), &input.capacity],
+            &[
+                &p.tenant.as_str(),
+                &id.as_str(),
+                &input.display_name,
+                &input.skills.to_vec(),
+                &input.capacity,
+            ],
         )
         .await?;
     let created: bool = row.get(0);
     drop(client);
     // New skills or a larger capacity may let a waiting conversation be offered now.
     wake_dispatcher(&state, &p.tenant, "agent").await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(read(&state, &p.tenant, &id).await?)))
 }
 
@@ -188,7 +208,11 @@ pub async fn presence(
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     let id = agent_id(&id)?;
     p.may_act_for(&id)?;
-    if input.reason.as_ref().is_some_and(|r| r.chars().count() > 200) {
+    if input
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 200)
+    {
         return Err(ApiError::invalid("reason is longer than 200 characters"));
     }
     read(&state, &p.tenant, &id).await?;
@@ -211,5 +235,11 @@ pub async fn presence(
         wire::encode(&message),
     )
     .await?;
-    Ok((StatusCode::ACCEPTED, Json(Accepted { status: "accepted", id: msg_id })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Accepted {
+            status: "accepted",
+            id: msg_id,
+        }),
+    ))
 }

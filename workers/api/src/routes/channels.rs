@@ -131,7 +131,11 @@ async fn read(state: &AppState, p: &Principal, id: &ChannelId) -> ApiResult<Chan
     summary = "One channel (admin, supervisor)",
     params(("id" = String, Path, description = "The channel's id")),
     responses((status = 200, body = Channel), (status = 404, body = ErrorBody)))]
-pub async fn get_one(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<Json<Channel>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<Json<Channel>> {
     p.staff()?;
     Ok(Json(read(&state, &p, &channel_id(&id)?).await?))
 }
@@ -143,11 +147,14 @@ impl ChannelInput {
         }
         if let Some(s) = self.bot_idle_seconds {
             if s < 1 {
-                return Err(ApiError::invalid(format!("bot_idle_seconds must be at least 1, not {s}")));
+                return Err(ApiError::invalid(format!(
+                    "bot_idle_seconds must be at least 1, not {s}"
+                )));
             }
         }
         if let Some(h) = &self.business_hours {
-            h.compile().map_err(|e| ApiError::invalid(format!("business_hours: {e}")))?;
+            h.compile()
+                .map_err(|e| ApiError::invalid(format!("business_hours: {e}")))?;
         }
         if let Some(s) = &self.survey {
             s.check().map_err(ApiError::invalid)?;
@@ -182,11 +189,23 @@ pub async fn put(
             )
             .await?;
         if published.is_none() {
-            return Err(ApiError::invalid(format!("welcome_flow: flow {flow:?} has no published version")));
+            return Err(ApiError::invalid(format!(
+                "welcome_flow: flow {flow:?} has no published version"
+            )));
         }
     }
-    let hours = input.business_hours.as_ref().map(serde_json::to_value).transpose().map_err(anyhow::Error::from)?;
-    let survey = input.survey.as_ref().map(serde_json::to_value).transpose().map_err(anyhow::Error::from)?;
+    let hours = input
+        .business_hours
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
+    let survey = input
+        .survey
+        .as_ref()
+        .map(serde_json::to_value)
+        .transpose()
+        .map_err(anyhow::Error::from)?;
     let row = tx
         .query_one(
             "INSERT INTO channels AS c (tenant_id, id, kind, name, required_skills, bot_enabled, priority,
@@ -215,7 +234,11 @@ pub async fn put(
     tx.commit().await?;
     drop(client);
     wake_dispatcher(&state, &p.tenant, "channel").await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(read(&state, &p, &id).await?)))
 }
 
@@ -224,7 +247,11 @@ pub async fn put(
     params(("id" = String, Path, description = "The channel's id")),
     responses((status = 204, description = "Deleted"), (status = 404, body = ErrorBody),
         (status = 409, description = "The channel has conversations", body = ErrorBody)))]
-pub async fn delete(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<StatusCode> {
     p.admin()?;
     let id = channel_id(&id)?;
     let client = state.pool.get().await?;

@@ -134,7 +134,9 @@ pub async fn list(
         .transpose()?;
     let limit = f.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit must be 1 to 500, not {limit}")));
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to 500, not {limit}"
+        )));
     }
     let offset = f.offset.unwrap_or(0);
     if offset < 0 {
@@ -162,7 +164,16 @@ pub async fn list(
     let rows = client
         .query(
             &sql,
-            &[&p.tenant.as_str(), &states, &f.channel, &f.agent, &skill, &own, &limit, &offset],
+            &[
+                &p.tenant.as_str(),
+                &states,
+                &f.channel,
+                &f.agent,
+                &skill,
+                &own,
+                &limit,
+                &offset,
+            ],
         )
         .await?;
     Ok(Json(rows.iter().map(summary_from_row).collect()))
@@ -227,11 +238,18 @@ fn conversation_id(id: &PathId) -> ApiResult<Uuid> {
     summary = "One conversation with its transcript, state history and offers",
     params(("id" = Uuid, Path, description = "The conversation's id")),
     responses((status = 200, body = ConversationDetail), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_one(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<Json<ConversationDetail>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<Json<ConversationDetail>> {
     let id = conversation_id(&id)?;
     let client = state.pool.get().await?;
     let row = client
-        .query_opt(&format!("{SUMMARY_SQL} AND c.id = $2"), &[&p.tenant.as_str(), &id])
+        .query_opt(
+            &format!("{SUMMARY_SQL} AND c.id = $2"),
+            &[&p.tenant.as_str(), &id],
+        )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no conversation {id}")))?;
     let summary = summary_from_row(&row);
@@ -405,7 +423,12 @@ async fn act(
     params(("id" = Uuid, Path, description = "The conversation's id")),
     responses((status = 202, body = ActionAccepted), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "Not offered to you", body = ErrorBody)))]
-pub async fn accept(State(state): State<AppState>, p: Principal, headers: HttpHeaders, id: PathId) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
+pub async fn accept(
+    State(state): State<AppState>,
+    p: Principal,
+    headers: HttpHeaders,
+    id: PathId,
+) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
     act(&state, &p, &headers, &id, Needs::Offer, |conversation_id| {
         (AgentActionKind::Accept { conversation_id }, "accept")
     })
@@ -435,7 +458,13 @@ pub async fn decline(
 ) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
     let reason = input.reason;
     act(&state, &p, &headers, &id, Needs::Offer, |conversation_id| {
-        (AgentActionKind::Decline { conversation_id, reason }, "decline")
+        (
+            AgentActionKind::Decline {
+                conversation_id,
+                reason,
+            },
+            "decline",
+        )
     })
     .await
 }
@@ -464,11 +493,26 @@ pub async fn reply(
 ) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
     let len = input.text.chars().count();
     if input.text.trim().is_empty() || len > 5000 {
-        return Err(ApiError::invalid(format!("text must be 1 to 5000 characters, not {len}")));
+        return Err(ApiError::invalid(format!(
+            "text must be 1 to 5000 characters, not {len}"
+        )));
     }
-    act(&state, &p, &headers, &id, Needs::Serving, |conversation_id| {
-        (AgentActionKind::Reply { conversation_id, text: input.text }, "reply")
-    })
+    act(
+        &state,
+        &p,
+        &headers,
+        &id,
+        Needs::Serving,
+        |conversation_id| {
+            (
+                AgentActionKind::Reply {
+                    conversation_id,
+                    text: input.text,
+                },
+                "reply",
+            )
+        },
+    )
     .await
 }
 
@@ -477,10 +521,20 @@ pub async fn reply(
     params(("id" = Uuid, Path, description = "The conversation's id")),
     responses((status = 202, body = ActionAccepted), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "You are not serving it", body = ErrorBody)))]
-pub async fn close(State(state): State<AppState>, p: Principal, headers: HttpHeaders, id: PathId) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
-    act(&state, &p, &headers, &id, Needs::Serving, |conversation_id| {
-        (AgentActionKind::Close { conversation_id }, "close")
-    })
+pub async fn close(
+    State(state): State<AppState>,
+    p: Principal,
+    headers: HttpHeaders,
+    id: PathId,
+) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
+    act(
+        &state,
+        &p,
+        &headers,
+        &id,
+        Needs::Serving,
+        |conversation_id| (AgentActionKind::Close { conversation_id }, "close"),
+    )
     .await
 }
 
@@ -513,7 +567,9 @@ pub async fn transfer(
 ) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
     if let Some(to) = &input.to_agent {
         if Some(to) == p.agent.as_ref() {
-            return Err(ApiError::invalid("a conversation cannot be transferred to yourself"));
+            return Err(ApiError::invalid(
+                "a conversation cannot be transferred to yourself",
+            ));
         }
         let client = state.pool.get().await?;
         let found = client
@@ -526,15 +582,22 @@ pub async fn transfer(
             return Err(ApiError::invalid(format!("to_agent: no agent {to}")));
         }
     }
-    act(&state, &p, &headers, &id, Needs::Serving, |conversation_id| {
-        (
-            AgentActionKind::Transfer {
-                conversation_id,
-                to_agent: input.to_agent,
-                skills: input.skills,
-            },
-            "transfer",
-        )
-    })
+    act(
+        &state,
+        &p,
+        &headers,
+        &id,
+        Needs::Serving,
+        |conversation_id| {
+            (
+                AgentActionKind::Transfer {
+                    conversation_id,
+                    to_agent: input.to_agent,
+                    skills: input.skills,
+                },
+                "transfer",
+            )
+        },
+    )
     .await
 }

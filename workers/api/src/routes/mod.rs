@@ -48,7 +48,11 @@ pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
 
 /// Wakes the dispatcher for `tenant`: a change made here (skills, capacity, offer limit) may
 /// let queued conversations be offered now.
-pub(crate) async fn wake_dispatcher(state: &AppState, tenant: &TenantId, reason: &str) -> ApiResult<()> {
+pub(crate) async fn wake_dispatcher(
+    state: &AppState,
+    tenant: &TenantId,
+    reason: &str,
+) -> ApiResult<()> {
     let mut headers = HeaderMap::new();
     telemetry::inject_current(&mut headers);
     let signal = QueueSignal {

@@ -87,7 +87,11 @@ pub async fn snapshot(
             .map_err(|_| ApiError::bad_request(format!("tz: unknown time zone {tz:?}")))?,
     };
     let now = Utc::now();
-    let midnight = now.with_timezone(&zone).date_naive().and_hms_opt(0, 0, 0).unwrap_or_default();
+    let midnight = now
+        .with_timezone(&zone)
+        .date_naive()
+        .and_hms_opt(0, 0, 0)
+        .unwrap_or_default();
     let today_start = zone
         .from_local_datetime(&midnight)
         .earliest()
@@ -144,7 +148,9 @@ pub async fn snapshot(
                        ELSE c.created_at END,
                   c.completed_at DESC, c.id"
     );
-    let rows = client.query(&sql, &[&tenant, &ROWS_PER_STATE, &today_start]).await?;
+    let rows = client
+        .query(&sql, &[&tenant, &ROWS_PER_STATE, &today_start])
+        .await?;
     drop(client);
     let conversations = rows
         .iter()

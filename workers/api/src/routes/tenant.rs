@@ -76,20 +76,30 @@ impl SettingsPatch {
         }
         if let Some(l) = self.offer_limit {
             if !(1..=50).contains(&l) {
-                return Err(ApiError::invalid(format!("offer_limit must be 1 to 50, not {l}")));
+                return Err(ApiError::invalid(format!(
+                    "offer_limit must be 1 to 50, not {l}"
+                )));
             }
         }
         if let Some(s) = self.kb_min_score {
             if !(s > 0.0 && s <= 1.0) {
-                return Err(ApiError::invalid(format!("kb_min_score must be above 0 and at most 1, not {s}")));
+                return Err(ApiError::invalid(format!(
+                    "kb_min_score must be above 0 and at most 1, not {s}"
+                )));
             }
         }
         if let Some(k) = &self.handover_keywords {
             if k.iter().any(|k| k.trim().is_empty()) {
-                return Err(ApiError::invalid("handover_keywords may not contain an empty keyword"));
+                return Err(ApiError::invalid(
+                    "handover_keywords may not contain an empty keyword",
+                ));
             }
         }
-        for (field, value) in [("bot_reply", &self.bot_reply), ("handover_reply", &self.handover_reply), ("name", &self.name)] {
+        for (field, value) in [
+            ("bot_reply", &self.bot_reply),
+            ("handover_reply", &self.handover_reply),
+            ("name", &self.name),
+        ] {
             if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
                 return Err(ApiError::invalid(format!("{field} may not be empty")));
             }
@@ -123,7 +133,10 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
 #[utoipa::path(get, path = "/api/v1/settings", tag = "tenant",
     summary = "The tenant's settings (admin, supervisor)",
     responses((status = 200, body = Settings), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn get_settings(State(state): State<AppState>, p: Principal) -> ApiResult<Json<Settings>> {
+pub async fn get_settings(
+    State(state): State<AppState>,
+    p: Principal,
+) -> ApiResult<Json<Settings>> {
     p.staff()?;
     Ok(Json(read_settings(&state, &p).await?))
 }

@@ -85,7 +85,14 @@ pub async fn create(
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     p.admin()?;
     let client = state.pool.get().await?;
-    let (id, token) = auth::create_token(&**client, &p.tenant, input.role, input.agent_id.as_ref(), &input.name).await?;
+    let (id, token) = auth::create_token(
+        &**client,
+        &p.tenant,
+        input.role,
+        input.agent_id.as_ref(),
+        &input.name,
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {
@@ -102,7 +109,11 @@ pub async fn create(
     summary = "Revoke a token (admin); it stops working at once",
     params(("id" = Uuid, Path, description = "The token's id (not the token)")),
     responses((status = 204, description = "Revoked"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn revoke(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<StatusCode> {
+pub async fn revoke(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<StatusCode> {
     p.admin()?;
     let id = id.uuid("token")?;
     let client = state.pool.get().await?;

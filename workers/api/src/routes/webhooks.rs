@@ -78,7 +78,10 @@ pub async fn list(State(state): State<AppState>, p: Principal) -> ApiResult<Json
     p.admin()?;
     let client = state.pool.get().await?;
     let rows = client
-        .query(&format!("{WEBHOOK_SQL} GROUP BY w.id ORDER BY w.created_at, w.id"), &[&p.tenant.as_str()])
+        .query(
+            &format!("{WEBHOOK_SQL} GROUP BY w.id ORDER BY w.created_at, w.id"),
+            &[&p.tenant.as_str()],
+        )
         .await?;
     Ok(Json(rows.iter().map(from_row).collect()))
 }
@@ -95,10 +98,12 @@ pub async fn create(
     Body(input): Body<NewWebhook>,
 ) -> ApiResult<(StatusCode, Json<CreatedWebhook>)> {
     p.admin()?;
-    let url = reqwest::Url::parse(&input.url)
-        .map_err(|e| ApiError::invalid(format!("url: {e}")))?;
+    let url =
+        reqwest::Url::parse(&input.url).map_err(|e| ApiError::invalid(format!("url: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ApiError::invalid("url must be an http:// or https:// URL with a host"));
+        return Err(ApiError::invalid(
+            "url must be an http:// or https:// URL with a host",
+        ));
     }
     let states = input
         .states
@@ -106,7 +111,9 @@ pub async fn create(
         .map(|s| {
             ConversationState::from_str(s)
                 .map(|s| s.as_str().to_string())
-                .map_err(|_| ApiError::invalid(format!("states: {s:?} is not a conversation state")))
+                .map_err(|_| {
+                    ApiError::invalid(format!("states: {s:?} is not a conversation state"))
+                })
         })
         .collect::<ApiResult<Vec<String>>>()?;
     let id = Uuid::now_v7();
@@ -134,12 +141,19 @@ pub async fn create(
     summary = "One webhook with delivery counts (admin)",
     params(("id" = Uuid, Path, description = "The webhook's id")),
     responses((status = 200, body = Webhook), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn get_one(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<Json<Webhook>> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<Json<Webhook>> {
     p.admin()?;
     let id = id.uuid("webhook")?;
     let client = state.pool.get().await?;
     client
-        .query_opt(&format!("{WEBHOOK_SQL} AND w.id = $2 GROUP BY w.id"), &[&p.tenant.as_str(), &id])
+        .query_opt(
+            &format!("{WEBHOOK_SQL} AND w.id = $2 GROUP BY w.id"),
+            &[&p.tenant.as_str(), &id],
+        )
         .await?
         .map(|r| Json(from_row(&r)))
         .ok_or_else(|| ApiError::not_found(format!("no webhook {id}")))
@@ -149,12 +163,19 @@ pub async fn get_one(State(state): State<AppState>, p: Principal, id: PathId) ->
     summary = "Remove a webhook and its pending deliveries (admin)",
     params(("id" = Uuid, Path, description = "The webhook's id")),
     responses((status = 204, description = "Removed"), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn delete(State(state): State<AppState>, p: Principal, id: PathId) -> ApiResult<StatusCode> {
+pub async fn delete(
+    State(state): State<AppState>,
+    p: Principal,
+    id: PathId,
+) -> ApiResult<StatusCode> {
     p.admin()?;
     let id = id.uuid("webhook")?;
     let client = state.pool.get().await?;
     let n = client
-        .execute("DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2", &[&p.tenant.as_str(), &id])
+        .execute(
+            "DELETE FROM webhooks WHERE tenant_id = $1 AND id = $2",
+            &[&p.tenant.as_str(), &id],
+        )
         .await?;
     if n == 0 {
         return Err(ApiError::not_found(format!("no webhook {id}")));
@@ -205,16 +226,23 @@ pub async fn deliveries(
     let id = id.uuid("webhook")?;
     if let Some(s) = &f.status {
         if !matches!(s.as_str(), "pending" | "delivered" | "dead") {
-            return Err(ApiError::bad_request(format!("status: {s:?} is not pending, delivered or dead")));
+            return Err(ApiError::bad_request(format!(
+                "status: {s:?} is not pending, delivered or dead"
+            )));
         }
     }
     let limit = f.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit must be 1 to 500, not {limit}")));
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to 500, not {limit}"
+        )));
     }
     let client = state.pool.get().await?;
     let found = client
-        .query_opt("SELECT 1 FROM webhooks WHERE tenant_id = $1 AND id = $2", &[&p.tenant.as_str(), &id])
+        .query_opt(
+            "SELECT 1 FROM webhooks WHERE tenant_id = $1 AND id = $2",
+            &[&p.tenant.as_str(), &id],
+        )
         .await?;
     if found.is_none() {
         return Err(ApiError::not_found(format!("no webhook {id}")));
@@ -272,7 +300,9 @@ pub async fn retry(
         .await?
         .ok_or_else(not_found)?;
     if row.get::<_, &str>(0) == "delivered" {
-        return Err(ApiError::conflict(format!("delivery {delivery_id} was delivered already")));
+        return Err(ApiError::conflict(format!(
+            "delivery {delivery_id} was delivered already"
+        )));
     }
     client
         .execute(

@@ -1,0 +1,403 @@
+//! The queue dashboard in a real browser: headless Chromium (Debian's `chromium`, driven over
+//! the DevTools protocol) loads the page from the running API, with real conversations in
+//! every state; the test checks the counts and rows shown, sees a live update arrive without a
+//! reload, switches the language, and saves screenshots under `target/test-output/`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use firstline_tests::{eventually, next_matching, TestApp};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+const SETUP: &str = r#"{"tenants":[{"id": "acme", "dispatch_cycle_seconds": 120,
+   "channels": [{"id": "line", "kind": "line", "bot_enabled": true},
+                {"id": "mail", "kind": "email", "bot_enabled": false},
+                {"id": "vip", "kind": "webchat", "bot_enabled": false, "required_skills": ["vip"]}],
+   "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 2},
+              {"id": "ben", "name": "Ben Wu", "capacity": 3}]}]}"#;
+
+/// Debian's chromium (or CHROMIUM_BIN); scripts/test installs it.
+fn chromium_binary() -> PathBuf {
+    if let Ok(bin) = std::env::var("CHROMIUM_BIN") {
+        return bin.into();
+    }
+    for candidate in [
+        "/usr/bin/chromium",
+        "/usr/bin/chromium-browser",
+        "/usr/bin/google-chrome",
+    ] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    panic!("no Chromium found: install Debian's `chromium` package (scripts/test does) or set CHROMIUM_BIN");
+}
+
+struct Browser {
+    child: Child,
+    profile: PathBuf,
+    port: u16,
+}
+
+impl Browser {
+    fn start() -> Self {
+        let profile = std::env::temp_dir().join(format!("fl-chromium-{}", Uuid::new_v4().simple()));
+        let mut child = Command::new(chromium_binary())
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--remote-debugging-port=0",
+                "--window-size=1440,1100",
+                "--lang=en-US",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start chromium");
+        // "DevTools listening on ws://127.0.0.1:<port>/devtools/browser/<id>"
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("chromium exited before it listened")
+                .unwrap();
+            if let Some(rest) = line.split("ws://127.0.0.1:").nth(1) {
+                break rest.split('/').next().unwrap().parse().unwrap();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            profile,
+            port,
+        }
+    }
+
+    /// A DevTools session on the browser's first page.
+    async fn page(&self) -> Page {
+        let targets: Value = eventually("the page target", Duration::from_secs(20), || async {
+            let r = reqwest::get(format!("http://127.0.0.1:{}/json/list", self.port))
+                .await
+                .ok()?;
+            let v: Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
+            v.as_array()?
+                .iter()
+                .any(|t| t["type"] == "page")
+                .then_some(v)
+        })
+        .await;
+        let target = targets
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["type"] == "page")
+            .unwrap();
+        let url = target["webSocketDebuggerUrl"].as_str().unwrap();
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("devtools");
+        Page { socket, next_id: 0 }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.profile);
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The few DevTools commands the test needs.
+struct Page {
+    socket: Socket,
+    next_id: u64,
+}
+
+impl Page {
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let request = json!({"id": id, "method": method, "params": params});
+        self.socket
+            .send(Message::Text(request.to_string().into()))
+            .await
+            .unwrap();
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {method}"))
+                .unwrap()
+                .unwrap();
+            let Message::Text(text) = m else { continue };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates `expression` in the page; its value, as JSON.
+    async fn eval(&mut self, expression: &str) -> Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
+            )
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{expression}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// What the dashboard shows, read from the DOM.
+    async fn shown(&mut self) -> Value {
+        self.eval(
+            r#"(() => { try { return JSON.stringify({
+                refreshes: +(document.body.dataset.refreshes || 0),
+                live: document.getElementById("live-status").dataset.connected,
+                title: document.querySelector("h1").textContent,
+                note: document.getElementById("order-note").textContent,
+                counts: Object.fromEntries([...document.querySelectorAll("[data-count]")].map(e => [e.dataset.count, +e.textContent])),
+                rows: [...document.querySelectorAll("tr[data-conversation-id]")].map(r => ({
+                    id: r.dataset.conversationId, state: r.dataset.state, section: r.closest("section").dataset.section,
+                    text: r.textContent })),
+                agents: [...document.querySelectorAll("tr[data-agent-id]")].map(r => ({
+                    id: r.dataset.agentId, status: r.dataset.status, text: r.textContent })),
+                marker: window.__marker || null,
+            }); } catch (e) { return JSON.stringify({loading: String(e)}); } })()"#,
+        )
+        .await
+        .as_str()
+        .map(|s| serde_json::from_str(s).unwrap())
+        .unwrap()
+    }
+
+    async fn screenshot(&mut self, name: &str) -> PathBuf {
+        let r = self
+            .call(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().unwrap())
+            .unwrap();
+        assert!(png.starts_with(b"\x89PNG"));
+        let dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
+            .join("test-output");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, png).unwrap();
+        println!("screenshot: {}", path.display());
+        path
+    }
+}
+
+async fn conversation_of(events: &mut async_nats::Subscriber, customer: &str, to: &str) -> Uuid {
+    let v = next_matching(events, &format!("{customer} {to}"), |v| {
+        v["customer_id"] == customer && v["to"] == to
+    })
+    .await;
+    v["conversation_id"].as_str().unwrap().parse().unwrap()
+}
+
+/// Reads the page until what it shows satisfies `ok`, within 30 s.
+async fn wait_shown(page: &mut Page, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = page.shown().await;
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}; the page shows {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_the_queue_and_updates_live() {
+    let mut app = TestApp::spawn(SETUP).await;
+    let api = app.start_api().await;
+    let supervisor = app.token("acme", "supervisor", None).await;
+    let amy = app.token("acme", "agent", Some("amy")).await;
+    let mut events = app
+        .client
+        .subscribe("fl.acme.events.conversation")
+        .await
+        .unwrap();
+
+    // Every state: completed (P0), processing (P1), assigning (P2), waiting (V1, V2: nobody has
+    // "vip"), bot (B1).
+    assert_eq!(
+        api.put(
+            "/api/v1/agents/amy/presence",
+            &amy,
+            json!({"status": "ready"})
+        )
+        .await
+        .0,
+        202
+    );
+    for (customer, done) in [("P0", true), ("P1", false)] {
+        app.customer_says("acme", "mail", customer, "hello").await;
+        let c = conversation_of(&mut events, customer, "assigning").await;
+        assert_eq!(
+            api.post(
+                &format!("/api/v1/conversations/{c}/accept"),
+                &amy,
+                json!({})
+            )
+            .await
+            .0,
+            202
+        );
+        conversation_of(&mut events, customer, "processing").await;
+        if done {
+            assert_eq!(
+                api.post(&format!("/api/v1/conversations/{c}/close"), &amy, json!({}))
+                    .await
+                    .0,
+                202
+            );
+            conversation_of(&mut events, customer, "completed").await;
+        }
+    }
+    app.customer_says("acme", "mail", "P2", "hello").await;
+    let assigning = conversation_of(&mut events, "P2", "assigning").await;
+    app.customer_says("acme", "vip", "V1", "hello").await;
+    let waiting = conversation_of(&mut events, "V1", "waiting").await;
+    app.customer_says("acme", "line", "B1", "hi").await;
+    let bot = conversation_of(&mut events, "B1", "bot").await;
+    let ben = app.token("acme", "agent", Some("ben")).await;
+    assert_eq!(
+        api.put(
+            "/api/v1/agents/ben/presence",
+            &ben,
+            json!({"status": "not_ready", "reason": "lunch"})
+        )
+        .await
+        .0,
+        202
+    );
+
+    let browser = Browser::start();
+    let mut page = browser.page().await;
+    page.call("Page.enable", json!({})).await;
+    page.call(
+        "Page.navigate",
+        json!({"url": format!("{}/dashboard?lang=en#token={supervisor}", api.base)}),
+    )
+    .await;
+    let shown = wait_shown(&mut page, "the dashboard to load and go live", |v| {
+        v["refreshes"].as_i64() >= Some(1)
+            && v["live"] == "true"
+            && v["agents"][1]["status"] == "not_ready"
+    })
+    .await;
+    assert_eq!(shown["title"], "Conversation queue");
+    assert!(shown["note"]
+        .as_str()
+        .unwrap()
+        .contains("Display order is not dispatch order"));
+    assert_eq!(
+        shown["counts"],
+        json!({"bot": 1, "waiting": 1, "assigning": 1, "processing": 1, "completed": 1})
+    );
+    let row = |id: Uuid| {
+        shown["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id.to_string())
+            .cloned()
+            .unwrap_or_else(|| panic!("a row for {id}: {shown}"))
+    };
+    assert_eq!(row(bot)["section"], "bot");
+    assert_eq!(row(waiting)["section"], "waiting");
+    assert!(
+        row(waiting)["text"].as_str().unwrap().contains("vip"),
+        "required skills shown"
+    );
+    assert_eq!(row(assigning)["section"], "assigning");
+    assert!(
+        row(assigning)["text"].as_str().unwrap().contains("amy"),
+        "the agent offered"
+    );
+    assert_eq!(shown["rows"].as_array().unwrap().len(), 5);
+    let agents = shown["agents"].as_array().unwrap();
+    assert_eq!(agents[0]["id"], "amy");
+    assert!(
+        agents[0]["text"].as_str().unwrap().contains("1 / 2"),
+        "load against capacity: {}",
+        agents[0]
+    );
+    assert!(
+        agents[1]["text"].as_str().unwrap().contains("lunch"),
+        "the not-ready status: {}",
+        agents[1]
+    );
+    page.screenshot("dashboard-en.png").await;
+
+    // A live update: a new customer queues; the page shows it without a reload.
+    page.eval("window.__marker = 42").await;
+    app.customer_says("acme", "vip", "V2", "hello?").await;
+    let second = conversation_of(&mut events, "V2", "waiting").await;
+    let shown = wait_shown(&mut page, "the live update", |v| {
+        v["counts"]["waiting"] == 2
+    })
+    .await;
+    assert_eq!(shown["marker"], 42, "the same page, not a reload");
+    assert!(shown["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["id"] == second.to_string() && r["section"] == "waiting"));
+    // Sorted as the seed says: the longest-waiting first.
+    let waiting_rows: Vec<&str> = shown["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["section"] == "waiting")
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(waiting_rows, [waiting.to_string(), second.to_string()]);
+
+    // Traditional Chinese labels.
+    page.eval("document.getElementById('lang').click()").await;
+    let shown = page.shown().await;
+    assert_eq!(shown["title"], "交談佇列");
+    assert!(shown["note"]
+        .as_str()
+        .unwrap()
+        .contains("儀表板的排序不代表分派順序"));
+    let labels = page
+        .eval("[...document.querySelectorAll('.count .label')].map(e => e.textContent).join('|')")
+        .await;
+    assert_eq!(labels, "機器人／對話腳本|等待中|分派中|處理中|今日已完成");
+    let path = page.screenshot("dashboard-zh-TW.png").await;
+    assert!(
+        std::fs::metadata(path).unwrap().len() > 10_000,
+        "a real picture"
+    );
+}
