@@ -132,7 +132,32 @@ pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/", get(|| async { Redirect::temporary("/dashboard") }))
         .route("/dashboard", get(dashboard))
+        .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
+}
+
+/// A span per request: what the handler publishes carries its trace context, so one trace
+/// runs from an agent's click to the dispatcher's decision and the customer's message.
+async fn trace_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "http",
+        method = %request.method(),
+        path = %request.uri().path(),
+        status = tracing::field::Empty
+    );
+    async move {
+        let response = next.run(request).await;
+        let status = response.status().as_u16();
+        tracing::Span::current().record("status", status);
+        metrics::counter!("fl_api_requests_total", "status" => status.to_string()).increment(1);
+        response
+    }
+    .instrument(span)
+    .await
 }
 
 async fn openapi(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
