@@ -28,3 +28,9 @@ pub mod wire;
 pub mod worker;
 
 pub use error::HandleError;
+
+/// Makes ring the process's TLS provider: the NATS client uses it, and the HTTP clients
+/// (OTLP export, webhooks) are built without a default one. Safe to call more than once.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -47,6 +47,9 @@ pub fn init(service: &'static str) -> anyhow::Result<Telemetry> {
 /// [`init`], exporting spans to the OTLP/HTTP `endpoint` (e.g. `http://127.0.0.1:4318`)
 /// instead of `OTEL_EXPORTER_OTLP_ENDPOINT`.
 pub fn init_with(service: &'static str, endpoint: Option<String>) -> anyhow::Result<Telemetry> {
+    // The OTLP exporter's HTTP client (reqwest, shared with the API's webhooks) is built
+    // without a default TLS provider.
+    crate::install_crypto_provider();
     let provider = tracer_provider(service, endpoint)?;
     let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));

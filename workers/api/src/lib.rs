@@ -173,7 +173,7 @@ async fn dashboard() -> Html<&'static str> {
 /// Makes ring the process's TLS provider (reqwest is built without a default one; the NATS
 /// client uses ring too). Safe to call more than once.
 pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    firstline_shared::install_crypto_provider();
 }
 
 /// Serves on `config.listen` until `shutdown`.

@@ -163,7 +163,7 @@ pub async fn put(
     let created: bool = row.get(0);
     drop(client);
     // New skills or a larger capacity may let a waiting conversation be offered now.
-    wake_dispatcher(&state, &p.tenant, "agent").await?;
+    wake_dispatcher(&state, &p.tenant, "agent").await;
     let status = if created {
         StatusCode::CREATED
     } else {

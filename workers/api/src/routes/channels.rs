@@ -233,7 +233,7 @@ pub async fn put(
     let created: bool = row.get(0);
     tx.commit().await?;
     drop(client);
-    wake_dispatcher(&state, &p.tenant, "channel").await?;
+    wake_dispatcher(&state, &p.tenant, "channel").await;
     let status = if created {
         StatusCode::CREATED
     } else {

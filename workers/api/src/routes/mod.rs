@@ -16,7 +16,6 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::error::ApiResult;
 use crate::AppState;
 
 pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
@@ -47,12 +46,9 @@ pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
 }
 
 /// Wakes the dispatcher for `tenant`: a change made here (skills, capacity, offer limit) may
-/// let queued conversations be offered now.
-pub(crate) async fn wake_dispatcher(
-    state: &AppState,
-    tenant: &TenantId,
-    reason: &str,
-) -> ApiResult<()> {
+/// let queued conversations be offered now. The change is committed already, so a failure is
+/// only logged: the dispatcher's backstop pass (every 10 s) picks the change up anyway.
+pub(crate) async fn wake_dispatcher(state: &AppState, tenant: &TenantId, reason: &str) {
     let mut headers = HeaderMap::new();
     telemetry::inject_current(&mut headers);
     let signal = QueueSignal {
@@ -60,13 +56,15 @@ pub(crate) async fn wake_dispatcher(
         conversation_id: None,
         reason: reason.to_string(),
     };
-    bus::publish(
+    if let Err(e) = bus::publish(
         &state.js,
         subjects::queue(tenant, "api"),
         &format!("queue:api:{}", Uuid::now_v7()),
         headers,
         wire::encode(&signal),
     )
-    .await?;
-    Ok(())
+    .await
+    {
+        tracing::warn!(%tenant, "waking the dispatcher after a {reason} change: {e:#}");
+    }
 }

@@ -180,7 +180,7 @@ pub async fn patch_settings(
     drop(client);
     if patch.offer_limit.is_some() {
         // A higher limit lets waiting conversations be offered now.
-        wake_dispatcher(&state, &p.tenant, "settings").await?;
+        wake_dispatcher(&state, &p.tenant, "settings").await;
     }
     Ok(Json(read_settings(&state, &p).await?))
 }
