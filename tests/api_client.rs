@@ -112,6 +112,15 @@ impl TestApi {
         self.call("PUT", path, Some(token), Some(body)).await
     }
 
+    /// Sets `agent`'s presence (`ready`, `not_ready`, `offline`) and checks the 202.
+    pub async fn presence(&self, token: &str, agent: &str, status: &str) {
+        let path = format!("/api/v1/agents/{agent}/presence");
+        let (code, body) = self
+            .put(&path, token, serde_json::json!({"status": status}))
+            .await;
+        assert_eq!(code, 202, "PUT {path}: {body}");
+    }
+
     /// `GET path` that must answer 200; its body.
     pub async fn ok(&self, path: &str, token: &str) -> Value {
         let (status, body) = self.get(path, token).await;

@@ -1004,16 +1004,7 @@ async fn the_queue_snapshot_shows_states_counts_and_agents() {
     app.customer_says("acme", "line", "Q3", "hi").await;
     app.wait_for_state("acme", "line", "Q3", "bot").await;
     // Processing: amy (ready) takes Q1 first (queued first), then Q2 is offered to her.
-    assert_eq!(
-        api.put(
-            "/api/v1/agents/amy/presence",
-            &t.amy,
-            json!({"status": "ready"})
-        )
-        .await
-        .0,
-        202
-    );
+    api.presence(&t.amy, "amy", "ready").await;
     wait_state(&app, w1, "assigning").await;
     assert_eq!(
         api.post(

@@ -249,16 +249,7 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
 
     // Every state: completed (P0), processing (P1), assigning (P2), waiting (V1, V2: nobody has
     // "vip"), bot (B1).
-    assert_eq!(
-        api.put(
-            "/api/v1/agents/amy/presence",
-            &amy,
-            json!({"status": "ready"})
-        )
-        .await
-        .0,
-        202
-    );
+    api.presence(&amy, "amy", "ready").await;
     for (customer, done) in [("P0", true), ("P1", false)] {
         app.customer_says("acme", "mail", customer, "hello").await;
         let c = conversation_of(&mut events, customer, "assigning").await;

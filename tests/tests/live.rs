@@ -67,16 +67,7 @@ async fn an_agent_gets_an_offer_accepts_it_over_the_api_then_the_customers_next_
     assert_eq!(snapshot["offers"], json!([]));
     assert_eq!(snapshot["serving"], json!([]));
 
-    assert_eq!(
-        api.put(
-            "/api/v1/agents/amy/presence",
-            &amy,
-            json!({"status": "ready"})
-        )
-        .await
-        .0,
-        202
-    );
+    api.presence(&amy, "amy", "ready").await;
     app.customer_says("acme", "mail", "C1", "我的訂單還沒到")
         .await;
     let (_, offer) = notification(&mut socket, "offer").await;
@@ -139,16 +130,7 @@ async fn a_desktop_connecting_later_learns_of_its_open_offers_from_the_snapshot(
     let mut app = TestApp::spawn(SETUP).await;
     let api = app.start_api().await;
     let amy = app.token("acme", "agent", Some("amy")).await;
-    assert_eq!(
-        api.put(
-            "/api/v1/agents/amy/presence",
-            &amy,
-            json!({"status": "ready"})
-        )
-        .await
-        .0,
-        202
-    );
+    api.presence(&amy, "amy", "ready").await;
     app.customer_says("acme", "mail", "S1", "hi").await;
     let offered = firstline_tests::eventually("an open offer", Duration::from_secs(20), || async {
         let n = firstline_tests::count(
