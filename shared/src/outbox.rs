@@ -54,6 +54,11 @@ impl Outbox {
         self.pending.is_empty()
     }
 
+    /// Adds `other`'s messages after these (one transaction's outbox for a batch).
+    pub fn append(&mut self, other: Outbox) {
+        self.pending.extend(other.pending);
+    }
+
     /// Writes the messages in `tx`. Call just before `tx.commit()`.
     pub async fn stage(self, tx: &Transaction<'_>) -> Result<Staged, tokio_postgres::Error> {
         if self.pending.is_empty() {
