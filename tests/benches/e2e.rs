@@ -268,6 +268,12 @@ async fn run() {
         w.sent, w.answered, w.e2e.p99_ms
     );
 
+    // Statistics as autovacuum would have them on a system that has been running: a fresh
+    // database's say "empty" and mislead the planner.
+    pg.batch_execute("VACUUM ANALYZE")
+        .await
+        .expect("vacuum analyze");
+
     if soak > 0.0 {
         return run_soak(
             &client,

@@ -203,11 +203,13 @@ impl Owed {
         }
     }
 
-    fn record(&mut self, which: Kind, since: Instant, now: Instant) {
+    /// `first`: the message's first answer (counted end to end); a hand-over's offer comes
+    /// after its reply and counts only as an offer.
+    fn record(&mut self, which: Kind, since: Instant, now: Instant, first: bool) {
         let us = (now - since).as_micros().max(1) as u64;
         for h in [
-            self.e2e.as_mut(),
-            self.window.as_mut(),
+            self.e2e.as_mut().filter(|_| first),
+            self.window.as_mut().filter(|_| first),
             match which {
                 Kind::Bot => self.bot.as_mut(),
                 Kind::Handover => self.handover.as_mut(),
@@ -219,7 +221,9 @@ impl Owed {
         {
             let _ = h.record(us.min(600_000_000));
         }
-        self.last_answer = Some(now);
+        if first {
+            self.last_answer = Some(now);
+        }
     }
 }
 
@@ -345,7 +349,9 @@ async fn start_agents(
                             if let Some(since) =
                                 o.offers.remove(&format!("{tenant2}/{}", customer.id))
                             {
-                                o.record(Kind::Direct, since, now);
+                                // Direct customers' ids start with `d`, hand-overs' with `h`.
+                                let first = customer.id.starts_with('d');
+                                o.record(Kind::Direct, since, now, first);
                             }
                         }
                         let (js, tenant, counters) =
@@ -485,7 +491,7 @@ async fn read_outbound(
                 let mut owed = owed.lock().unwrap();
                 let since = owed.replies.get_mut(&key).and_then(|q| q.pop_front());
                 if let Some(since) = since {
-                    owed.record(kind, since, now);
+                    owed.record(kind, since, now, true);
                 }
             }
         });
