@@ -211,3 +211,47 @@ async fn duplicates_in_a_batch_are_stored_once() {
     let conversations = count(&app.pg, "SELECT count(*) FROM conversations", &[]).await;
     assert_eq!(conversations, 1);
 }
+
+/// A store left by a version with one message in flight per partition (no priority group):
+/// the batched consumers take over its consumers, position included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_consumers_of_an_older_version_are_taken_over() {
+    use async_nats::jetstream::consumer;
+    use firstline_shared::subjects;
+    let mut app = backlog_app().await;
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    for p in 0..subjects::PARTITIONS {
+        let durable = format!("ingest-p{p}");
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(durable),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(app.config.ack_wait_secs),
+                max_deliver: app.config.max_deliver,
+                max_ack_pending: 1,
+                filter_subject: subjects::partition_filter(&subjects::INBOUND, p),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        app.customer_says("t1", "mail", "U1", &i.to_string()).await;
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "stored by the batched consumers",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        5,
+    )
+    .await;
+    let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+    assert_eq!(texts_in_order(&app, "U1").await, expected);
+    let info = stream.consumer_info("ingest-p0").await.unwrap();
+    assert_eq!(
+        info.config.max_ack_pending,
+        app.config.partition_batch as i64
+    );
+}
