@@ -89,6 +89,11 @@ impl TestNats {
             .expect("start nats-server")
     }
 
+    /// The server's process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the server again on the same port with the same store (after [`TestNats::kill`]).
     pub fn restart(&mut self) {
         let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
@@ -580,6 +585,24 @@ impl WorkerProcess {
             env,
             child: None,
         };
+        p.restart();
+        p
+    }
+
+    /// The process id, while it runs (for CPU and memory readings).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Starts `name` with extra environment variables (settings) added.
+    pub fn start_with(name: &'static str, config: &CommonConfig, extra: &[(&str, &str)]) -> Self {
+        let mut p = Self::start(name, config);
+        p.kill();
+        p.env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
         p.restart();
         p
     }

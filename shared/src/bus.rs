@@ -210,7 +210,7 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
 }
 
 /// One message as a handler sees it.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Delivered {
     pub subject: String,
     pub payload: Bytes,
@@ -291,6 +291,317 @@ where
         consume(js, config, spec, shutdown.clone(), &handler)
     });
     futures::future::try_join_all(partitions).await.map(|_| ())
+}
+
+/// Like [`consume_partitioned`], but each partition hands its handler up to `max_batch`
+/// messages at once, in the stream's order, so that a worker can handle them in one
+/// transaction. Order still holds per partition, whatever fails and however many instances
+/// run:
+///
+/// - Each partition's consumer has `max_ack_pending = max_batch` and a priority group with
+///   the `pinned_client` policy: the server delivers a partition to one instance at a time
+///   (its pinned client). Another instance takes over only after the pinned one has pulled
+///   nothing for `ack_wait + 10 s`, by which time the messages the old one held have been
+///   given back for redelivery, and redeliveries come first.
+/// - A message whose handling fails transiently is not `Nak`ed (newer messages could then
+///   overtake it): this instance keeps it, and every message after it, and hands them to the
+///   handler again after a growing delay (0.5 s … 30 s), telling the server it is still
+///   working on them. After `FL_MAX_DELIVER` attempts the first is dead-lettered and the
+///   rest go on.
+/// - A poison message is dead-lettered at once; the others of its batch are handled.
+///
+/// With `max_batch <= 1` this is [`consume_partitioned`].
+pub async fn consume_partitioned_batched<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    stream: StreamSpec,
+    prefix: &str,
+    max_batch: usize,
+    shutdown: CancellationToken,
+    handler: F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Vec<Delivered>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandleError>>>,
+{
+    if max_batch <= 1 {
+        return consume_partitioned(js, config, stream, prefix, shutdown, |m| {
+            let fut = handler(vec![m]);
+            async move {
+                fut.await.pop().unwrap_or_else(|| {
+                    Err(HandleError::Transient(anyhow::anyhow!(
+                        "handler returned no result"
+                    )))
+                })
+            }
+        })
+        .await;
+    }
+    if let Ok(s) = js.get_stream(stream.name).await {
+        if s.delete_consumer(prefix).await.is_ok() {
+            tracing::info!(
+                consumer = prefix,
+                "removed the unpartitioned consumer of an older version"
+            );
+        }
+    }
+    let partitions = (0..subjects::PARTITIONS).map(|p| {
+        let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
+        let spec = ConsumerSpec {
+            filter_subject: subjects::partition_filter(&stream, p),
+            max_ack_pending: max_batch as i64,
+            ..ConsumerSpec::new(stream, durable)
+        };
+        consume_in_order(js, config, spec, max_batch, shutdown.clone(), &handler)
+    });
+    futures::future::try_join_all(partitions).await.map(|_| ())
+}
+
+/// The priority group of ordered, batched consumers.
+const PINNED_GROUP: &str = "fl";
+
+async fn consume_in_order<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    spec: ConsumerSpec,
+    max_batch: usize,
+    shutdown: CancellationToken,
+    handler: &F,
+) -> anyhow::Result<()>
+where
+    F: Fn(Vec<Delivered>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandleError>>>,
+{
+    let stream = js.get_stream(spec.stream.name).await.with_context(|| {
+        format!(
+            "opening stream {} (run ensure_streams first)",
+            spec.stream.name
+        )
+    })?;
+    let ack_wait = Duration::from_secs(config.ack_wait_secs);
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(spec.durable.to_owned()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait,
+        max_deliver: config.max_deliver,
+        max_ack_pending: spec.max_ack_pending,
+        filter_subject: spec.filter_subject.clone(),
+        priority_groups: vec![PINNED_GROUP.to_owned()],
+        priority_policy: consumer::PriorityPolicy::PinnedClient,
+        priority_timeout: ack_wait + Duration::from_secs(10),
+        ..Default::default()
+    };
+    // Created, or updated from an older version's settings (one message in flight, no pin).
+    let consumer: consumer::PullConsumer =
+        match stream.create_consumer(consumer_config.clone()).await {
+            Ok(c) => c,
+            Err(e) => {
+                // A consumer whose priority policy cannot be changed in place: replace it. Its
+                // unacknowledged messages come again (handlers are idempotent).
+                tracing::warn!(consumer = spec.durable, "recreating consumer: {e:#}");
+                let info = stream.consumer_info(spec.durable).await.ok();
+                let _ = stream.delete_consumer(spec.durable).await;
+                let mut config = consumer_config.clone();
+                if let Some(info) = info {
+                    config.deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: info.ack_floor.stream_sequence + 1,
+                    };
+                }
+                stream
+                    .create_consumer(config)
+                    .await
+                    .with_context(|| format!("creating consumer {}", spec.durable))?
+            }
+        };
+    tracing::info!(
+        stream = spec.stream.name,
+        consumer = spec.durable,
+        max_batch,
+        "consuming in order, batched"
+    );
+    tokio::spawn(report_lag(consumer.clone(), spec.durable, shutdown.clone()));
+
+    while !shutdown.is_cancelled() {
+        let messages = match consumer
+            .stream()
+            .max_messages_per_batch(max_batch)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(2))
+            .group(PINNED_GROUP)
+            .messages()
+            .await
+        {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(consumer = spec.durable, "pull failed, retrying: {e:#}");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut chunks = messages.ready_chunks(max_batch);
+        loop {
+            let chunk = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                next = chunks.next() => next,
+            };
+            let Some(chunk) = chunk else { break };
+            let mut batch = Vec::with_capacity(chunk.len());
+            for next in chunk {
+                match next {
+                    Ok(m) => match m.info() {
+                        Ok(info) => {
+                            let delivered = Delivered {
+                                subject: m.subject.to_string(),
+                                payload: m.payload.clone(),
+                                headers: m.headers.clone(),
+                                stream_sequence: info.stream_sequence,
+                                delivered: info.delivered,
+                                published: info.published,
+                            };
+                            batch.push((m, delivered));
+                        }
+                        Err(e) => tracing::warn!("message without JetStream info: {e}"),
+                    },
+                    // Missed heartbeats while the server restarts, and the like. The pull
+                    // stream goes on by itself (it ends after a terminal error): keep it, as
+                    // dropping it would drop the messages it holds, and newer ones could then
+                    // be delivered before those come again.
+                    Err(e) => {
+                        tracing::warn!(consumer = spec.durable, "message stream error: {e:#}");
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                settle_in_order(js, config, &spec, batch, handler, &shutdown).await?;
+            }
+        }
+    }
+    tracing::info!(consumer = spec.durable, "stopped");
+    Ok(())
+}
+
+/// Hands `batch` to the handler and acks in order; keeps what failed transiently, with
+/// everything after it, and tries again (see [`consume_partitioned_batched`]).
+async fn settle_in_order<F, Fut>(
+    js: &JetStream,
+    config: &CommonConfig,
+    spec: &ConsumerSpec,
+    mut held: Vec<(jetstream::Message, Delivered)>,
+    handler: &F,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()>
+where
+    F: Fn(Vec<Delivered>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandleError>>>,
+{
+    let mut attempts: i64 = 0;
+    while !held.is_empty() {
+        let span = tracing::info_span!(
+            "batch",
+            otel.name = %format!("{} batch", spec.durable),
+            consumer = spec.durable,
+            batch = held.len(),
+        );
+        let deliveries: Vec<Delivered> = held.iter().map(|(_, d)| d.clone()).collect();
+        let mut results = handler(deliveries).instrument(span.clone()).await;
+        results.resize_with(held.len(), || {
+            Err(HandleError::Transient(anyhow::anyhow!(
+                "handler returned no result for this message"
+            )))
+        });
+        let mut rest = Vec::new();
+        let mut failure = None;
+        for ((message, d), result) in held.into_iter().zip(results) {
+            if failure.is_some() {
+                rest.push((message, d));
+                continue;
+            }
+            let tries = d.delivered + attempts;
+            match result {
+                Ok(()) => {
+                    crate::metrics::message_handled(spec.durable, "ok");
+                    if let Err(e) = message.ack_with(AckKind::Ack).await {
+                        tracing::warn!("ack failed: {e}");
+                    }
+                }
+                Err(HandleError::Poison(reason)) => {
+                    crate::metrics::message_handled(spec.durable, "dead_letter");
+                    span.in_scope(|| tracing::warn!(%reason, "dead-lettering poison message"));
+                    dead_letter(js, spec, &message, d.stream_sequence, tries, &reason).await?;
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+                Err(HandleError::Transient(e)) if tries >= config.max_deliver => {
+                    crate::metrics::message_handled(spec.durable, "dead_letter");
+                    let reason = format!("gave up after {tries} attempts: {e:#}");
+                    span.in_scope(
+                        || tracing::error!(%reason, consumer = spec.durable, "dead-lettering"),
+                    );
+                    dead_letter(js, spec, &message, d.stream_sequence, tries, &reason).await?;
+                    let _ = message.ack_with(AckKind::Term).await;
+                    // The next ones start their own count.
+                    attempts = 0;
+                }
+                Err(HandleError::Transient(e)) => {
+                    crate::metrics::message_handled(spec.durable, "retry");
+                    span.in_scope(|| {
+                        tracing::warn!("transient failure, will retry in order: {e:#}")
+                    });
+                    failure = Some(tries);
+                    rest.push((message, d));
+                }
+            }
+        }
+        held = rest;
+        let Some(tries) = failure else { continue };
+        attempts += 1;
+        // 0.5 s, 1 s, 2 s… up to 30 s, telling the server the messages are in hand.
+        let backoff =
+            Duration::from_millis(250 << tries.clamp(1, 7) as u32).min(Duration::from_secs(30));
+        let tick = Duration::from_secs(config.ack_wait_secs.max(1)) / 3;
+        let until = tokio::time::Instant::now() + backoff;
+        loop {
+            for (m, _) in &held {
+                let _ = m.ack_with(AckKind::Progress).await;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Given back in order; whoever pulls next takes them first.
+                    for (m, _) in &held {
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                    }
+                    return Ok(());
+                }
+                _ = tokio::time::sleep(tick.min(until - now)) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A span for one message of a partition's batch (named after the partition's consumer,
+/// `<prefix>-p<N> <subject>`), child of the trace its publisher started.
+pub fn message_span(prefix: &str, m: &Delivered) -> tracing::Span {
+    let partition = m.subject.rsplit('.').next().unwrap_or("");
+    let span = tracing::info_span!(
+        "handle",
+        otel.name = %format!("{prefix}-p{partition} {}", m.subject),
+        subject = %m.subject,
+        stream_sequence = m.stream_sequence,
+        delivered = m.delivered,
+        tenant = tracing::field::Empty,
+        channel = tracing::field::Empty,
+        conversation = tracing::field::Empty,
+        agent = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::set_parent_from(&span, m.headers.as_ref());
+    span
 }
 
 /// Like [`consume`], but hands the handler every message already delivered, up to

@@ -46,19 +46,24 @@ pub struct CommonConfig {
     /// 30 s, so 20 rides out several minutes of a database outage.
     #[arg(long, env = "FL_MAX_DELIVER", default_value_t = 20)]
     pub max_deliver: i64,
+    /// Messages of one partition (`FL_INBOUND`, `FL_BOT`) handled together in one Postgres
+    /// transaction, in the stream's order. 1 handles them one at a time.
+    #[arg(long, env = "FL_PARTITION_BATCH", default_value_t = 64)]
+    pub partition_batch: usize,
 }
 
 impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={}",
+            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={}",
             redact_url(&self.nats_url),
             self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
             self.db_pool_size,
             self.ack_wait_secs,
-            self.max_deliver
+            self.max_deliver,
+            self.partition_batch
         )
     }
 
@@ -77,6 +82,7 @@ impl CommonConfig {
             db_pool_size: 8,
             ack_wait_secs: 30,
             max_deliver: 20,
+            partition_batch: 64,
         }
     }
 }

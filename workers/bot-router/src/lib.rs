@@ -32,6 +32,7 @@ use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
 use firstline_shared::{metrics, subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::decide::{BotAction, Context};
 use crate::flow::{FlowNext, FlowOutcome, FlowPosition};
@@ -69,13 +70,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_secs_f64(config.idle_sweep_secs.max(0.1)),
         shutdown.clone(),
     ));
-    let result = bus::consume_partitioned(
+    // A partition's messages in order, up to `partition_batch` at a time in one transaction.
+    let result = bus::consume_partitioned_batched(
         &services.js,
         &config.common,
         subjects::BOT,
         "bot-router",
+        config.common.partition_batch,
         shutdown,
-        |m| handle(&services, &caches, m),
+        |batch| handle_batch(&services, &caches, batch),
     )
     .await;
     let _ = sweeper.await;
@@ -83,18 +86,152 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
-async fn handle(services: &Services, caches: &Caches, m: Delivered) -> Result<(), HandleError> {
+/// Answers a partition's batch in one transaction, in order, each message under a savepoint
+/// (as ingest does): a poison message is rolled back alone, a transient failure stops the
+/// batch there, the replies are published after the commit.
+async fn handle_batch(
+    services: &Services,
+    caches: &Caches,
+    batch: Vec<Delivered>,
+) -> Vec<Result<(), HandleError>> {
+    let all_failed = |n: usize, e: &dyn std::fmt::Display| {
+        (0..n)
+            .map(|_| Err(HandleError::Transient(anyhow::anyhow!("{e}"))))
+            .collect()
+    };
+    let mut client = match services.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return all_failed(batch.len(), &e),
+    };
+    let mut tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return all_failed(batch.len(), &e),
+    };
+    // Fast path: the whole batch without savepoints (two round trips and a subtransaction
+    // less per message). Anything but a clean success (an error, a duplicate to roll back)
+    // rolls the batch back, and it runs again below, each message under a savepoint.
+    if batch.len() > 1 {
+        let mut outbox = Outbox::new();
+        let mut replied = Vec::new();
+        let mut clean = true;
+        for m in &batch {
+            let span = bus::message_span("bot-router", m);
+            match handle(&tx, caches, &mut outbox, m).instrument(span).await {
+                Ok(answered) => {
+                    replied.extend(answered);
+                }
+                _ => {
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        if clean {
+            let committed = async {
+                let staged = outbox.stage(&tx).await?;
+                tx.commit().await?;
+                anyhow::Ok(staged)
+            }
+            .await;
+            return match committed {
+                Ok(staged) => {
+                    staged.publish(&services.js, &client).await;
+                    for (tenant, source) in replied {
+                        metrics::bot_replied(tenant.as_str(), source);
+                    }
+                    batch.iter().map(|_| Ok(())).collect()
+                }
+                Err(e) => all_failed(batch.len(), &format!("batch not committed: {e:#}")),
+            };
+        }
+        if let Err(e) = tx.rollback().await {
+            return all_failed(batch.len(), &e);
+        }
+        tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return all_failed(batch.len(), &e),
+        };
+    }
+    let mut outbox = Outbox::new();
+    let mut replied = Vec::new();
+    let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
+    let mut stopped = false;
+    for m in &batch {
+        if stopped {
+            results.push(Err(HandleError::Transient(anyhow::anyhow!(
+                "an earlier message of this partition is retried first"
+            ))));
+            continue;
+        }
+        let span = bus::message_span("bot-router", m);
+        let result = async {
+            let sp = tx.savepoint("m").await?;
+            let mut own = Outbox::new();
+            match handle(&sp, caches, &mut own, m).await {
+                Ok(answered) => {
+                    sp.commit().await?;
+                    Ok((own, answered))
+                }
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        match result {
+            Ok((own, answered)) => {
+                outbox.append(own);
+                replied.extend(answered);
+                results.push(Ok(()));
+            }
+            Err(e) => {
+                stopped = matches!(e, HandleError::Transient(_));
+                results.push(Err(e));
+            }
+        }
+    }
+    let committed = async {
+        let staged = outbox.stage(&tx).await?;
+        tx.commit().await?;
+        anyhow::Ok(staged)
+    }
+    .await;
+    match committed {
+        Ok(staged) => {
+            staged.publish(&services.js, &client).await;
+            for (tenant, source) in replied {
+                metrics::bot_replied(tenant.as_str(), source);
+            }
+        }
+        Err(e) => {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(HandleError::Transient(anyhow::anyhow!(
+                    "batch not committed: {e:#}"
+                )));
+            }
+        }
+    }
+    results
+}
+
+/// One bot work message in the batch's transaction (`tx` is its savepoint). Returns what
+/// answered, for the metrics, when it was answered.
+async fn handle(
+    tx: &Transaction<'_>,
+    caches: &Caches,
+    outbox: &mut Outbox,
+    m: &Delivered,
+) -> Result<Option<(TenantId, &'static str)>, HandleError> {
     let tenant =
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let work: BotWork = wire::decode(&m.payload)?;
     telemetry::record_ids(Some(&tenant), None, Some(&work.conversation_id), None);
-    let mut client = services.pool.get().await?;
-    let tx = client.transaction().await?;
-    let Some(settings) = db::tenant_settings(&tx, &tenant).await? else {
+    let Some(settings) = db::tenant_settings(tx, &tenant).await? else {
         return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
     };
-    let Some(conversation) =
-        db::conversation_for_update(&tx, &tenant, work.conversation_id).await?
+    let Some(conversation) = db::conversation_for_update(tx, &tenant, work.conversation_id).await?
     else {
         return Err(HandleError::poison(format!(
             "conversation {} of tenant {tenant} does not exist",
@@ -104,14 +241,14 @@ async fn handle(services: &Services, caches: &Caches, m: Delivered) -> Result<()
     if !conversation.state.is_bot() {
         // SPEC L5: it left the bot after this message was routed here.
         tracing::debug!(state = %conversation.state, "conversation left the bot; no reply");
-        return Ok(());
+        return Ok(None);
     }
-    if !store::claim_message(&tx, work.message_id).await? {
+    if !store::claim_message(tx, work.message_id).await? {
         tracing::info!(message = %work.message_id, "already answered");
-        return Ok(());
+        return Ok(None);
     }
     let mut turn = Turn {
-        tx: &tx,
+        tx,
         caches,
         settings: &settings,
         conversation,
@@ -121,7 +258,7 @@ async fn handle(services: &Services, caches: &Caches, m: Delivered) -> Result<()
     };
     turn.run(&work).await?;
     let Turn {
-        mut outbox,
+        outbox: mut own,
         says,
         conversation,
         source,
@@ -129,13 +266,10 @@ async fn handle(services: &Services, caches: &Caches, m: Delivered) -> Result<()
     } = turn;
     for (i, s) in says.iter().enumerate() {
         let external_id = format!("bot-reply:{}:{i}", work.message_id);
-        db::send_bot_message(&tx, &mut outbox, &conversation, &external_id, s).await?;
+        db::send_bot_message(tx, &mut own, &conversation, &external_id, s).await?;
     }
-    let staged = outbox.stage(&tx).await?;
-    tx.commit().await?;
-    staged.publish(&services.js, &client).await;
-    metrics::bot_replied(tenant.as_str(), source);
-    Ok(())
+    outbox.append(own);
+    Ok(Some((tenant, source)))
 }
 
 /// One customer message being answered, inside its transaction.

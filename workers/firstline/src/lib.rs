@@ -1,9 +1,11 @@
 //! FIRST LINE routing in one process, and the commands around it: run every worker
 //! together ([`run_all`]), load tenants, channels and agents from a file ([`setup`]), and the
-//! demo ([`demo`]): a simulated gateway and simulated agents driving the real workers.
+//! demo ([`demo`]): a simulated gateway and simulated agents driving the real workers, and the
+//! load generator ([`load`]).
 
 pub mod dead_letters;
 pub mod demo;
+pub mod load;
 pub mod nats_config;
 pub mod setup;
 

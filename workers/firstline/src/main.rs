@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use firstline::{dead_letters, demo, nats_config, setup};
+use firstline::{dead_letters, demo, load, nats_config, setup};
 use firstline_shared::config::CommonConfig;
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,9 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Generate load: simulated gateways and agents over many tenants, channels and
+    /// customers, with progress lines and a latency report (see README, Load generator).
+    Load(LoadArgs),
     /// The bot's configuration: keyword rules, articles, flows, business hours, survey.
     Bot {
         #[command(subcommand)]
@@ -134,6 +137,55 @@ async fn token(common: &CommonConfig, action: TokenAction) -> anyhow::Result<()>
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     println!("{token}");
     Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Inbound messages per second.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    #[arg(long, default_value_t = 3)]
+    tenants: usize,
+    /// Channels with a bot per tenant (and as many without).
+    #[arg(long, default_value_t = 2)]
+    channels: usize,
+    /// Returning customers who talk to the bot.
+    #[arg(long, default_value_t = 10_000)]
+    customers: usize,
+    /// Share of messages that are questions to the bot.
+    #[arg(long, default_value_t = 0.8)]
+    bot_share: f64,
+    /// Share of messages that ask for a human; the rest are new customers on channels without bot.
+    #[arg(long, default_value_t = 0.1)]
+    handover_share: f64,
+    /// Simulated agents per tenant.
+    #[arg(long, default_value_t = 50)]
+    agents: usize,
+    #[arg(long, default_value_t = 10)]
+    capacity: i32,
+    #[arg(long, default_value_t = 500)]
+    accept_delay_ms: u64,
+    /// An agent closes a conversation this long after accepting it.
+    #[arg(long, default_value_t = 1000)]
+    close_after_ms: u64,
+    /// Bytes of text per customer message.
+    #[arg(long, default_value_t = 120)]
+    text_bytes: usize,
+    /// Seconds between progress lines.
+    #[arg(long, default_value_t = 5.0)]
+    progress: f64,
+    /// Seconds to wait after the last send for what is still owed.
+    #[arg(long, default_value_t = 15.0)]
+    drain: f64,
+    /// Tenant id prefix.
+    #[arg(long, default_value = "load")]
+    prefix: String,
+    /// Also run every worker in this process (otherwise they must be running).
+    #[arg(long)]
+    with_workers: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -323,6 +375,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = workers.await;
             completed.map(|n| println!("demo finished: {n} conversations completed"))
         }
+        Command::Load(args) => run_load(&cli.common, args, shutdown.clone()).await,
         Command::DeadLetters { action } => dead_letters(&cli.common, action).await,
         Command::Bot { action } => bot(&cli.common, action).await,
         Command::Token { action } => token(&cli.common, action).await,
@@ -354,6 +407,50 @@ async fn main() -> anyhow::Result<()> {
     };
     telemetry.shutdown();
     result
+}
+
+async fn run_load(
+    common: &CommonConfig,
+    args: LoadArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let options = load::LoadOptions {
+        rate: args.rate,
+        duration: Duration::from_secs_f64(args.duration),
+        tenants: args.tenants.max(1),
+        channels: args.channels.max(1),
+        customers: args.customers.max(1),
+        bot_share: args.bot_share,
+        handover_share: args.handover_share,
+        agents: args.agents,
+        capacity: args.capacity,
+        accept_delay: Duration::from_millis(args.accept_delay_ms),
+        close_after: Duration::from_millis(args.close_after_ms),
+        text_bytes: args.text_bytes,
+        progress: (args.progress > 0.0).then(|| Duration::from_secs_f64(args.progress)),
+        drain: Duration::from_secs_f64(args.drain),
+        prefix: args.prefix,
+    };
+    firstline_shared::db::create_database_if_missing(&common.database_url).await?;
+    firstline_shared::db::migrate(&common.database_url).await?;
+    options.configure(&common.database_url).await?;
+    let workers = args.with_workers.then(|| {
+        let stop = shutdown.child_token();
+        (
+            tokio::spawn(firstline::run_all(common.clone(), stop.clone())),
+            stop,
+        )
+    });
+    let client = firstline_shared::bus::connect(common).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    firstline_shared::bus::ensure_streams(&js).await?;
+    let report = load::run(client, &options, shutdown).await?;
+    load::print_report(&report);
+    if let Some((handle, stop)) = workers {
+        stop.cancel();
+        let _ = handle.await;
+    }
+    Ok(())
 }
 
 fn write_schemas(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -54,6 +54,28 @@ pub async fn upsert_customer(
     channel: &ChannelId,
     customer: &CustomerRef,
 ) -> Result<Uuid, tokio_postgres::Error> {
+    // A returning customer (the common case): lock the row without writing a new version of
+    // it, unless the name changed.
+    let find = tx
+        .prepare_cached(
+            "SELECT id, display_name FROM customers
+             WHERE tenant_id = $1 AND channel_id = $2 AND external_id = $3 FOR UPDATE",
+        )
+        .await?;
+    if let Some(row) = tx
+        .query_opt(&find, &[&tenant.as_str(), &channel.as_str(), &customer.id])
+        .await?
+    {
+        let id: Uuid = row.get(0);
+        let name: Option<String> = row.get(1);
+        if customer.name.is_some() && customer.name != name {
+            let rename = tx
+                .prepare_cached("UPDATE customers SET display_name = $2 WHERE id = $1")
+                .await?;
+            tx.execute(&rename, &[&id, &customer.name]).await?;
+        }
+        return Ok(id);
+    }
     let stmt = tx
         .prepare_cached(
             "INSERT INTO customers (id, tenant_id, channel_id, external_id, display_name)

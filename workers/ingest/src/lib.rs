@@ -24,6 +24,7 @@ use firstline_shared::wire::{
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Settings of the ingest worker.
@@ -40,15 +41,17 @@ pub struct Config {
 /// Consumes `FL_INBOUND` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    // One consumer per inbound partition, one message in flight each: the messages of a
-    // conversation are handled in order, whichever instance takes them (subjects::PARTITIONS).
-    let result = bus::consume_partitioned(
+    // One consumer per inbound partition; each hands over up to `partition_batch` messages in
+    // the stream's order, handled in one transaction: the messages of a conversation are
+    // handled in order, whichever instance takes them (subjects::PARTITIONS).
+    let result = bus::consume_partitioned_batched(
         &services.js,
         &config.common,
         subjects::INBOUND,
         "ingest",
+        config.common.partition_batch,
         shutdown,
-        |m| handle(&services, m),
+        |batch| handle_batch(&services, batch),
     )
     .await;
     services.close().await;
@@ -85,7 +88,132 @@ impl Route {
     }
 }
 
-async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
+/// Handles a partition's batch in one transaction, in order, each message under a savepoint:
+/// a poison message is rolled back alone (and dead-lettered by the consume loop); a transient
+/// failure stops the batch there (what follows is retried after it, in order); the outbox of
+/// everything handled is staged in the transaction and published after the commit.
+async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
+    let all_failed = |n: usize, e: &dyn std::fmt::Display| {
+        (0..n)
+            .map(|_| Err(HandleError::Transient(anyhow::anyhow!("{e}"))))
+            .collect()
+    };
+    let mut client = match services.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return all_failed(batch.len(), &e),
+    };
+    let mut tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return all_failed(batch.len(), &e),
+    };
+    // Fast path: the whole batch without savepoints (two round trips and a subtransaction
+    // less per message). Anything but a clean success (an error, a duplicate to roll back)
+    // rolls the batch back, and it runs again below, each message under a savepoint.
+    if batch.len() > 1 {
+        let mut outbox = Outbox::new();
+        let mut clean = true;
+        for m in &batch {
+            let span = bus::message_span("ingest", m);
+            match handle(&tx, &mut outbox, m).instrument(span).await {
+                Ok(true) => {}
+                _ => {
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        if clean {
+            let committed = async {
+                let staged = outbox.stage(&tx).await?;
+                tx.commit().await?;
+                anyhow::Ok(staged)
+            }
+            .await;
+            return match committed {
+                Ok(staged) => {
+                    staged.publish(&services.js, &client).await;
+                    batch.iter().map(|_| Ok(())).collect()
+                }
+                Err(e) => all_failed(batch.len(), &format!("batch not committed: {e:#}")),
+            };
+        }
+        if let Err(e) = tx.rollback().await {
+            return all_failed(batch.len(), &e);
+        }
+        tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return all_failed(batch.len(), &e),
+        };
+    }
+    let mut outbox = Outbox::new();
+    let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
+    let mut stopped = false;
+    for m in &batch {
+        if stopped {
+            results.push(Err(HandleError::Transient(anyhow::anyhow!(
+                "an earlier message of this partition is retried first"
+            ))));
+            continue;
+        }
+        let span = bus::message_span("ingest", m);
+        let result = async {
+            let sp = tx.savepoint("m").await?;
+            let mut own = Outbox::new();
+            match handle(&sp, &mut own, m).await {
+                Ok(true) => {
+                    sp.commit().await?;
+                    Ok(Some(own))
+                }
+                Ok(false) => {
+                    sp.rollback().await?;
+                    Ok(None)
+                }
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        match result {
+            Ok(Some(own)) => {
+                outbox.append(own);
+                results.push(Ok(()));
+            }
+            Ok(None) => results.push(Ok(())),
+            Err(e) => {
+                stopped = matches!(e, HandleError::Transient(_));
+                results.push(Err(e));
+            }
+        }
+    }
+    let committed = async {
+        let staged = outbox.stage(&tx).await?;
+        tx.commit().await?;
+        anyhow::Ok(staged)
+    }
+    .await;
+    match committed {
+        Ok(staged) => staged.publish(&services.js, &client).await,
+        Err(e) => {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(HandleError::Transient(anyhow::anyhow!(
+                    "batch not committed: {e:#}"
+                )));
+            }
+        }
+    }
+    results
+}
+
+/// One inbound message, in the batch's transaction (`tx` is its savepoint). `Ok(false)`:
+/// nothing to keep (a duplicate), roll the savepoint back.
+async fn handle(
+    tx: &deadpool_postgres::Transaction<'_>,
+    outbox: &mut Outbox,
+    m: &Delivered,
+) -> Result<bool, HandleError> {
     let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(HandleError::Poison)?;
     let inbound: InboundMessage = wire::decode(&m.payload)?;
     if inbound.message_id.trim().is_empty() {
@@ -96,30 +224,27 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     }
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
-    let mut client = services.pool.get().await?;
-    let tx = client.transaction().await?;
-    let Some(channel_settings) = db::channel(&tx, &tenant, &channel).await? else {
+    let Some(channel_settings) = db::channel(tx, &tenant, &channel).await? else {
         return Err(HandleError::poison(format!(
             "unknown channel {channel:?} of tenant {tenant:?}: configure it, then replay this dead letter"
         )));
     };
-    let mut outbox = Outbox::new();
-    let customer_id = db::upsert_customer(&tx, &tenant, &channel, &inbound.customer).await?;
+    let customer_id = db::upsert_customer(tx, &tenant, &channel, &inbound.customer).await?;
     if let Some(survey) = &channel_settings.survey {
         if let Some(rating) = survey.rating(&inbound.text, inbound.postback.as_deref()) {
             if let Some(answered) =
-                db::awaiting_rating(&tx, &tenant, customer_id, survey.window_minutes).await?
+                db::awaiting_rating(tx, &tenant, customer_id, survey.window_minutes).await?
             {
                 // 滿意度調查: the answer belongs to the closed conversation (README: survey).
                 let message_id = Uuid::now_v7();
-                if db::insert_customer_message(&tx, &answered, message_id, &inbound, "survey")
+                if db::insert_customer_message(tx, &answered, message_id, &inbound, "survey")
                     .await?
                 {
-                    db::store_rating(&tx, answered.id, rating).await?;
+                    db::store_rating(tx, answered.id, rating).await?;
                     if let Some(thanks) = &survey.thanks {
                         shared_db::send_bot_message(
-                            &tx,
-                            &mut outbox,
+                            tx,
+                            outbox,
                             &answered,
                             &format!("survey-thanks:{}", answered.id),
                             &shared_db::BotSays::text(thanks.clone()),
@@ -127,17 +252,14 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
                         .await?;
                     }
                 }
-                let staged = outbox.stage(&tx).await?;
-                tx.commit().await?;
-                staged.publish(&services.js, &client).await;
                 tracing::info!(conversation = %answered.id, rating, "survey answered");
-                return Ok(());
+                return Ok(true);
             }
         }
     }
     let conversation = db::open_conversation(
-        &tx,
-        &mut outbox,
+        tx,
+        outbox,
         &tenant,
         &channel,
         customer_id,
@@ -153,7 +275,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
     let route = Route::for_state(conversation.state);
     let message_id = Uuid::now_v7();
     let stored =
-        db::insert_customer_message(&tx, &conversation, message_id, &inbound, route.as_str())
+        db::insert_customer_message(tx, &conversation, message_id, &inbound, route.as_str())
             .await?;
     if !stored {
         // Published twice (a gateway retry beyond the stream's duplicate window): stored
@@ -162,8 +284,7 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
             message_id = inbound.message_id,
             "duplicate inbound message ignored"
         );
-        tx.rollback().await?;
-        return Ok(());
+        return Ok(false);
     }
     match route {
         Route::Bot => outbox.push(
@@ -205,11 +326,8 @@ async fn handle(services: &Services, m: Delivered) -> Result<(), HandleError> {
             );
         }
     }
-    let staged = outbox.stage(&tx).await?;
-    tx.commit().await?;
-    staged.publish(&services.js, &client).await;
     tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
-    Ok(())
+    Ok(true)
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {

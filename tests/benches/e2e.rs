@@ -1,0 +1,489 @@
+//! End-to-end benchmark (not a test: it prints figures and asserts nothing about speed).
+//!
+//! In one run on one machine:
+//! 1. the ceiling: raw JetStream publishes with acks (async, pipelined; file storage; a
+//!    `Nats-Msg-Id` header and the same message size as the load's inbound messages) to a
+//!    stream of the same NATS server the pipeline then uses;
+//! 2. the pipeline: the four worker binaries (release build) as their own processes, driven by
+//!    the load generator (`firstline::load`, the code of `firstline load`) at increasing
+//!    offered rates until it does not keep up. Per rate: inbound messages answered per second,
+//!    end-to-end latency (publish to the bot's reply on `outbound`, or to the offer on
+//!    `notify`), per-hop latency from the database's timestamps, offers/s, and CPU and memory
+//!    of every worker (from `/proc/<pid>/stat` and `/proc/<pid>/status`), NATS and Postgres.
+//!
+//! The last line is one JSON object with every figure. Settings (environment):
+//! - `FL_BENCH_RATES` (default `1000,2500,5000,7500,10000,15000`), `FL_BENCH_DURATION` (s, 20),
+//!   `FL_BENCH_RAW_N` (messages of the ceiling run, 300000);
+//! - `FL_BENCH_SOAK` (seconds): instead, a memory soak at `FL_BENCH_SOAK_RATE` (2000/s):
+//!   RSS of every worker sampled every 10 s, then start, end, max and the slope.
+//!
+//! Run: `scripts/bench e2e` (or `cargo bench -p firstline-tests --bench e2e`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use firstline::load::{self, LoadOptions, LoadReport};
+use firstline_shared::config::CommonConfig;
+use firstline_tests::{TestDb, TestNats, WorkerProcess};
+use futures::StreamExt;
+use serde_json::json;
+
+const WORKERS: [&str; 4] = [
+    "firstline-ingest",
+    "firstline-bot-router",
+    "firstline-dispatcher",
+    "firstline-notifier",
+];
+
+fn env_f64s(name: &str, default: &str) -> Vec<f64> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// utime + stime of a process, in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // The command name is in parentheses and may hold spaces: split after it.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of stat; `after` starts at field 3.
+    let get = |i: usize| fields.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+    get(14).unwrap_or(0) + get(15).unwrap_or(0)
+}
+
+/// Resident memory in KiB.
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU ticks of every `postgres` process (the server is shared: other databases count too).
+fn postgres_ticks() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .map(|c| c.trim() == "postgres")
+                .unwrap_or(false)
+        })
+        .map(cpu_ticks)
+        .sum()
+}
+
+/// Processes measured: the four workers, NATS, Postgres (all backends).
+struct Procs {
+    pids: Vec<(&'static str, u32)>,
+}
+
+impl Procs {
+    fn ticks(&self) -> BTreeMap<&'static str, u64> {
+        let mut t: BTreeMap<_, _> = self.pids.iter().map(|(n, p)| (*n, cpu_ticks(*p))).collect();
+        t.insert("postgres", postgres_ticks());
+        t
+    }
+    fn rss(&self) -> BTreeMap<&'static str, u64> {
+        self.pids.iter().map(|(n, p)| (*n, rss_kb(*p))).collect()
+    }
+}
+
+fn short(name: &str) -> &str {
+    name.strip_prefix("firstline-").unwrap_or(name)
+}
+
+/// Raw JetStream publishes with acks: the ceiling.
+async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -> f64 {
+    let _ = js.delete_stream("RAW_CEILING").await;
+    js.create_stream(jetstream::stream::Config {
+        name: "RAW_CEILING".into(),
+        subjects: vec!["raw.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .expect("create the ceiling stream");
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<jetstream::context::PublishAckFuture>(20_000);
+    let acks = tokio::spawn(async move {
+        let mut inflight = futures::stream::FuturesUnordered::new();
+        let mut errors = 0u64;
+        loop {
+            tokio::select! {
+                next = rx.recv(), if inflight.len() < 20_000 => match next {
+                    Some(f) => inflight.push(std::future::IntoFuture::into_future(f)),
+                    None => break,
+                },
+                Some(r) = inflight.next(), if !inflight.is_empty() => errors += r.is_err() as u64,
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            errors += r.is_err() as u64;
+        }
+        errors
+    });
+    let start = Instant::now();
+    for i in 0..n {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("raw:{i}").as_str(),
+        );
+        let ack = js
+            .publish_with_headers(format!("raw.{}", i % 16), headers, payload.clone())
+            .await
+            .expect("publish");
+        tx.send(ack).await.expect("ack collector");
+    }
+    drop(tx);
+    let errors = acks.await.expect("ack collector");
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(errors, 0, "raw publishes not acknowledged");
+    let _ = js.delete_stream("RAW_CEILING").await;
+    rate
+}
+
+/// Per-hop latency (ms) from the database: publish -> stored by ingest (the message's
+/// `sent_at` to its row's `created_at`, the transaction's start), stored -> bot reply stored,
+/// queued -> offered.
+async fn hops(
+    pg: &tokio_postgres::Client,
+    since: chrono::DateTime<chrono::Utc>,
+) -> serde_json::Value {
+    let q = |sql: &'static str| async move {
+        let row = pg.query_one(sql, &[&since]).await.expect(sql);
+        let v: Option<Vec<f64>> = row.get(0);
+        v.unwrap_or_default()
+    };
+    let stored = q("SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM m.created_at - m.sent_at) * 1000)
+                    FROM messages m WHERE m.author = 'customer' AND m.sent_at >= $1").await;
+    let bot = q("SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM r.created_at - m.created_at) * 1000)
+                 FROM messages m JOIN messages r ON r.tenant_id = m.tenant_id AND r.channel_id = m.channel_id
+                   AND r.external_id = 'bot-reply:' || m.id || ':0'
+                 WHERE m.author = 'customer' AND m.sent_at >= $1").await;
+    let offer = q("SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM o.created_at - c.queued_at) * 1000)
+                   FROM offers o JOIN conversations c ON c.id = o.conversation_id WHERE o.created_at >= $1").await;
+    let pair = |v: &[f64]| json!({"p50_ms": v.first().copied().unwrap_or(f64::NAN), "p99_ms": v.get(1).copied().unwrap_or(f64::NAN)});
+    json!({
+        "publish_to_stored": pair(&stored),
+        "stored_to_bot_reply_stored": pair(&bot),
+        "queued_to_offered": pair(&offer),
+    })
+}
+
+fn options(rate: f64, duration: f64) -> LoadOptions {
+    LoadOptions {
+        rate,
+        duration: Duration::from_secs_f64(duration),
+        tenants: 3,
+        channels: 2,
+        customers: 30_000,
+        bot_share: 0.8,
+        handover_share: 0.1,
+        agents: 100,
+        capacity: 10,
+        accept_delay: Duration::from_millis(200),
+        close_after: Duration::from_millis(500),
+        progress: Some(Duration::from_secs(5)),
+        drain: Duration::from_secs(20),
+        prefix: "bench".into(),
+        ..LoadOptions::default()
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+async fn run() {
+    let rates = env_f64s("FL_BENCH_RATES", "1000,2500,5000,7500,10000,15000");
+    let duration = env_f64("FL_BENCH_DURATION", 20.0);
+    let raw_n = env_f64("FL_BENCH_RAW_N", 300_000.0) as usize;
+    let soak = env_f64("FL_BENCH_SOAK", 0.0);
+
+    let nats = TestNats::start().await;
+    let db = TestDb::create().await;
+    let pg = db.connect().await;
+    let client = async_nats::connect(&nats.url).await.expect("connect");
+    let js = jetstream::new(client.clone());
+
+    let sample = options(1000.0, duration);
+    let payload = sample.sample_payload();
+    println!("machine: {} cores, {}", num_cores(), load_average());
+    let raw = raw_ceiling(&js, payload.clone(), raw_n).await;
+    println!(
+        "raw JetStream ceiling: {raw:.0} msgs/s ({raw_n} async publishes with acks, {} bytes, file storage, Nats-Msg-Id)",
+        payload.len()
+    );
+
+    sample
+        .configure(&db.url)
+        .await
+        .expect("configure the load tenants");
+    let config = CommonConfig::new(&nats.url, &db.url);
+    let workers: Vec<WorkerProcess> = WORKERS
+        .iter()
+        .map(|name| WorkerProcess::start(name, &config))
+        .collect();
+    let mut pids: Vec<(&'static str, u32)> = WORKERS
+        .iter()
+        .zip(&workers)
+        .map(|(n, w)| (*n, w.pid().expect("running")))
+        .collect();
+    pids.push(("nats-server", nats.pid()));
+    let procs = Procs { pids };
+    // Warm up: consumers created, caches filled, every agent ready.
+    let mut warm = options(200.0, 3.0);
+    warm.progress = None;
+    let w = load::run(client.clone(), &warm, Default::default())
+        .await
+        .expect("warm-up");
+    println!(
+        "warm-up: {} sent, {} answered, p99 {:.1} ms",
+        w.sent, w.answered, w.e2e.p99_ms
+    );
+
+    // Statistics as autovacuum would have them on a system that has been running: a fresh
+    // database's say "empty" and mislead the planner.
+    pg.batch_execute("VACUUM ANALYZE")
+        .await
+        .expect("vacuum analyze");
+
+    if soak > 0.0 {
+        return run_soak(
+            &client,
+            &procs,
+            env_f64("FL_BENCH_SOAK_RATE", 2000.0),
+            soak,
+            raw,
+        )
+        .await;
+    }
+
+    let mut rows = Vec::new();
+    for &rate in &rates {
+        println!(
+            "--- offered {rate:.0} msgs/s for {duration:.0} s ({})",
+            load_average()
+        );
+        let opts = options(rate, duration);
+        let t0 = procs.ticks();
+        let started = Instant::now();
+        let report = load::run(client.clone(), &opts, Default::default())
+            .await
+            .expect("load run");
+        let elapsed = started.elapsed().as_secs_f64();
+        let t1 = procs.ticks();
+        let rss = procs.rss();
+        let cpu: BTreeMap<&str, f64> = t1
+            .iter()
+            .map(|(n, t)| {
+                (
+                    *n,
+                    (t - t0.get(n).copied().unwrap_or(0)) as f64 / 100.0 / elapsed * 100.0,
+                )
+            })
+            .collect();
+        let hop = hops(&pg, report.started_at).await;
+        load::print_report(&report);
+        let kept = report.kept_up();
+        rows.push((report, cpu, rss, hop, kept));
+        if !kept {
+            println!("did not keep up at {rate:.0} msgs/s: stopping");
+            break;
+        }
+    }
+
+    println!();
+    println!("raw JetStream ceiling: {raw:.0} msgs/s");
+    println!(
+        "{:>7} {:>7} {:>7} {:>4} | {:>7} {:>7} {:>7} | {:>7} | {:>6} {:>6} {:>6} | {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>5} {:>5} {:>5} {:>5}",
+        "offered", "sent/s", "answ/s", "ok", "p50 ms", "p95 ms", "p99 ms", "offer/s", "h1 p99", "h2 p99", "q p99",
+        "%ing", "%bot", "%disp", "%noti", "%nats", "%pg", "MBing", "MBbot", "MBdis", "MBnot"
+    );
+    for (r, cpu, rss, hop, kept) in &rows {
+        let c = |n: &str| cpu.get(n).copied().unwrap_or(0.0);
+        let m = |n: &str| rss.get(n).copied().unwrap_or(0) as f64 / 1024.0;
+        let h = |k: &str| hop[k]["p99_ms"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:>7.0} {:>7.0} {:>7.0} {:>4} | {:>7.2} {:>7.2} {:>7.2} | {:>7.0} | {:>6.1} {:>6.1} {:>6.1} | {:>5.0} {:>5.0} {:>5.0} {:>5.0} {:>5.0} {:>5.0} | {:>5.0} {:>5.0} {:>5.0} {:>5.0}",
+            r.offered_rate,
+            r.sent as f64 / r.send_seconds,
+            r.answered_per_s,
+            if *kept { "yes" } else { "no" },
+            r.e2e.p50_ms,
+            r.e2e.p95_ms,
+            r.e2e.p99_ms,
+            r.offers_per_s,
+            h("publish_to_stored"),
+            h("stored_to_bot_reply_stored"),
+            h("queued_to_offered"),
+            c("firstline-ingest"),
+            c("firstline-bot-router"),
+            c("firstline-dispatcher"),
+            c("firstline-notifier"),
+            c("nats-server"),
+            c("postgres"),
+            m("firstline-ingest"),
+            m("firstline-bot-router"),
+            m("firstline-dispatcher"),
+            m("firstline-notifier"),
+        );
+    }
+    println!("h1 = publish -> stored by ingest, h2 = stored -> bot reply stored, q = queued -> offered (database timestamps); %pg = every postgres process of the server");
+    // Sustained: the best answered rate among the rates that kept up.
+    let best = rows
+        .iter()
+        .filter(|r| r.4)
+        .max_by(|a, b| a.0.answered_per_s.total_cmp(&b.0.answered_per_s));
+    let saturated = rows.iter().map(|r| r.0.answered_per_s).fold(0.0, f64::max);
+    let at_5000 = rows
+        .iter()
+        .find(|r| (r.0.offered_rate - 5000.0).abs() < 1.0)
+        .map(|r| r.0.e2e.p99_ms);
+    let pipeline = best.map(|r| r.0.answered_per_s).unwrap_or(0.0);
+    let p99 = best.map(|r| r.0.e2e.p99_ms).unwrap_or(f64::NAN);
+    println!(
+        "sustained {pipeline:.0} msgs/s (kept up), most answered {saturated:.0} msgs/s; ratio to the raw ceiling {:.3}; p99 at that rate {p99:.2} ms; p99 at 5,000/s offered: {}",
+        pipeline / raw,
+        at_5000.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "not run".into())
+    );
+    let steps: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|(r, cpu, rss, hop, kept)| {
+            json!({"offered": r.offered_rate, "kept_up": kept, "report": r, "cpu_percent": cpu, "rss_kb": rss, "hops": hop})
+        })
+        .collect();
+    println!(
+        "{}",
+        json!({
+            "pipeline_msgs_per_s": pipeline.round(),
+            "raw_jetstream_msgs_per_s": raw.round(),
+            "ratio": (pipeline / raw * 1000.0).round() / 1000.0,
+            "p99_ms": p99,
+            "p99_ms_at_5000": at_5000,
+            "most_answered_msgs_per_s": saturated.round(),
+            "message_bytes": payload.len(),
+            "cores": num_cores(),
+            "steps": steps,
+        })
+    );
+    drop(workers);
+}
+
+async fn run_soak(client: &async_nats::Client, procs: &Procs, rate: f64, seconds: f64, raw: f64) {
+    println!("--- memory soak: {rate:.0} msgs/s for {seconds:.0} s, RSS every 10 s");
+    let mut opts = options(rate, seconds);
+    opts.progress = Some(Duration::from_secs(60));
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { load::run(client, &opts, Default::default()).await }
+    });
+    let start = Instant::now();
+    let mut samples: Vec<(f64, BTreeMap<&'static str, u64>)> = Vec::new();
+    while !load.is_finished() {
+        let rss = procs.rss();
+        let t = start.elapsed().as_secs_f64();
+        println!(
+            "{t:>6.0}s  {}",
+            rss.iter()
+                .map(|(n, kb)| format!("{} {:.1} MB", short(n), *kb as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join("  ")
+        );
+        samples.push((t, rss));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
+    let report: LoadReport = load.await.expect("soak task").expect("soak load");
+    load::print_report(&report);
+    let mut summary = serde_json::Map::new();
+    for (name, _) in &procs.pids {
+        let series: Vec<(f64, f64)> = samples
+            .iter()
+            .map(|(t, r)| (*t, r.get(name).copied().unwrap_or(0) as f64 / 1024.0))
+            .collect();
+        // Ignore the first minute (allocator and caches warming up) for the slope.
+        let steady: Vec<(f64, f64)> = series.iter().copied().filter(|(t, _)| *t >= 60.0).collect();
+        let slope = slope_per_minute(if steady.len() >= 3 { &steady } else { &series });
+        let start_mb = series.first().map(|s| s.1).unwrap_or(0.0);
+        let end_mb = series.last().map(|s| s.1).unwrap_or(0.0);
+        let max_mb = series.iter().map(|s| s.1).fold(0.0, f64::max);
+        println!(
+            "{:>14}: start {start_mb:.1} MB, end {end_mb:.1} MB, max {max_mb:.1} MB, slope after the first minute {slope:+.3} MB/min",
+            short(name)
+        );
+        summary.insert(
+            short(name).to_owned(),
+            json!({"start_mb": start_mb, "end_mb": end_mb, "max_mb": max_mb, "slope_mb_per_min": slope}),
+        );
+    }
+    println!(
+        "{}",
+        json!({
+            "soak_seconds": seconds, "rate": rate,
+            "pipeline_msgs_per_s": report.answered_per_s.round(),
+            "raw_jetstream_msgs_per_s": raw.round(),
+            "ratio": (report.answered_per_s / raw * 1000.0).round() / 1000.0,
+            "p99_ms": report.e2e.p99_ms,
+            "sent": report.sent, "answered": report.answered,
+            "rss": summary,
+        })
+    );
+}
+
+/// Least-squares slope of (seconds, MB), in MB per minute.
+fn slope_per_minute(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+    let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+    let num: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let den: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den * 60.0
+    }
+}
+
+fn num_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| {
+            let v: Vec<&str> = s.split_whitespace().take(3).collect();
+            format!("load average {}", v.join(" "))
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,257 @@
+//! The load generator against the real workers, and batched partitions: a partition's
+//! backlog is handled in batches (one transaction each) with each conversation's order kept,
+//! a malformed message dead-lettered alone, duplicates stored once.
+
+use std::time::Duration;
+
+use firstline::load::{self, LoadOptions};
+use firstline_tests::{count, wait_for_count, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_the_load_generator_sends_is_handled() {
+    let opts = LoadOptions {
+        rate: 100.0,
+        duration: Duration::from_secs(3),
+        tenants: 2,
+        channels: 1,
+        customers: 40,
+        bot_share: 0.6,
+        handover_share: 0.2,
+        agents: 5,
+        capacity: 10,
+        accept_delay: Duration::from_millis(100),
+        close_after: Duration::from_millis(200),
+        progress: None,
+        drain: Duration::from_secs(30),
+        prefix: "lt".into(),
+        ..LoadOptions::default()
+    };
+    let app = TestApp::spawn(&opts.setup_json()).await;
+    let report = load::run(app.client.clone(), &opts, Default::default())
+        .await
+        .expect("load run");
+    load::print_report(&report);
+    assert!(report.sent >= 250, "sent {}", report.sent);
+    assert_eq!(report.send_errors, 0);
+    assert_eq!(report.unanswered_replies, 0, "every bot question answered");
+    assert_eq!(report.unanswered_offers, 0, "every queued customer offered");
+    assert_eq!(
+        report.answered, report.sent,
+        "one answer per message (hand-overs: the reply; direct: the offer)"
+    );
+    // Stored once each.
+    let stored = count(
+        &app.pg,
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        &[],
+    )
+    .await;
+    assert_eq!(stored as u64, report.sent);
+    // Every hand-over and direct customer got an offer.
+    let offered = count(
+        &app.pg,
+        "SELECT count(DISTINCT conversation_id) FROM offers",
+        &[],
+    )
+    .await;
+    assert_eq!(offered as u64, report.handover_sent + report.direct_sent);
+}
+
+const SETUP: &str = r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enabled":false}]}]}"#;
+
+/// A backlog published before ingest starts, so that partitions hand over full batches.
+async fn backlog_app() -> TestApp {
+    TestApp::without_workers(SETUP).await
+}
+
+fn start_ingest(app: &mut TestApp) {
+    let worker = firstline_ingest::run(
+        firstline_ingest::Config {
+            common: app.config.clone(),
+        },
+        app.shutdown.clone(),
+    );
+    app.spawn_worker(worker);
+}
+
+async fn texts_in_order(app: &TestApp, customer: &str) -> Vec<String> {
+    app.pg
+        .query(
+            "SELECT m.body FROM messages m JOIN customers c ON c.id = (
+                 SELECT customer_id FROM conversations WHERE id = m.conversation_id)
+             WHERE c.external_id = $1 AND m.author = 'customer'
+             ORDER BY m.created_at, m.id",
+            &[&customer],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_keeps_each_conversations_order() {
+    let mut app = backlog_app().await;
+    // 5 customers, 40 messages each, interleaved, all on one channel (one partition).
+    for i in 0..40 {
+        for c in 0..5 {
+            app.customer_says("t1", "mail", &format!("U{c}"), &i.to_string())
+                .await;
+        }
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "all stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        200,
+    )
+    .await;
+    // They were handled in batches: several messages share a transaction's start time.
+    let transactions = count(
+        &app.pg,
+        "SELECT count(DISTINCT created_at) FROM messages WHERE author = 'customer'",
+        &[],
+    )
+    .await;
+    assert!(
+        transactions < 100,
+        "200 messages in {transactions} transactions: not batched"
+    );
+    for c in 0..5 {
+        let texts = texts_in_order(&app, &format!("U{c}")).await;
+        let expected: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+        assert_eq!(texts, expected, "customer U{c} in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_in_a_batch_is_dead_lettered_alone() {
+    let mut app = backlog_app().await;
+    for i in 0..10 {
+        app.customer_says("t1", "mail", "U1", &i.to_string()).await;
+    }
+    app.publish_json("fl.t1.inbound.mail", Some("mail:bad"), "{not json")
+        .await;
+    app.publish_json(
+        "fl.t1.inbound.mail",
+        Some("mail:no-customer"),
+        r#"{"version":1,"message_id":"m-x","text":"no customer"}"#,
+    )
+    .await;
+    for i in 10..20 {
+        app.customer_says("t1", "mail", "U1", &i.to_string()).await;
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "the good ones stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        20,
+    )
+    .await;
+    let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    assert_eq!(texts_in_order(&app, "U1").await, expected);
+    let letters =
+        firstline_tests::eventually("two dead letters", Duration::from_secs(10), || async {
+            let l = app
+                .stored("FL_DEADLETTER", "fl.*.deadletter.FL_INBOUND")
+                .await;
+            (l.len() == 2).then_some(l)
+        })
+        .await;
+    assert!(letters
+        .iter()
+        .any(|l| l["payload"] == "{not json" && l["deliveries"] == 1));
+    assert!(letters
+        .iter()
+        .any(|l| l["reason"].as_str().unwrap().contains("customer")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_in_a_batch_are_stored_once() {
+    let mut app = backlog_app().await;
+    let body = |id: &str, text: &str| {
+        format!(r#"{{"version":1,"message_id":"{id}","customer":{{"id":"U1"}},"text":"{text}"}}"#)
+    };
+    // The same gateway message three times: without Nats-Msg-Id (the stream keeps every
+    // copy, the database must refuse them), and once more with one.
+    for _ in 0..2 {
+        app.publish_json("fl.t1.inbound.mail", None, &body("m-1", "first"))
+            .await;
+    }
+    app.publish_json("fl.t1.inbound.mail", None, &body("m-2", "second"))
+        .await;
+    app.publish_json(
+        "fl.t1.inbound.mail",
+        Some("mail:m-1"),
+        &body("m-1", "first"),
+    )
+    .await;
+    app.publish_json("fl.t1.inbound.mail", None, &body("m-3", "third"))
+        .await;
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "three stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        3,
+    )
+    .await;
+    // Give a wrongly stored copy the time to appear.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        texts_in_order(&app, "U1").await,
+        vec!["first", "second", "third"]
+    );
+    let conversations = count(&app.pg, "SELECT count(*) FROM conversations", &[]).await;
+    assert_eq!(conversations, 1);
+}
+
+/// A store left by a version with one message in flight per partition (no priority group):
+/// the batched consumers take over its consumers, position included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_consumers_of_an_older_version_are_taken_over() {
+    use async_nats::jetstream::consumer;
+    use firstline_shared::subjects;
+    let mut app = backlog_app().await;
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    for p in 0..subjects::PARTITIONS {
+        let durable = format!("ingest-p{p}");
+        stream
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(durable),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(app.config.ack_wait_secs),
+                max_deliver: app.config.max_deliver,
+                max_ack_pending: 1,
+                filter_subject: subjects::partition_filter(&subjects::INBOUND, p),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    for i in 0..5 {
+        app.customer_says("t1", "mail", "U1", &i.to_string()).await;
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "stored by the batched consumers",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        5,
+    )
+    .await;
+    let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
+    assert_eq!(texts_in_order(&app, "U1").await, expected);
+    let info = stream.consumer_info("ingest-p0").await.unwrap();
+    assert_eq!(
+        info.config.max_ack_pending,
+        app.config.partition_batch as i64
+    );
+}
