@@ -12,6 +12,7 @@
 //! - [`shutdown`]: one cancellation token for SIGINT/SIGTERM.
 //! - [`worker`]: start-up and the `main` shared by the worker binaries.
 
+pub mod batch;
 pub mod bus;
 pub mod config;
 pub mod db;

@@ -23,6 +23,7 @@ pub mod text;
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
+use firstline_shared::batch;
 use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db::{self, BotSays, Conversation, TenantSettings, Transition};
@@ -32,7 +33,6 @@ use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
 use firstline_shared::{metrics, subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::decide::{BotAction, Context};
 use crate::flow::{FlowNext, FlowOutcome, FlowPosition};
@@ -86,132 +86,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     result
 }
 
-/// Answers a partition's batch in one transaction, in order, each message under a savepoint
-/// (as ingest does): a poison message is rolled back alone, a transient failure stops the
-/// batch there, the replies are published after the commit.
+/// Answers a partition's batch in one transaction ([`batch::in_one_transaction`], as ingest
+/// does); the replies are published and counted after the commit.
 async fn handle_batch(
     services: &Services,
     caches: &Caches,
     batch: Vec<Delivered>,
 ) -> Vec<Result<(), HandleError>> {
-    let all_failed = |n: usize, e: &dyn std::fmt::Display| {
-        (0..n)
-            .map(|_| Err(HandleError::Transient(anyhow::anyhow!("{e}"))))
-            .collect()
-    };
-    let mut client = match services.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return all_failed(batch.len(), &e),
-    };
-    let mut tx = match client.transaction().await {
-        Ok(tx) => tx,
-        Err(e) => return all_failed(batch.len(), &e),
-    };
-    // Fast path: the whole batch without savepoints (two round trips and a subtransaction
-    // less per message). Anything but a clean success (an error, a duplicate to roll back)
-    // rolls the batch back, and it runs again below, each message under a savepoint.
-    if batch.len() > 1 {
-        let mut outbox = Outbox::new();
-        let mut replied = Vec::new();
-        let mut clean = true;
-        for m in &batch {
-            let span = bus::message_span("bot-router", m);
-            match handle(&tx, caches, &mut outbox, m).instrument(span).await {
-                Ok(answered) => {
-                    replied.extend(answered);
-                }
-                _ => {
-                    clean = false;
-                    break;
-                }
-            }
-        }
-        if clean {
-            let committed = async {
-                let staged = outbox.stage(&tx).await?;
-                tx.commit().await?;
-                anyhow::Ok(staged)
-            }
-            .await;
-            return match committed {
-                Ok(staged) => {
-                    staged.publish(&services.js, &client).await;
-                    for (tenant, source) in replied {
-                        metrics::bot_replied(tenant.as_str(), source);
-                    }
-                    batch.iter().map(|_| Ok(())).collect()
-                }
-                Err(e) => all_failed(batch.len(), &format!("batch not committed: {e:#}")),
-            };
-        }
-        if let Err(e) = tx.rollback().await {
-            return all_failed(batch.len(), &e);
-        }
-        tx = match client.transaction().await {
-            Ok(tx) => tx,
-            Err(e) => return all_failed(batch.len(), &e),
-        };
-    }
-    let mut outbox = Outbox::new();
-    let mut replied = Vec::new();
-    let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
-    let mut stopped = false;
-    for m in &batch {
-        if stopped {
-            results.push(Err(HandleError::Transient(anyhow::anyhow!(
-                "an earlier message of this partition is retried first"
-            ))));
-            continue;
-        }
-        let span = bus::message_span("bot-router", m);
-        let result = async {
-            let sp = tx.savepoint("m").await?;
-            let mut own = Outbox::new();
-            match handle(&sp, caches, &mut own, m).await {
-                Ok(answered) => {
-                    sp.commit().await?;
-                    Ok((own, answered))
-                }
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            }
-        }
-        .instrument(span)
-        .await;
-        match result {
-            Ok((own, answered)) => {
-                outbox.append(own);
-                replied.extend(answered);
-                results.push(Ok(()));
-            }
-            Err(e) => {
-                stopped = matches!(e, HandleError::Transient(_));
-                results.push(Err(e));
-            }
-        }
-    }
-    let committed = async {
-        let staged = outbox.stage(&tx).await?;
-        tx.commit().await?;
-        anyhow::Ok(staged)
-    }
+    let (results, answered) = batch::in_one_transaction(
+        services,
+        "bot-router",
+        &batch,
+        caches,
+        |caches, tx, outbox, m| {
+            Box::pin(async move { handle(tx, caches, outbox, m).await.map(Some) })
+        },
+    )
     .await;
-    match committed {
-        Ok(staged) => {
-            staged.publish(&services.js, &client).await;
-            for (tenant, source) in replied {
-                metrics::bot_replied(tenant.as_str(), source);
-            }
-        }
-        Err(e) => {
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(HandleError::Transient(anyhow::anyhow!(
-                    "batch not committed: {e:#}"
-                )));
-            }
-        }
+    for (tenant, source) in answered.into_iter().flatten() {
+        metrics::bot_replied(tenant.as_str(), source);
     }
     results
 }

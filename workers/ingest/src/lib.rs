@@ -13,6 +13,7 @@
 
 mod db;
 
+use firstline_shared::batch;
 use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db as shared_db;
@@ -24,7 +25,6 @@ use firstline_shared::wire::{
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// Settings of the ingest worker.
@@ -88,122 +88,15 @@ impl Route {
     }
 }
 
-/// Handles a partition's batch in one transaction, in order, each message under a savepoint:
-/// a poison message is rolled back alone (and dead-lettered by the consume loop); a transient
-/// failure stops the batch there (what follows is retried after it, in order); the outbox of
-/// everything handled is staged in the transaction and published after the commit.
+/// Handles a partition's batch in one transaction ([`batch::in_one_transaction`]): a
+/// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
+/// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let all_failed = |n: usize, e: &dyn std::fmt::Display| {
-        (0..n)
-            .map(|_| Err(HandleError::Transient(anyhow::anyhow!("{e}"))))
-            .collect()
-    };
-    let mut client = match services.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return all_failed(batch.len(), &e),
-    };
-    let mut tx = match client.transaction().await {
-        Ok(tx) => tx,
-        Err(e) => return all_failed(batch.len(), &e),
-    };
-    // Fast path: the whole batch without savepoints (two round trips and a subtransaction
-    // less per message). Anything but a clean success (an error, a duplicate to roll back)
-    // rolls the batch back, and it runs again below, each message under a savepoint.
-    if batch.len() > 1 {
-        let mut outbox = Outbox::new();
-        let mut clean = true;
-        for m in &batch {
-            let span = bus::message_span("ingest", m);
-            match handle(&tx, &mut outbox, m).instrument(span).await {
-                Ok(true) => {}
-                _ => {
-                    clean = false;
-                    break;
-                }
-            }
-        }
-        if clean {
-            let committed = async {
-                let staged = outbox.stage(&tx).await?;
-                tx.commit().await?;
-                anyhow::Ok(staged)
-            }
-            .await;
-            return match committed {
-                Ok(staged) => {
-                    staged.publish(&services.js, &client).await;
-                    batch.iter().map(|_| Ok(())).collect()
-                }
-                Err(e) => all_failed(batch.len(), &format!("batch not committed: {e:#}")),
-            };
-        }
-        if let Err(e) = tx.rollback().await {
-            return all_failed(batch.len(), &e);
-        }
-        tx = match client.transaction().await {
-            Ok(tx) => tx,
-            Err(e) => return all_failed(batch.len(), &e),
-        };
-    }
-    let mut outbox = Outbox::new();
-    let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
-    let mut stopped = false;
-    for m in &batch {
-        if stopped {
-            results.push(Err(HandleError::Transient(anyhow::anyhow!(
-                "an earlier message of this partition is retried first"
-            ))));
-            continue;
-        }
-        let span = bus::message_span("ingest", m);
-        let result = async {
-            let sp = tx.savepoint("m").await?;
-            let mut own = Outbox::new();
-            match handle(&sp, &mut own, m).await {
-                Ok(true) => {
-                    sp.commit().await?;
-                    Ok(Some(own))
-                }
-                Ok(false) => {
-                    sp.rollback().await?;
-                    Ok(None)
-                }
-                Err(e) => {
-                    let _ = sp.rollback().await;
-                    Err(e)
-                }
-            }
-        }
-        .instrument(span)
+    let (results, _) =
+        batch::in_one_transaction(services, "ingest", &batch, &(), |_, tx, outbox, m| {
+            Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) })
+        })
         .await;
-        match result {
-            Ok(Some(own)) => {
-                outbox.append(own);
-                results.push(Ok(()));
-            }
-            Ok(None) => results.push(Ok(())),
-            Err(e) => {
-                stopped = matches!(e, HandleError::Transient(_));
-                results.push(Err(e));
-            }
-        }
-    }
-    let committed = async {
-        let staged = outbox.stage(&tx).await?;
-        tx.commit().await?;
-        anyhow::Ok(staged)
-    }
-    .await;
-    match committed {
-        Ok(staged) => staged.publish(&services.js, &client).await,
-        Err(e) => {
-            for r in results.iter_mut().filter(|r| r.is_ok()) {
-                *r = Err(HandleError::Transient(anyhow::anyhow!(
-                    "batch not committed: {e:#}"
-                )));
-            }
-        }
-    }
     results
 }
 

@@ -1,0 +1,150 @@
+//! A partition's batch in one transaction, for the workers that consume partitions in order
+//! (ingest, bot-router; see [`crate::bus::consume_partitioned_batched`]).
+//!
+//! - Fast path: every message handled in the one transaction, without savepoints (two round
+//!   trips and a subtransaction less per message).
+//! - Anything but a clean success (an error, or a message whose work is to be rolled back, such
+//!   as a duplicate) rolls the batch back, and it runs again with a savepoint per message: a
+//!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
+//!   failure stops the batch there (what follows is retried after it, in order).
+//! - The outbox of everything kept is staged in the transaction and published after the commit.
+
+use deadpool_postgres::Transaction;
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use crate::bus::{self, Delivered};
+use crate::outbox::Outbox;
+use crate::worker::Services;
+use crate::HandleError;
+
+/// What handling one message gives: `Ok(Some(t))` keeps its work (and `t`, for the caller
+/// after the commit), `Ok(None)` rolls its work back and keeps nothing.
+pub type Step<'a, T> = BoxFuture<'a, Result<Option<T>, HandleError>>;
+
+/// Handles `batch` in one transaction with `handle`, as the module says; `handle` gets `ctx`
+/// (the worker's caches...) with each message, so that it need not borrow it. Returns a result
+/// per message and the `T` of every message kept, once committed (none when the commit failed).
+pub async fn in_one_transaction<C, T, H>(
+    services: &Services,
+    consumer: &'static str,
+    batch: &[Delivered],
+    ctx: &C,
+    handle: H,
+) -> (Vec<Result<(), HandleError>>, Vec<T>)
+where
+    C: ?Sized,
+    H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+{
+    let all_failed = |e: &dyn std::fmt::Display| {
+        let results = batch
+            .iter()
+            .map(|_| Err(HandleError::Transient(anyhow::anyhow!("{e}"))))
+            .collect();
+        (results, Vec::new())
+    };
+    let mut client = match services.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return all_failed(&e),
+    };
+    let mut tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => return all_failed(&e),
+    };
+    if batch.len() > 1 {
+        let mut outbox = Outbox::new();
+        let mut kept = Vec::with_capacity(batch.len());
+        let mut clean = true;
+        for m in batch {
+            let span = bus::message_span(consumer, m);
+            match handle(ctx, &tx, &mut outbox, m).instrument(span).await {
+                Ok(Some(t)) => kept.push(t),
+                _ => {
+                    clean = false;
+                    break;
+                }
+            }
+        }
+        if clean {
+            return match commit(tx, outbox).await {
+                Ok(staged) => {
+                    staged.publish(&services.js, &client).await;
+                    (batch.iter().map(|_| Ok(())).collect(), kept)
+                }
+                Err(e) => all_failed(&format!("batch not committed: {e:#}")),
+            };
+        }
+        if let Err(e) = tx.rollback().await {
+            return all_failed(&e);
+        }
+        tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return all_failed(&e),
+        };
+    }
+    let mut outbox = Outbox::new();
+    let mut kept = Vec::new();
+    let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
+    let mut stopped = false;
+    for m in batch {
+        if stopped {
+            results.push(Err(HandleError::Transient(anyhow::anyhow!(
+                "an earlier message of this partition is retried first"
+            ))));
+            continue;
+        }
+        let span = bus::message_span(consumer, m);
+        let result = async {
+            let sp = tx.savepoint("m").await?;
+            let mut own = Outbox::new();
+            match handle(ctx, &sp, &mut own, m).await {
+                Ok(Some(t)) => {
+                    sp.commit().await?;
+                    Ok(Some((own, t)))
+                }
+                Ok(None) => {
+                    sp.rollback().await?;
+                    Ok(None)
+                }
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        match result {
+            Ok(Some((own, t))) => {
+                outbox.append(own);
+                kept.push(t);
+                results.push(Ok(()));
+            }
+            Ok(None) => results.push(Ok(())),
+            Err(e) => {
+                stopped = matches!(e, HandleError::Transient(_));
+                results.push(Err(e));
+            }
+        }
+    }
+    match commit(tx, outbox).await {
+        Ok(staged) => {
+            staged.publish(&services.js, &client).await;
+            (results, kept)
+        }
+        Err(e) => {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(HandleError::Transient(anyhow::anyhow!(
+                    "batch not committed: {e:#}"
+                )));
+            }
+            (results, Vec::new())
+        }
+    }
+}
+
+async fn commit(tx: Transaction<'_>, outbox: Outbox) -> anyhow::Result<crate::outbox::Staged> {
+    let staged = outbox.stage(&tx).await?;
+    tx.commit().await?;
+    Ok(staged)
+}
