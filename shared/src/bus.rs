@@ -157,6 +157,27 @@ pub async fn publish(
     }
 }
 
+/// Publishes an agent's action on `fl.<tenant>.agent.<agent>.action`, as a desktop does: with
+/// `Nats-Msg-Id` = its `action_id` (so it is applied once) and the current trace context.
+pub async fn publish_action(
+    js: &JetStream,
+    tenant: &crate::domain::TenantId,
+    agent: &crate::domain::AgentId,
+    action: &wire::AgentAction,
+) -> anyhow::Result<()> {
+    let mut headers = HeaderMap::new();
+    crate::telemetry::inject_current(&mut headers);
+    publish(
+        js,
+        subjects::agent_action(tenant, agent),
+        &action.action_id.to_string(),
+        headers,
+        wire::encode(action),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// One message to publish with [`publish_all`].
 #[derive(Clone, Debug)]
 pub struct Outgoing {
@@ -223,6 +244,19 @@ pub struct Delivered {
 }
 
 impl Delivered {
+    /// What a handler sees of a JetStream message; an error if it carries no JetStream info.
+    pub fn of(m: &jetstream::Message) -> Result<Self, String> {
+        let info = m.info().map_err(|e| e.to_string())?;
+        Ok(Self {
+            subject: m.subject.to_string(),
+            payload: m.payload.clone(),
+            headers: m.headers.clone(),
+            stream_sequence: info.stream_sequence,
+            delivered: info.delivered,
+            published: info.published,
+        })
+    }
+
     /// The tenant token of the subject (`fl.<tenant>.…`), unchecked.
     pub fn tenant_token(&self) -> &str {
         subjects::split(&self.subject)
@@ -450,18 +484,8 @@ where
             let mut batch = Vec::with_capacity(chunk.len());
             for next in chunk {
                 match next {
-                    Ok(m) => match m.info() {
-                        Ok(info) => {
-                            let delivered = Delivered {
-                                subject: m.subject.to_string(),
-                                payload: m.payload.clone(),
-                                headers: m.headers.clone(),
-                                stream_sequence: info.stream_sequence,
-                                delivered: info.delivered,
-                                published: info.published,
-                            };
-                            batch.push((m, delivered));
-                        }
+                    Ok(m) => match Delivered::of(&m) {
+                        Ok(delivered) => batch.push((m, delivered)),
                         Err(e) => tracing::warn!("message without JetStream info: {e}"),
                     },
                     // Missed heartbeats while the server restarts, and the like. The pull
@@ -671,18 +695,8 @@ where
             let mut stream_error = false;
             for next in chunk {
                 match next {
-                    Ok(m) => match m.info() {
-                        Ok(info) => {
-                            let delivered = Delivered {
-                                subject: m.subject.to_string(),
-                                payload: m.payload.clone(),
-                                headers: m.headers.clone(),
-                                stream_sequence: info.stream_sequence,
-                                delivered: info.delivered,
-                                published: info.published,
-                            };
-                            batch.push((m, delivered));
-                        }
+                    Ok(m) => match Delivered::of(&m) {
+                        Ok(delivered) => batch.push((m, delivered)),
                         Err(e) => tracing::warn!("message without JetStream info: {e}"),
                     },
                     // Missed heartbeats while the server restarts, and the like: pull again.

@@ -268,7 +268,8 @@ async fn simulated_customer(
     }
 }
 
-async fn act(
+/// A simulated agent's action (the demo's and the load generator's agents).
+pub(crate) async fn act(
     js: &jetstream::Context,
     tenant: &TenantId,
     agent: &AgentId,
@@ -279,15 +280,7 @@ async fn act(
         action_id: Uuid::now_v7(),
         kind,
     };
-    bus::publish(
-        js,
-        subjects::agent_action(tenant, agent),
-        &action.action_id.to_string(),
-        Default::default(),
-        wire::encode(&action),
-    )
-    .await?;
-    Ok(())
+    bus::publish_action(js, tenant, agent, &action).await
 }
 
 async fn simulated_agent(

@@ -24,8 +24,8 @@ use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, AgentStatus, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
-    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, Author, CustomerRef,
-    InboundMessage, NotificationKind, OutboundMessage, Version,
+    self, AgentActionKind, AgentNotification, AgentPresence, Author, CustomerRef, InboundMessage,
+    NotificationKind, OutboundMessage, Version,
 };
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -358,7 +358,7 @@ async fn start_agents(
                             (js2.clone(), tenant2.clone(), counters.clone());
                         tokio::spawn(async move {
                             tokio::time::sleep(accept_delay).await;
-                            if act(
+                            if crate::demo::act(
                                 &js,
                                 &tenant,
                                 &agent,
@@ -376,7 +376,7 @@ async fn start_agents(
                             (js2.clone(), tenant2.clone(), counters.clone());
                         tokio::spawn(async move {
                             let text = format!("您好，我是 {agent}，很高興為您服務！");
-                            if act(
+                            if crate::demo::act(
                                 &js,
                                 &tenant,
                                 &agent,
@@ -391,7 +391,7 @@ async fn start_agents(
                                 counters.agent_replies.fetch_add(1, Ordering::Relaxed);
                             }
                             tokio::time::sleep(close_after).await;
-                            if act(
+                            if crate::demo::act(
                                 &js,
                                 &tenant,
                                 &agent,
@@ -428,28 +428,6 @@ async fn start_agents(
             .await?;
         }
     }
-    Ok(())
-}
-
-async fn act(
-    js: &jetstream::Context,
-    tenant: &TenantId,
-    agent: &AgentId,
-    kind: AgentActionKind,
-) -> anyhow::Result<()> {
-    let action = AgentAction {
-        version: Version,
-        action_id: Uuid::now_v7(),
-        kind,
-    };
-    bus::publish(
-        js,
-        subjects::agent_action(tenant, agent),
-        &action.action_id.to_string(),
-        Default::default(),
-        wire::encode(&action),
-    )
-    .await?;
     Ok(())
 }
 

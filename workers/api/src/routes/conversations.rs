@@ -4,14 +4,13 @@
 //! An agent token sees only the agent's own conversations: those it serves or served, and those
 //! offered to it now. Staff see the whole tenant.
 
-use async_nats::HeaderMap;
 use axum::extract::State;
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
+use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, ConversationState, SkillSet};
-use firstline_shared::wire::{self, AgentAction, AgentActionKind, Version};
-use firstline_shared::{bus, subjects, telemetry};
+use firstline_shared::wire::{AgentAction, AgentActionKind, Version};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use utoipa::{IntoParams, ToSchema};
@@ -397,16 +396,7 @@ async fn act(
         action_id,
         kind,
     };
-    let mut nats_headers = HeaderMap::new();
-    telemetry::inject_current(&mut nats_headers);
-    bus::publish(
-        &state.js,
-        subjects::agent_action(&p.tenant, me),
-        &action_id.to_string(),
-        nats_headers,
-        wire::encode(&action),
-    )
-    .await?;
+    bus::publish_action(&state.js, &p.tenant, me, &action).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(ActionAccepted {
