@@ -114,6 +114,7 @@ wire_messages! {
     QueueSignal => "queue-signal",
     Delivery => "delivery",
     DeadLetter => "dead-letter",
+    WebhookDelivery => "webhook-delivery",
 }
 
 /// The customer as the channel knows them.
@@ -376,6 +377,22 @@ pub enum Delivery {
         agent_id: AgentId,
         notification: AgentNotification,
     },
+}
+
+/// The body the API POSTs to a tenant's webhook URLs for one conversation event, signed in
+/// the `FirstLine-Signature` header (README: Webhooks). The same on every try of the event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookDelivery {
+    pub version: V1,
+    /// The event's id: a receiver drops a second delivery of the same id.
+    pub id: Uuid,
+    /// `conversation.<state>`: the state the conversation went into.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub tenant: String,
+    /// When the change happened (the event's `at`).
+    pub created_at: DateTime<Utc>,
+    pub data: ConversationEvent,
 }
 
 /// `fl.<tenant>.deadletter.<stream>`: a message that can never be handled, with the reason.

@@ -185,6 +185,7 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
         .is_err());
     }
     let body: Value = serde_json::from_str(&hits[0].body).unwrap();
+    assert_eq!(body["version"], 1);
     assert_eq!(body["type"], "conversation.waiting");
     assert_eq!(body["tenant"], "acme");
     assert_eq!(body["data"]["customer_id"], "H1");

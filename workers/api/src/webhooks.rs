@@ -24,7 +24,7 @@ use deadpool_postgres::Pool;
 use firstline_shared::bus::{self, ConsumerSpec, Delivered, JetStream};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::domain::TenantId;
-use firstline_shared::wire::{self, ConversationEvent, DeadLetter, Version};
+use firstline_shared::wire::{self, ConversationEvent, DeadLetter, Version, WebhookDelivery};
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, HandleError};
 use hmac::{Hmac, KeyInit, Mac};
@@ -165,14 +165,15 @@ pub fn backoff(attempts: i32, base: Duration, max: Duration) -> Duration {
 
 /// The body POSTed for one event.
 pub fn body(tenant: &TenantId, event: &ConversationEvent) -> String {
-    serde_json::json!({
-        "id": event.event_id,
-        "type": format!("conversation.{}", event.to.as_str()),
-        "tenant": tenant.as_str(),
-        "created_at": event.at,
-        "data": event,
-    })
-    .to_string()
+    let delivery = WebhookDelivery {
+        version: Version,
+        id: event.event_id,
+        kind: format!("conversation.{}", event.to.as_str()),
+        tenant: tenant.to_string(),
+        created_at: event.at,
+        data: event.clone(),
+    };
+    String::from_utf8_lossy(&wire::encode(&delivery)).into_owned()
 }
 
 /// Runs the consumer and the sender until `shutdown`.
