@@ -574,6 +574,10 @@ impl WorkerProcess {
                 config.ack_wait_secs.to_string(),
             ),
             ("FL_MAX_DELIVER".to_owned(), config.max_deliver.to_string()),
+            (
+                "FL_PARTITION_BATCH".to_owned(),
+                config.partition_batch.to_string(),
+            ),
             ("FL_DISPATCH_BACKSTOP_SECS".to_owned(), "2".to_owned()),
             (
                 "RUST_LOG".to_owned(),

@@ -61,7 +61,9 @@ const SETUP: &str = r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enab
 
 /// A backlog published before ingest starts, so that partitions hand over full batches.
 async fn backlog_app() -> TestApp {
-    TestApp::without_workers(SETUP).await
+    let mut app = TestApp::without_workers(SETUP).await;
+    app.config.partition_batch = 64;
+    app
 }
 
 fn start_ingest(app: &mut TestApp) {

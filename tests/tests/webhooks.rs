@@ -218,13 +218,21 @@ async fn deliveries_are_signed_retried_after_a_500_and_dead_lettered_after_the_l
         "{gap1:?} {gap2:?}"
     );
     let down_id = down["id"].as_str().unwrap();
-    let dead = api
-        .ok(
-            &format!("/api/v1/webhooks/{down_id}/deliveries?status=dead"),
-            &admin,
-        )
-        .await;
-    assert_eq!(dead.as_array().unwrap().len(), 1);
+    // The dead letter is published just before the row is marked dead.
+    let dead = eventually(
+        "the delivery marked dead",
+        Duration::from_secs(10),
+        || async {
+            let d = api
+                .ok(
+                    &format!("/api/v1/webhooks/{down_id}/deliveries?status=dead"),
+                    &admin,
+                )
+                .await;
+            (d.as_array().unwrap().len() == 1).then_some(d)
+        },
+    )
+    .await;
     assert_eq!(dead[0]["attempts"], 3);
     assert_eq!(dead[0]["last_status"], 500);
     let listed = api.ok(&format!("/api/v1/webhooks/{down_id}"), &admin).await;
