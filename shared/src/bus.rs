@@ -304,8 +304,22 @@ where
     F: Fn(Delivered) -> Fut,
     Fut: Future<Output = Result<(), HandleError>>,
 {
-    // The single durable consumer of a version from before partitioning would keep its backlog
-    // forever: remove it (nothing happens when there is none).
+    let partitions = partition_specs(js, stream, prefix, 1)
+        .await
+        .into_iter()
+        .map(|spec| consume(js, config, spec, shutdown.clone(), &handler));
+    futures::future::try_join_all(partitions).await.map(|_| ())
+}
+
+/// The consumers of a partitioned stream, `<prefix>-p0` … `-p15`, each filtered to its
+/// partition. The single durable consumer of a version from before partitioning would keep its
+/// backlog forever: it is removed (nothing happens when there is none).
+async fn partition_specs(
+    js: &JetStream,
+    stream: StreamSpec,
+    prefix: &str,
+    max_ack_pending: i64,
+) -> Vec<ConsumerSpec> {
     if let Ok(s) = js.get_stream(stream.name).await {
         if s.delete_consumer(prefix).await.is_ok() {
             tracing::info!(
@@ -314,17 +328,17 @@ where
             );
         }
     }
-    let partitions = (0..subjects::PARTITIONS).map(|p| {
-        // Durable names live as long as the consumers: a handful of bytes per start.
-        let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
-        let spec = ConsumerSpec {
-            filter_subject: subjects::partition_filter(&stream, p),
-            max_ack_pending: 1,
-            ..ConsumerSpec::new(stream, durable)
-        };
-        consume(js, config, spec, shutdown.clone(), &handler)
-    });
-    futures::future::try_join_all(partitions).await.map(|_| ())
+    (0..subjects::PARTITIONS)
+        .map(|p| {
+            // Durable names live as long as the consumers: a handful of bytes per start.
+            let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
+            ConsumerSpec {
+                filter_subject: subjects::partition_filter(&stream, p),
+                max_ack_pending,
+                ..ConsumerSpec::new(stream, durable)
+            }
+        })
+        .collect()
 }
 
 /// Like [`consume_partitioned`], but each partition hands its handler up to `max_batch`
@@ -371,23 +385,10 @@ where
         })
         .await;
     }
-    if let Ok(s) = js.get_stream(stream.name).await {
-        if s.delete_consumer(prefix).await.is_ok() {
-            tracing::info!(
-                consumer = prefix,
-                "removed the unpartitioned consumer of an older version"
-            );
-        }
-    }
-    let partitions = (0..subjects::PARTITIONS).map(|p| {
-        let durable: &'static str = Box::leak(format!("{prefix}-p{p}").into_boxed_str());
-        let spec = ConsumerSpec {
-            filter_subject: subjects::partition_filter(&stream, p),
-            max_ack_pending: max_batch as i64,
-            ..ConsumerSpec::new(stream, durable)
-        };
-        consume_in_order(js, config, spec, max_batch, shutdown.clone(), &handler)
-    });
+    let partitions = partition_specs(js, stream, prefix, max_batch as i64)
+        .await
+        .into_iter()
+        .map(|spec| consume_in_order(js, config, spec, max_batch, shutdown.clone(), &handler));
     futures::future::try_join_all(partitions).await.map(|_| ())
 }
 
