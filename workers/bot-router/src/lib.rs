@@ -98,6 +98,7 @@ async fn handle_batch(
         "bot-router",
         &batch,
         caches,
+        conversation_key,
         |caches, tx, outbox, m| {
             Box::pin(async move { handle(tx, caches, outbox, m).await.map(Some) })
         },
@@ -107,6 +108,17 @@ async fn handle_batch(
         metrics::bot_replied(tenant.as_str(), source);
     }
     results
+}
+
+/// The conversation a bot work message is for: one conversation's messages are answered in
+/// order, different conversations' side by side.
+fn conversation_key(m: &Delivered) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct For {
+        conversation_id: uuid::Uuid,
+    }
+    let work: For = serde_json::from_slice(&m.payload).ok()?;
+    Some(work.conversation_id.to_string())
 }
 
 /// One bot work message in the batch's transaction (`tx` is its savepoint). Returns what

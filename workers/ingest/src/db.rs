@@ -1,7 +1,7 @@
 //! The ingest worker's queries.
 
 use deadpool_postgres::Transaction;
-use firstline_shared::db::{self, Conversation, Transition};
+use firstline_shared::db::{self, Conversation, Transition, CONVERSATION_COLUMNS};
 use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::survey::Survey;
@@ -46,6 +46,12 @@ pub async fn channel(
         }))
 }
 
+/// A customer row: its id and the name stored for it.
+pub struct StoredCustomer {
+    pub id: Uuid,
+    pub name: Option<String>,
+}
+
 /// Finds or creates the customer and locks their row until the transaction ends: two first
 /// messages of one customer, handled at once, are serialized here (SPEC L1).
 pub async fn upsert_customer(
@@ -53,7 +59,7 @@ pub async fn upsert_customer(
     tenant: &TenantId,
     channel: &ChannelId,
     customer: &CustomerRef,
-) -> Result<Uuid, tokio_postgres::Error> {
+) -> Result<StoredCustomer, tokio_postgres::Error> {
     // A returning customer (the common case): lock the row without writing a new version of
     // it, unless the name changed.
     let find = tx
@@ -73,8 +79,12 @@ pub async fn upsert_customer(
                 .prepare_cached("UPDATE customers SET display_name = $2 WHERE id = $1")
                 .await?;
             tx.execute(&rename, &[&id, &customer.name]).await?;
+            return Ok(StoredCustomer {
+                id,
+                name: customer.name.clone(),
+            });
         }
-        return Ok(id);
+        return Ok(StoredCustomer { id, name });
     }
     let stmt = tx
         .prepare_cached(
@@ -82,7 +92,7 @@ pub async fn upsert_customer(
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (tenant_id, channel_id, external_id)
              DO UPDATE SET display_name = coalesce(EXCLUDED.display_name, customers.display_name)
-             RETURNING id",
+             RETURNING id, display_name",
         )
         .await?;
     let row = tx
@@ -97,7 +107,10 @@ pub async fn upsert_customer(
             ],
         )
         .await?;
-    Ok(row.get(0))
+    Ok(StoredCustomer {
+        id: row.get(0),
+        name: row.get(1),
+    })
 }
 
 /// SPEC L1/L9: the customer's open conversation, or a new one (L2: to the bot when the
@@ -108,19 +121,20 @@ pub async fn open_conversation(
     outbox: &mut Outbox,
     tenant: &TenantId,
     channel: &ChannelId,
-    customer_id: Uuid,
+    customer: (&StoredCustomer, &CustomerRef),
     settings: &ChannelSettings,
 ) -> anyhow::Result<Conversation> {
+    let (stored, named) = customer;
+    // One round trip for the common case: the open conversation, locked, with what events
+    // need of it.
     let find = tx
-        .prepare_cached(
-            "SELECT id FROM conversations WHERE customer_id = $1 AND state <> 'completed' FOR UPDATE",
-        )
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR UPDATE OF c"
+        ))
         .await?;
-    if let Some(row) = tx.query_opt(&find, &[&customer_id]).await? {
-        let id: Uuid = row.get(0);
-        return db::conversation_for_update(tx, tenant, id)
-            .await?
-            .ok_or_else(|| anyhow::anyhow!("conversation {id} vanished"));
+    if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
+        return db::conversation_from_row(&row);
     }
     let state = if settings.bot_enabled && settings.welcome_flow {
         ConversationState::Script
@@ -130,30 +144,43 @@ pub async fn open_conversation(
         ConversationState::Waiting
     };
     let id = Uuid::now_v7();
+    // New: the row is written here and locked by its insert; what the rest of the handling
+    // needs of it is known without reading it back.
     let insert = tx
         .prepare_cached(
             "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7,
                      CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
-                     CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)",
+                     CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)
+             RETURNING queued_at",
         )
         .await?;
-    tx.execute(
-        &insert,
-        &[
-            &id,
-            &tenant.as_str(),
-            &channel.as_str(),
-            &customer_id,
-            &state.as_str(),
-            &settings.required_skills.to_vec(),
-            &settings.priority,
-        ],
-    )
-    .await?;
-    let conversation = db::conversation_for_update(tx, tenant, id)
-        .await?
-        .ok_or_else(|| anyhow::anyhow!("conversation {id} vanished"))?;
+    let row = tx
+        .query_one(
+            &insert,
+            &[
+                &id,
+                &tenant.as_str(),
+                &channel.as_str(),
+                &stored.id,
+                &state.as_str(),
+                &settings.required_skills.to_vec(),
+                &settings.priority,
+            ],
+        )
+        .await?;
+    let conversation = Conversation {
+        id,
+        tenant: tenant.clone(),
+        channel: channel.clone(),
+        customer_id: stored.id,
+        customer_external_id: named.id.clone(),
+        customer_name: stored.name.clone(),
+        state,
+        agent_id: None,
+        required_skills: settings.required_skills.clone(),
+        queued_at: row.get(0),
+    };
     db::record_history(
         tx,
         outbox,

@@ -92,12 +92,33 @@ impl Route {
 /// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
 /// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let (results, _) =
-        batch::in_one_transaction(services, "ingest", &batch, &(), |_, tx, outbox, m| {
-            Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) })
-        })
-        .await;
+    let (results, _) = batch::in_one_transaction(
+        services,
+        "ingest",
+        &batch,
+        &(),
+        customer_key,
+        |_, tx, outbox, m| Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) }),
+    )
+    .await;
     results
+}
+
+/// The customer a message is from (its subject names the tenant and channel): one customer's
+/// messages are handled in order, different customers' side by side.
+fn customer_key(m: &Delivered) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct From<'a> {
+        #[serde(borrow)]
+        customer: Customer<'a>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Customer<'a> {
+        #[serde(borrow)]
+        id: std::borrow::Cow<'a, str>,
+    }
+    let from: From = serde_json::from_slice(&m.payload).ok()?;
+    Some(format!("{}\n{}", m.subject, from.customer.id))
 }
 
 /// One inbound message, in the batch's transaction (`tx` is its savepoint). `Ok(false)`:
@@ -122,11 +143,11 @@ async fn handle(
             "unknown channel {channel:?} of tenant {tenant:?}: configure it, then replay this dead letter"
         )));
     };
-    let customer_id = db::upsert_customer(tx, &tenant, &channel, &inbound.customer).await?;
+    let customer = db::upsert_customer(tx, &tenant, &channel, &inbound.customer).await?;
     if let Some(survey) = &channel_settings.survey {
         if let Some(rating) = survey.rating(&inbound.text, inbound.postback.as_deref()) {
             if let Some(answered) =
-                db::awaiting_rating(tx, &tenant, customer_id, survey.window_minutes).await?
+                db::awaiting_rating(tx, &tenant, customer.id, survey.window_minutes).await?
             {
                 // 滿意度調查: the answer belongs to the closed conversation (README: survey).
                 let message_id = Uuid::now_v7();
@@ -155,7 +176,7 @@ async fn handle(
         outbox,
         &tenant,
         &channel,
-        customer_id,
+        (&customer, &inbound.customer),
         &channel_settings,
     )
     .await?;
