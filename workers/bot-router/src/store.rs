@@ -295,11 +295,15 @@ pub async fn save_flow(
     Ok(())
 }
 
-/// Marks the conversation active with the bot now (idle completion counts from here).
+/// Marks the conversation active with the bot now (idle completion counts from here). A mark
+/// less than a second old is left as it is: idle completion is counted in seconds
+/// (`bot_idle_seconds`), and a conversation's first answer (marked when ingest opened it) or a
+/// quick exchange then costs no new row version, nor an index entry in `conversations_bot_idle`.
 pub async fn touch(tx: &Transaction<'_>, conversation: Uuid) -> anyhow::Result<()> {
     let stmt = tx
         .prepare_cached(
-            "UPDATE conversations SET bot_active_at = statement_timestamp() WHERE id = $1",
+            "UPDATE conversations SET bot_active_at = statement_timestamp()
+             WHERE id = $1 AND bot_active_at < statement_timestamp() - interval '1 second'",
         )
         .await?;
     tx.execute(&stmt, &[&conversation]).await?;
