@@ -357,6 +357,10 @@ async fn partition_specs(
 ///   working on them. After `FL_MAX_DELIVER` attempts the first is dead-lettered and the
 ///   rest go on.
 /// - A poison message is dead-lettered at once; the others of its batch are handled.
+/// - A delivery that never arrived (a jump in the consumer's delivery sequence) pauses the
+///   partition, without handling what came after it, until everything sent has been given
+///   back for redelivery (`ack_wait`) and the pin has lapsed: the server then sends them
+///   again in the stream's order.
 ///
 /// With `max_batch <= 1` this is [`consume_partitioned`].
 pub async fn consume_partitioned_batched<F, Fut>(
@@ -394,6 +398,28 @@ where
 
 /// The priority group of ordered, batched consumers.
 const PINNED_GROUP: &str = "fl";
+
+/// Watches a pull consumer's delivery sequence for deliveries that never arrived.
+#[derive(Debug, Default)]
+struct DeliveryGaps {
+    last: Option<u64>,
+}
+
+impl DeliveryGaps {
+    /// `Some(n)`: `n` deliveries before the one with consumer sequence `seq` never arrived.
+    /// The first delivery seen sets the count; one that goes back (a server that restarted
+    /// from a consumer state older than what it sent) starts it again, as the server then
+    /// sends again everything after that point.
+    fn see(&mut self, seq: u64) -> Option<u64> {
+        match self.last {
+            Some(last) if seq > last + 1 => Some(seq - last - 1),
+            _ => {
+                self.last = Some(seq);
+                None
+            }
+        }
+    }
+}
 
 async fn consume_in_order<F, Fut>(
     js: &JetStream,
@@ -456,6 +482,11 @@ where
     );
     tokio::spawn(report_lag(consumer.clone(), spec.durable, shutdown.clone()));
 
+    // Every delivery of this consumer, redeliveries too, takes the next consumer sequence: a
+    // jump from the last one this instance saw is a delivery that never arrived (lost in
+    // transit while the server restarted, say). It comes again only after `ack_wait`, and
+    // newer messages must not be handled before it (SPEC L8, the customer's order).
+    let mut gaps = DeliveryGaps::default();
     while !shutdown.is_cancelled() {
         let messages = match consumer
             .stream()
@@ -476,6 +507,7 @@ where
             }
         };
         let mut chunks = messages.ready_chunks(max_batch);
+        let mut gap = None;
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -485,8 +517,19 @@ where
             let mut batch = Vec::with_capacity(chunk.len());
             for next in chunk {
                 match next {
-                    Ok(m) => match Delivered::of(&m) {
-                        Ok(delivered) => batch.push((m, delivered)),
+                    Ok(m) => match m.info().map(|i| i.consumer_sequence) {
+                        Ok(seq) if gap.is_none() => {
+                            if let Some(missed) = gaps.see(seq) {
+                                gap = Some(missed);
+                                continue;
+                            }
+                            match Delivered::of(&m) {
+                                Ok(delivered) => batch.push((m, delivered)),
+                                Err(e) => tracing::warn!("message without JetStream info: {e}"),
+                            }
+                        }
+                        // After a gap: left unacknowledged, to come again in order.
+                        Ok(_) => {}
                         Err(e) => tracing::warn!("message without JetStream info: {e}"),
                     },
                     // Missed heartbeats while the server restarts, and the like. The pull
@@ -499,9 +542,32 @@ where
                 }
             }
             if !batch.is_empty() {
+                // Older than the gap: handled as usual.
                 settle_in_order(js, config, &spec, batch, handler, &shutdown).await?;
             }
+            if gap.is_some() {
+                break;
+            }
         }
+        let Some(missed) = gap else { continue };
+        // Stop pulling (dropping the pull stream) until everything delivered and not acked,
+        // the missed delivery first, has been given back for redelivery and this instance's
+        // pin has lapsed: then the server redelivers them, in the stream's order, before
+        // anything newer, to whichever instance pulls next.
+        drop(chunks);
+        let pause = consumer_config.priority_timeout + Duration::from_secs(1);
+        tracing::warn!(
+            consumer = spec.durable,
+            missed,
+            pause_secs = pause.as_secs(),
+            "deliveries missed: pausing this partition so that they come again first"
+        );
+        crate::metrics::delivery_gap(spec.durable);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        gaps = DeliveryGaps::default();
     }
     tracing::info!(consumer = spec.durable, "stopped");
     Ok(())
@@ -862,4 +928,38 @@ async fn dead_letter(
     )
     .await
     .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeliveryGaps;
+
+    #[test]
+    fn consecutive_deliveries_are_no_gap() {
+        let mut g = DeliveryGaps::default();
+        for seq in 7..20 {
+            assert_eq!(g.see(seq), None);
+        }
+    }
+
+    #[test]
+    fn a_jump_counts_the_missed_deliveries_and_keeps_watching_from_before_it() {
+        let mut g = DeliveryGaps::default();
+        assert_eq!(g.see(1), None);
+        assert_eq!(g.see(2), None);
+        // 3 and 4 never arrived.
+        assert_eq!(g.see(5), Some(2));
+        // Until the consume loop starts again, everything later is a gap too.
+        assert_eq!(g.see(6), Some(3));
+    }
+
+    #[test]
+    fn going_back_starts_the_count_again() {
+        // A server restarted from an older consumer state sends again from there.
+        let mut g = DeliveryGaps::default();
+        assert_eq!(g.see(10), None);
+        assert_eq!(g.see(8), None);
+        assert_eq!(g.see(9), None);
+        assert_eq!(g.see(11), Some(1));
+    }
 }

@@ -40,6 +40,11 @@ pub fn dead_lettered(stream: &'static str, consumer: &'static str) {
     counter!("fl_dead_letters_total", "stream" => stream, "consumer" => consumer).increment(1);
 }
 
+/// A batched partition saw deliveries missing and paused until they come again.
+pub fn delivery_gap(consumer: &'static str) {
+    counter!("fl_delivery_gaps_total", "consumer" => consumer).increment(1);
+}
+
 pub fn consumer_lag(consumer: &'static str, pending: u64, ack_pending: usize) {
     gauge!("fl_consumer_pending", "consumer" => consumer).set(pending as f64);
     gauge!("fl_consumer_ack_pending", "consumer" => consumer).set(ack_pending as f64);

@@ -257,3 +257,90 @@ async fn the_partition_consumers_of_an_older_version_are_taken_over() {
         app.config.partition_batch as i64
     );
 }
+
+/// A delivery lost in transit (here: taken by another client with the worker's pin, as a
+/// message the server sent while the connection broke) is noticed by the gap in the
+/// consumer's delivery sequence: the partition pauses until the server gives it back, so the
+/// newer messages behind it are not stored first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
+    use firstline_shared::subjects;
+    use firstline_tests::WorkerProcess;
+    use futures::StreamExt;
+    let app = backlog_app().await;
+    let mut ingest = WorkerProcess::start("firstline-ingest", &app.config);
+    app.customer_says("t1", "mail", "U1", "0").await;
+    wait_for_count(
+        &app.pg,
+        "the first stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        1,
+    )
+    .await;
+    // The partition of t1/mail, and the pin the worker holds on it.
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    let mut partition = None;
+    for p in 0..subjects::PARTITIONS {
+        let durable = format!("ingest-p{p}");
+        let info = stream.consumer_info(&durable).await.unwrap();
+        if info.delivered.consumer_sequence > 0 {
+            let pin = info.priority_groups[0]
+                .pinned_client_id
+                .clone()
+                .expect("the worker is pinned");
+            partition = Some((durable, pin));
+        }
+    }
+    let (durable, pin) = partition.expect("a partition delivered the first message");
+
+    // Freeze the worker until its pull request has expired (5 s), the pin still its own.
+    let pid = ingest.pid().unwrap().to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {sig}");
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for text in ["1", "2", "3"] {
+        app.customer_says("t1", "mail", "U1", text).await;
+    }
+    // "1" is delivered under the worker's pin, and never reaches it.
+    let inbox = app.client.new_inbox();
+    let mut lost = app.client.subscribe(inbox.clone()).await.unwrap();
+    app.client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.FL_INBOUND.{durable}"),
+            inbox,
+            serde_json::json!({"batch": 1, "expires": 2_000_000_000u64, "group": "fl", "id": pin})
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(5), lost.next())
+        .await
+        .expect("a delivery for the pull")
+        .unwrap();
+    let taken: serde_json::Value = serde_json::from_slice(&taken.payload).unwrap();
+    assert_eq!(taken["text"], "1", "the delivery taken is the oldest");
+    signal("-CONT");
+
+    wait_for_count(
+        &app.pg,
+        "all four stored",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        4,
+    )
+    .await;
+    assert_eq!(
+        texts_in_order(&app, "U1").await,
+        vec!["0", "1", "2", "3"],
+        "the lost delivery first"
+    );
+    ingest.kill();
+}
