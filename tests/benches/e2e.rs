@@ -4,7 +4,10 @@
 //! 1. the ceiling: raw JetStream publishes with acks (async, pipelined; file storage; a
 //!    `Nats-Msg-Id` header and the same message size as the load's inbound messages) to a
 //!    stream of the same NATS server the pipeline then uses;
-//! 2. the pipeline: the four worker binaries (release build) as their own processes, driven by
+//! 2. the relay floor: the same messages through four streams (inbound -> bot work -> delivery
+//!    -> outbound, the bot path's streams), each stage a consumer that publishes on and acks, with no database: what the
+//!    pipeline's NATS side alone carries on this machine;
+//! 3. the pipeline: the four worker binaries (release build) as their own processes, driven by
 //!    the load generator (`firstline::load`, the code of `firstline load`) at increasing
 //!    offered rates until it does not keep up. Per rate: inbound messages answered per second,
 //!    end-to-end latency (publish to the bot's reply on `outbound`, or to the offer on
@@ -165,6 +168,105 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
     rate
 }
 
+/// The broker's share of the pipeline, without the database: messages relayed through four
+/// streams as the pipeline's bot path relays them (inbound -> bot work -> delivery ->
+/// outbound: ingest, bot-router and notifier each consume one and publish to the next), each
+/// stage a durable pull consumer that publishes to the next stream, waits for the publish
+/// acks and then acks what it consumed (at least once, like the workers' outbox). Returns
+/// messages/s through all four streams: what the fixed shape's NATS side can carry here, with
+/// every message of a stage in one process and no Postgres.
+async fn relay_floor(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -> f64 {
+    const STAGES: [&str; 4] = ["RELAY_IN", "RELAY_BOT", "RELAY_DELIVERY", "RELAY_OUT"];
+    for (i, name) in STAGES.iter().enumerate() {
+        let _ = js.delete_stream(*name).await;
+        js.create_stream(jetstream::stream::Config {
+            name: (*name).into(),
+            subjects: vec![format!("relay.{i}.>")],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .expect("create a relay stream");
+    }
+    let consumer = |i: usize| {
+        let js = js.clone();
+        async move {
+            js.get_stream(STAGES[i])
+                .await
+                .expect("relay stream")
+                .create_consumer(jetstream::consumer::pull::Config {
+                    durable_name: Some(format!("relay-{i}")),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    max_ack_pending: 4096,
+                    ..Default::default()
+                })
+                .await
+                .expect("relay consumer")
+        }
+    };
+    let mut stages = Vec::new();
+    for i in 0..STAGES.len() {
+        let c = consumer(i).await;
+        let js = js.clone();
+        let last = i + 1 == STAGES.len();
+        stages.push(tokio::spawn(async move {
+            let mut chunks = c.messages().await.expect("relay pull").ready_chunks(256);
+            let mut seen = 0usize;
+            while seen < n {
+                let Some(chunk) = chunks.next().await else {
+                    break;
+                };
+                let msgs: Vec<_> = chunk.into_iter().filter_map(Result::ok).collect();
+                if !last {
+                    let mut acks = Vec::with_capacity(msgs.len());
+                    for m in &msgs {
+                        let next = m.subject.replacen(
+                            &format!("relay.{i}."),
+                            &format!("relay.{}.", i + 1),
+                            1,
+                        );
+                        acks.push(
+                            js.publish(next, m.payload.clone())
+                                .await
+                                .expect("relay publish"),
+                        );
+                    }
+                    for a in acks {
+                        a.await.expect("relay publish ack");
+                    }
+                }
+                for m in &msgs {
+                    m.ack().await.expect("relay ack");
+                }
+                seen += msgs.len();
+            }
+        }));
+    }
+    let start = Instant::now();
+    let mut acks = std::collections::VecDeque::new();
+    for i in 0..n {
+        acks.push_back(
+            js.publish(format!("relay.0.{}", i % 16), payload.clone())
+                .await
+                .expect("publish"),
+        );
+        if acks.len() >= 4096 {
+            acks.pop_front().unwrap().await.expect("publish ack");
+        }
+    }
+    for a in acks {
+        a.await.expect("publish ack");
+    }
+    for s in stages {
+        s.await.expect("relay stage");
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    for name in STAGES {
+        let _ = js.delete_stream(name).await;
+    }
+    rate
+}
+
 /// Per-hop latency (ms) from the database: publish -> stored by ingest (the message's
 /// `sent_at` to its row's `created_at`, the transaction's start), stored -> bot reply stored,
 /// queued -> offered.
@@ -241,6 +343,11 @@ async fn run() {
         "raw JetStream ceiling: {raw:.0} msgs/s ({raw_n} async publishes with acks, {} bytes, file storage, Nats-Msg-Id)",
         payload.len()
     );
+    let relay_n = (raw_n / 3).max(1000);
+    let relay = relay_floor(&js, payload.clone(), relay_n).await;
+    println!(
+        "relay floor: {relay:.0} msgs/s through 4 JetStream streams with no database ({relay_n} messages: publish, then per stream consume -> publish to the next -> ack)"
+    );
 
     sample
         .configure(&db.url)
@@ -284,7 +391,7 @@ async fn run() {
             &procs,
             env_f64("FL_BENCH_SOAK_RATE", 2000.0),
             soak,
-            raw,
+            (raw, relay),
         )
         .await;
     }
@@ -324,7 +431,7 @@ async fn run() {
     }
 
     println!();
-    println!("raw JetStream ceiling: {raw:.0} msgs/s");
+    println!("raw JetStream ceiling: {raw:.0} msgs/s; relay floor (4 streams, no database): {relay:.0} msgs/s");
     println!(
         "{:>7} {:>7} {:>7} {:>4} | {:>7} {:>7} {:>7} | {:>7} | {:>6} {:>6} {:>6} | {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>5} {:>5} {:>5} {:>5}",
         "offered", "sent/s", "answ/s", "ok", "p50 ms", "p95 ms", "p99 ms", "offer/s", "h1 p99", "h2 p99", "q p99",
@@ -388,6 +495,7 @@ async fn run() {
         json!({
             "pipeline_msgs_per_s": pipeline.round(),
             "raw_jetstream_msgs_per_s": raw.round(),
+            "relay_4_streams_msgs_per_s": relay.round(),
             "ratio": (pipeline / raw * 1000.0).round() / 1000.0,
             "p99_ms": p99,
             "p99_ms_at_5000": at_5000,
@@ -400,7 +508,13 @@ async fn run() {
     drop(workers);
 }
 
-async fn run_soak(client: &async_nats::Client, procs: &Procs, rate: f64, seconds: f64, raw: f64) {
+async fn run_soak(
+    client: &async_nats::Client,
+    procs: &Procs,
+    rate: f64,
+    seconds: f64,
+    (raw, relay): (f64, f64),
+) {
     println!("--- memory soak: {rate:.0} msgs/s for {seconds:.0} s, RSS every 10 s");
     let mut opts = options(rate, seconds);
     opts.progress = Some(Duration::from_secs(60));
@@ -452,6 +566,7 @@ async fn run_soak(client: &async_nats::Client, procs: &Procs, rate: f64, seconds
             "soak_seconds": seconds, "rate": rate,
             "pipeline_msgs_per_s": report.answered_per_s.round(),
             "raw_jetstream_msgs_per_s": raw.round(),
+            "relay_4_streams_msgs_per_s": relay.round(),
             "ratio": (report.answered_per_s / raw * 1000.0).round() / 1000.0,
             "p99_ms": report.e2e.p99_ms,
             "sent": report.sent, "answered": report.answered,

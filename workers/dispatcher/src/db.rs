@@ -212,6 +212,11 @@ fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
 
 /// `assigning` conversations without an open offer: their offer expired and nobody took
 /// them yet (SPEC D7/D8). Few; all of them are candidates of every pass.
+///
+/// `OFFSET 0` keeps the `NOT EXISTS` a probe of `offers_one_open_per_conversation` per
+/// assigning conversation. As an anti join, the plan cached for the prepared statement while
+/// the tables were small (a nested loop re-reading every open offer for each conversation)
+/// cost 9 ms a pass at 300 assigning conversations and 900 open offers, against 0.6 ms.
 pub async fn orphaned_assigning(
     tx: &Transaction<'_>,
     tenant: &TenantId,
@@ -220,7 +225,8 @@ pub async fn orphaned_assigning(
         .prepare_cached(&format!(
             "SELECT {CANDIDATE_COLUMNS} FROM conversations c
              WHERE c.tenant_id = $1 AND c.state = 'assigning'
-               AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id AND o.status = 'open')"
+               AND NOT EXISTS (SELECT 1 FROM offers o
+                               WHERE o.conversation_id = c.id AND o.status = 'open' OFFSET 0)"
         ))
         .await?;
     tx.query(&stmt, &[&tenant.as_str()])
