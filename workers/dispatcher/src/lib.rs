@@ -218,6 +218,7 @@ impl Dispatcher {
             return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
         };
         let mut outbox = Outbox::new();
+        let mut actions = Vec::new();
         for event in events {
             match event {
                 Event::Queue => {}
@@ -226,17 +227,19 @@ impl Dispatcher {
                     presence,
                     published,
                 } => {
+                    apply_actions(&tx, &mut outbox, tenant, std::mem::take(&mut actions)).await?;
                     if !db::apply_presence(&tx, tenant, &agent, &presence, published).await? {
                         tracing::debug!(%agent, "stale presence ignored");
                     }
                 }
                 Event::Action { agent, action } => {
                     if !matches!(action.kind, AgentActionKind::Reply { .. }) {
-                        apply_action(&tx, &mut outbox, tenant, &agent, &action).await?;
+                        actions.push((agent, action));
                     } // a reply is the notifier's
                 }
             }
         }
+        apply_actions(&tx, &mut outbox, tenant, actions).await?;
         let report = pass(&tx, &mut outbox, &settings).await?;
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
@@ -320,6 +323,69 @@ impl Dispatcher {
 }
 
 /// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
+/// Applies a run of agent actions: one conversation's in order, different conversations'
+/// side by side on the transaction's connection (tokio-postgres pipelines their statements,
+/// so an accept does not wait for the round trips of the close before it). Their outputs are
+/// staged in the actions' order, as if applied one by one.
+async fn apply_actions(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    tenant: &TenantId,
+    actions: Vec<(AgentId, AgentAction)>,
+) -> anyhow::Result<()> {
+    let mut lanes: Vec<Vec<usize>> = Vec::new();
+    let mut lane_of: HashMap<Uuid, usize> = HashMap::new();
+    for (i, (_, action)) in actions.iter().enumerate() {
+        match lane_of.entry(action.kind.conversation_id()) {
+            std::collections::hash_map::Entry::Occupied(e) => lanes[*e.get()].push(i),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(lanes.len());
+                lanes.push(vec![i]);
+            }
+        }
+    }
+    let actions = &actions;
+    let done = futures::future::join_all(lanes.into_iter().map(|lane| async move {
+        let mut staged = Vec::with_capacity(lane.len());
+        for i in lane {
+            let (agent, action) = &actions[i];
+            let mut own = Outbox::new();
+            apply_action(tx, &mut own, tenant, agent, action).await?;
+            staged.push((i, own));
+        }
+        anyhow::Ok(staged)
+    }))
+    .await;
+    let mut staged = Vec::with_capacity(actions.len());
+    let mut errors = Vec::new();
+    for lane in done {
+        match lane {
+            Ok(s) => staged.extend(s),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        // The failing statement aborts the transaction, and the other lanes' next statements
+        // fail with "current transaction is aborted": report the cause.
+        let cause = errors
+            .iter()
+            .position(|e| !aborted_by_another(e))
+            .unwrap_or(0);
+        return Err(errors.swap_remove(cause));
+    }
+    staged.sort_by_key(|(i, _)| *i);
+    for (_, own) in staged {
+        outbox.append(own);
+    }
+    Ok(())
+}
+
+fn aborted_by_another(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
 async fn apply_action(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
