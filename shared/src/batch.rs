@@ -162,13 +162,18 @@ where
     }
 }
 
-/// The batch's indexes grouped by `key`, each group in the batch's order; a message without a
-/// key (one that does not decode: it fails alone) is a group of its own.
-fn lanes<K: Fn(&Delivered) -> Option<String>>(batch: &[Delivered], key: K) -> Vec<Vec<usize>> {
+/// The indexes of `items` grouped by `key`, each group in the items' order, the groups in the
+/// order of their first item; an item without a key (one that does not decode: it fails
+/// alone) is a group of its own. The lanes of [`in_one_transaction`], and of the dispatcher's
+/// agent actions.
+pub fn lanes<T, K: std::hash::Hash + Eq>(
+    items: &[T],
+    key: impl Fn(&T) -> Option<K>,
+) -> Vec<Vec<usize>> {
     let mut lanes: Vec<Vec<usize>> = Vec::new();
-    let mut by_key: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
-    for (i, m) in batch.iter().enumerate() {
-        match key(m) {
+    let mut by_key: std::collections::HashMap<K, usize> = std::collections::HashMap::new();
+    for (i, item) in items.iter().enumerate() {
+        match key(item) {
             Some(k) => match by_key.entry(k) {
                 std::collections::hash_map::Entry::Occupied(e) => lanes[*e.get()].push(i),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -186,4 +191,19 @@ async fn commit(tx: Transaction<'_>, outbox: Outbox) -> anyhow::Result<crate::ou
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
     Ok(staged)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lanes;
+
+    #[test]
+    fn lanes_keep_each_keys_order_and_put_keyless_items_alone() {
+        let items = ["a1", "b1", "x", "a2", "x", "b2", "a3"];
+        let key = |s: &&str| (!s.starts_with('x')).then(|| s.as_bytes()[0]);
+        assert_eq!(
+            lanes(&items, key),
+            vec![vec![0, 3, 6], vec![1, 5], vec![2], vec![4]]
+        );
+    }
 }

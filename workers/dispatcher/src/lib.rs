@@ -333,17 +333,8 @@ async fn apply_actions(
     tenant: &TenantId,
     actions: Vec<(AgentId, AgentAction)>,
 ) -> anyhow::Result<()> {
-    let mut lanes: Vec<Vec<usize>> = Vec::new();
-    let mut lane_of: HashMap<Uuid, usize> = HashMap::new();
-    for (i, (_, action)) in actions.iter().enumerate() {
-        match lane_of.entry(action.kind.conversation_id()) {
-            std::collections::hash_map::Entry::Occupied(e) => lanes[*e.get()].push(i),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(lanes.len());
-                lanes.push(vec![i]);
-            }
-        }
-    }
+    let lanes =
+        firstline_shared::batch::lanes(&actions, |(_, action)| Some(action.kind.conversation_id()));
     let actions = &actions;
     let done = futures::future::join_all(lanes.into_iter().map(|lane| async move {
         let mut staged = Vec::with_capacity(lane.len());
