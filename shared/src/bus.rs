@@ -485,7 +485,7 @@ where
     // Every delivery of this consumer, redeliveries too, takes the next consumer sequence: a
     // jump from the last one this instance saw is a delivery that never arrived (lost in
     // transit while the server restarted, say). It comes again only after `ack_wait`, and
-    // newer messages must not be handled before it (SPEC L8, the customer's order).
+    // newer messages must not be handled before it (a conversation's order: README, Scaling out).
     let mut gaps = DeliveryGaps::default();
     while !shutdown.is_cancelled() {
         let messages = match consumer
