@@ -7,7 +7,7 @@
 //!   connection as one pipeline (tokio-postgres sends a statement without waiting for the
 //!   answer to the one before), so Postgres and the worker wake up once per burst of
 //!   statements instead of once per statement. Messages with the same key run one after the
-//!   other, in the batch's order.
+//!   other, in the batch's order; what they publish is staged in the batch's order.
 //! - Anything but a clean success (an error, or a message whose work is to be rolled back, such
 //!   as a duplicate) rolls the batch back, and it runs again with a savepoint per message: a
 //!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
@@ -61,30 +61,23 @@ where
     if batch.len() > 1 {
         let tx_ref = &tx;
         let handle = &handle;
-        let lanes =
-            futures::future::join_all(lanes(batch, key).into_iter().map(|lane| async move {
-                let mut outbox = Outbox::new();
-                let mut kept = Vec::with_capacity(lane.len());
-                for i in lane {
-                    let m = &batch[i];
-                    let span = bus::message_span(consumer, m);
-                    match handle(ctx, tx_ref, &mut outbox, m).instrument(span).await {
-                        Ok(Some(t)) => kept.push((i, t)),
-                        _ => return None,
-                    }
-                }
-                Some((outbox, kept))
-            }))
-            .await;
-        if lanes.iter().all(Option::is_some) {
+        let done = in_lanes(lanes(batch, key), |i| async move {
+            let m = &batch[i];
+            let mut own = Outbox::new();
+            let span = bus::message_span(consumer, m);
+            match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
+                Ok(Some(t)) => Ok((own, t)),
+                _ => Err(()),
+            }
+        })
+        .await;
+        if let Ok(done) = done {
             let mut outbox = Outbox::new();
             let mut kept = Vec::with_capacity(batch.len());
-            for (own, k) in lanes.into_iter().flatten() {
+            for (own, t) in done {
                 outbox.append(own);
-                kept.extend(k);
+                kept.push(t);
             }
-            kept.sort_by_key(|(i, _)| *i);
-            let kept = kept.into_iter().map(|(_, t)| t).collect();
             return match commit(tx, outbox).await {
                 Ok(staged) => {
                     staged.publish(&services.js, &client).await;
@@ -187,6 +180,38 @@ pub fn lanes<T, K: std::hash::Hash + Eq>(
     lanes
 }
 
+/// Runs `step` for every index of `lanes`: the lanes side by side (on one transaction, their
+/// statements pipelined), each lane's indexes one after the other, a lane stopping at its
+/// first error. The outputs in index order, as if run one by one; or every lane's error.
+pub async fn in_lanes<T, E, F, Fut>(lanes: Vec<Vec<usize>>, step: F) -> Result<Vec<T>, Vec<E>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let step = &step;
+    let done = futures::future::join_all(lanes.into_iter().map(|lane| async move {
+        let mut out = Vec::with_capacity(lane.len());
+        for i in lane {
+            out.push((i, step(i).await?));
+        }
+        Ok(out)
+    }))
+    .await;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for lane in done {
+        match lane {
+            Ok(o) => out.extend(o),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, t)| t).collect())
+}
+
 async fn commit(tx: Transaction<'_>, outbox: Outbox) -> anyhow::Result<crate::outbox::Staged> {
     let staged = outbox.stage(&tx).await?;
     tx.commit().await?;
@@ -195,7 +220,7 @@ async fn commit(tx: Transaction<'_>, outbox: Outbox) -> anyhow::Result<crate::ou
 
 #[cfg(test)]
 mod tests {
-    use super::lanes;
+    use super::{in_lanes, lanes};
 
     #[test]
     fn lanes_keep_each_keys_order_and_put_keyless_items_alone() {
@@ -205,5 +230,28 @@ mod tests {
             lanes(&items, key),
             vec![vec![0, 3, 6], vec![1, 5], vec![2], vec![4]]
         );
+    }
+
+    #[tokio::test]
+    async fn in_lanes_returns_outputs_in_index_order_or_every_lanes_error() {
+        let lanes = vec![vec![1, 3], vec![0, 2]];
+        let out: Result<Vec<usize>, Vec<usize>> =
+            in_lanes(lanes.clone(), |i| async move { Ok(i * 10) }).await;
+        assert_eq!(out, Ok(vec![0, 10, 20, 30]));
+        // Each lane stops at its first error; index 3 is never run after 1 failed.
+        let ran = std::sync::Mutex::new(Vec::new());
+        let out: Result<Vec<usize>, Vec<usize>> = in_lanes(lanes, |i| {
+            ran.lock().unwrap().push(i);
+            async move {
+                if i == 1 || i == 2 {
+                    Err(i)
+                } else {
+                    Ok(i)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out, Err(vec![1, 2]));
+        assert!(!ran.lock().unwrap().contains(&3));
     }
 }

@@ -322,7 +322,6 @@ impl Dispatcher {
     }
 }
 
-/// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
 /// Applies a run of agent actions: one conversation's in order, different conversations'
 /// side by side on the transaction's connection (tokio-postgres pipelines their statements,
 /// so an accept does not wait for the round trips of the close before it). Their outputs are
@@ -336,39 +335,30 @@ async fn apply_actions(
     let lanes =
         firstline_shared::batch::lanes(&actions, |(_, action)| Some(action.kind.conversation_id()));
     let actions = &actions;
-    let done = futures::future::join_all(lanes.into_iter().map(|lane| async move {
-        let mut staged = Vec::with_capacity(lane.len());
-        for i in lane {
-            let (agent, action) = &actions[i];
-            let mut own = Outbox::new();
-            apply_action(tx, &mut own, tenant, agent, action).await?;
-            staged.push((i, own));
-        }
-        anyhow::Ok(staged)
-    }))
+    let staged = firstline_shared::batch::in_lanes(lanes, |i| async move {
+        let (agent, action) = &actions[i];
+        let mut own = Outbox::new();
+        apply_action(tx, &mut own, tenant, agent, action).await?;
+        anyhow::Ok(own)
+    })
     .await;
-    let mut staged = Vec::with_capacity(actions.len());
-    let mut errors = Vec::new();
-    for lane in done {
-        match lane {
-            Ok(s) => staged.extend(s),
-            Err(e) => errors.push(e),
+    match staged {
+        Ok(staged) => {
+            for own in staged {
+                outbox.append(own);
+            }
+            Ok(())
         }
-    }
-    if !errors.is_empty() {
         // The failing statement aborts the transaction, and the other lanes' next statements
         // fail with "current transaction is aborted": report the cause.
-        let cause = errors
-            .iter()
-            .position(|e| !aborted_by_another(e))
-            .unwrap_or(0);
-        return Err(errors.swap_remove(cause));
+        Err(mut errors) => {
+            let cause = errors
+                .iter()
+                .position(|e| !aborted_by_another(e))
+                .unwrap_or(0);
+            Err(errors.swap_remove(cause))
+        }
     }
-    staged.sort_by_key(|(i, _)| *i);
-    for (_, own) in staged {
-        outbox.append(own);
-    }
-    Ok(())
 }
 
 fn aborted_by_another(e: &anyhow::Error) -> bool {
@@ -377,6 +367,7 @@ fn aborted_by_another(e: &anyhow::Error) -> bool {
         == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
 }
 
+/// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
 async fn apply_action(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
