@@ -405,19 +405,90 @@ struct DeliveryGaps {
     last: Option<u64>,
 }
 
+/// What one delivery's consumer sequence says, next to the ones seen before it.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// The one after the last seen.
+    Next,
+    /// The first seen, or one that went back (a server that restarted from a consumer state
+    /// older than what it sent, and now sends again everything after that point): nothing
+    /// before it was seen, so the deliveries it follows must be asked about.
+    Fresh,
+    /// This many deliveries before it never arrived.
+    Missed(u64),
+}
+
 impl DeliveryGaps {
-    /// `Some(n)`: `n` deliveries before the one with consumer sequence `seq` never arrived.
-    /// The first delivery seen sets the count; one that goes back (a server that restarted
-    /// from a consumer state older than what it sent) starts it again, as the server then
-    /// sends again everything after that point.
-    fn see(&mut self, seq: u64) -> Option<u64> {
+    fn see(&mut self, seq: u64) -> Seen {
         match self.last {
-            Some(last) if seq > last + 1 => Some(seq - last - 1),
+            Some(last) if seq > last + 1 => Seen::Missed(seq - last - 1),
+            Some(last) if seq == last + 1 => {
+                self.last = Some(seq);
+                Seen::Next
+            }
             _ => {
                 self.last = Some(seq);
-                None
+                Seen::Fresh
             }
         }
+    }
+}
+
+/// Why a partition stops pulling for a while.
+#[derive(Debug, PartialEq, Eq)]
+enum Pause {
+    /// Deliveries to this instance that never arrived.
+    Missed(u64),
+    /// An older message of the partition, at this stream sequence, is still delivered to
+    /// another client and not acknowledged: the pin moved while it held it (a server restart
+    /// forgets pins, say), and it comes again only after `ack_wait`. `None`: the server could
+    /// not be asked, which is taken as a yes.
+    Outstanding(Option<u64>),
+}
+
+/// The partition's first message not yet acknowledged, if it comes before `stream_sequence`
+/// (a fresh delivery of this instance's): an older delivery is then still out with another
+/// client. The consumer's ack floor is the stream sequence up to which every message of its
+/// subjects is acknowledged; the next message of those subjects after it is the oldest one
+/// that is not. Asked once per fresh pull, so it costs two requests per partition and start.
+async fn older_delivery_outstanding(
+    stream: &jetstream::stream::Stream,
+    spec: &ConsumerSpec,
+    stream_sequence: u64,
+) -> anyhow::Result<Option<u64>> {
+    let info = stream.consumer_info(spec.durable).await?;
+    let oldest = stream
+        .raw_message_builder()
+        .sequence(info.ack_floor.stream_sequence + 1)
+        .next_by_subject(spec.filter_subject.clone())
+        .send()
+        .await?;
+    Ok((oldest.sequence < stream_sequence).then_some(oldest.sequence))
+}
+
+/// Whether a delivery (`seen` against the ones before it) must wait: a pause, or `None` to
+/// handle it. A fresh one asks the server, unless the partition has just paused.
+async fn pause_before(
+    seen: Seen,
+    just_paused: bool,
+    stream: &jetstream::stream::Stream,
+    spec: &ConsumerSpec,
+    stream_sequence: u64,
+) -> Option<Pause> {
+    match seen {
+        Seen::Next => None,
+        Seen::Missed(n) => Some(Pause::Missed(n)),
+        Seen::Fresh if just_paused => None,
+        Seen::Fresh => match older_delivery_outstanding(stream, spec, stream_sequence).await {
+            Ok(older) => older.map(|seq| Pause::Outstanding(Some(seq))),
+            Err(e) => {
+                tracing::warn!(
+                    consumer = spec.durable,
+                    "asking for the ack floor failed: {e:#}"
+                );
+                Some(Pause::Outstanding(None))
+            }
+        },
     }
 }
 
@@ -486,7 +557,13 @@ where
     // jump from the last one this instance saw is a delivery that never arrived (lost in
     // transit while the server restarted, say). It comes again only after `ack_wait`, and
     // newer messages must not be handled before it (a conversation's order: README, Scaling out).
+    // A fresh start has no last one to compare with: there the consumer's ack floor tells
+    // whether an older delivery is still out with another client.
     let mut gaps = DeliveryGaps::default();
+    // Right after a pause everything sent before it has come back for redelivery and comes
+    // first: the fresh start needs no question then (nor could an answer that stays wrong,
+    // such as a floor that a server does not move, stall the partition twice).
+    let mut just_paused = false;
     while !shutdown.is_cancelled() {
         let messages = match consumer
             .stream()
@@ -507,7 +584,7 @@ where
             }
         };
         let mut chunks = messages.ready_chunks(max_batch);
-        let mut gap = None;
+        let mut pause = None;
         loop {
             let chunk = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -517,18 +594,21 @@ where
             let mut batch = Vec::with_capacity(chunk.len());
             for next in chunk {
                 match next {
-                    Ok(m) => match m.info().map(|i| i.consumer_sequence) {
-                        Ok(seq) if gap.is_none() => {
-                            if let Some(missed) = gaps.see(seq) {
-                                gap = Some(missed);
+                    Ok(m) => match m.info().map(|i| (i.consumer_sequence, i.stream_sequence)) {
+                        Ok((seq, stream_seq)) if pause.is_none() => {
+                            let seen = gaps.see(seq);
+                            pause =
+                                pause_before(seen, just_paused, &stream, &spec, stream_seq).await;
+                            if pause.is_some() {
                                 continue;
                             }
+                            just_paused = false;
                             match Delivered::of(&m) {
                                 Ok(delivered) => batch.push((m, delivered)),
                                 Err(e) => tracing::warn!("message without JetStream info: {e}"),
                             }
                         }
-                        // After a gap: left unacknowledged, to come again in order.
+                        // After a pause is called: left unacknowledged, to come again in order.
                         Ok(_) => {}
                         Err(e) => tracing::warn!("message without JetStream info: {e}"),
                     },
@@ -542,32 +622,48 @@ where
                 }
             }
             if !batch.is_empty() {
-                // Older than the gap: handled as usual.
+                // Older than what called the pause: handled as usual.
                 settle_in_order(js, config, &spec, batch, handler, &shutdown).await?;
             }
-            if gap.is_some() {
+            if pause.is_some() {
                 break;
             }
         }
-        let Some(missed) = gap else { continue };
+        let Some(pause) = pause else { continue };
         // Stop pulling (dropping the pull stream) until everything delivered and not acked,
-        // the missed delivery first, has been given back for redelivery and this instance's
-        // pin has lapsed: then the server redelivers them, in the stream's order, before
-        // anything newer, to whichever instance pulls next.
+        // the missed or outstanding delivery first, has been given back for redelivery and
+        // this instance's pin has lapsed: then the server redelivers them, in the stream's
+        // order, before anything newer, to whichever instance pulls next.
         drop(chunks);
-        let pause = consumer_config.priority_timeout + Duration::from_secs(1);
-        tracing::warn!(
-            consumer = spec.durable,
-            missed,
-            pause_secs = pause.as_secs(),
-            "deliveries missed: pausing this partition so that they come again first"
-        );
-        crate::metrics::delivery_gap(spec.durable);
+        let pause_for = consumer_config.priority_timeout + Duration::from_secs(1);
+        let reason = match pause {
+            Pause::Missed(missed) => {
+                tracing::warn!(
+                    consumer = spec.durable,
+                    missed,
+                    pause_secs = pause_for.as_secs(),
+                    "deliveries missed: pausing this partition so that they come again first"
+                );
+                "missed"
+            }
+            Pause::Outstanding(older) => {
+                tracing::warn!(
+                    consumer = spec.durable,
+                    stream_sequence = ?older,
+                    pause_secs = pause_for.as_secs(),
+                    "an older delivery is still out with another client: pausing this \
+                     partition so that it comes again first"
+                );
+                "outstanding"
+            }
+        };
+        crate::metrics::delivery_gap(spec.durable, reason);
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(pause_for) => {}
         }
         gaps = DeliveryGaps::default();
+        just_paused = true;
     }
     tracing::info!(consumer = spec.durable, "stopped");
     Ok(())
@@ -932,34 +1028,39 @@ async fn dead_letter(
 
 #[cfg(test)]
 mod tests {
-    use super::DeliveryGaps;
+    use super::{DeliveryGaps, Seen};
 
     #[test]
     fn consecutive_deliveries_are_no_gap() {
         let mut g = DeliveryGaps::default();
-        for seq in 7..20 {
-            assert_eq!(g.see(seq), None);
+        assert_eq!(g.see(7), Seen::Fresh);
+        for seq in 8..20 {
+            assert_eq!(g.see(seq), Seen::Next);
         }
     }
 
     #[test]
     fn a_jump_counts_the_missed_deliveries_and_keeps_watching_from_before_it() {
         let mut g = DeliveryGaps::default();
-        assert_eq!(g.see(1), None);
-        assert_eq!(g.see(2), None);
+        assert_eq!(g.see(1), Seen::Fresh);
+        assert_eq!(g.see(2), Seen::Next);
         // 3 and 4 never arrived.
-        assert_eq!(g.see(5), Some(2));
+        assert_eq!(g.see(5), Seen::Missed(2));
         // Until the consume loop starts again, everything later is a gap too.
-        assert_eq!(g.see(6), Some(3));
+        assert_eq!(g.see(6), Seen::Missed(3));
     }
 
     #[test]
     fn going_back_starts_the_count_again() {
-        // A server restarted from an older consumer state sends again from there.
+        // A server restarted from an older consumer state sends again from there: what came
+        // before that point has to be asked about, as at a start.
         let mut g = DeliveryGaps::default();
-        assert_eq!(g.see(10), None);
-        assert_eq!(g.see(8), None);
-        assert_eq!(g.see(9), None);
-        assert_eq!(g.see(11), Some(1));
+        assert_eq!(g.see(10), Seen::Fresh);
+        assert_eq!(g.see(8), Seen::Fresh);
+        assert_eq!(g.see(9), Seen::Next);
+        assert_eq!(g.see(11), Seen::Missed(1));
+        let mut g = DeliveryGaps::default();
+        g.see(4);
+        assert_eq!(g.see(4), Seen::Fresh, "the same one again");
     }
 }

@@ -40,9 +40,10 @@ pub fn dead_lettered(stream: &'static str, consumer: &'static str) {
     counter!("fl_dead_letters_total", "stream" => stream, "consumer" => consumer).increment(1);
 }
 
-/// A batched partition saw deliveries missing and paused until they come again.
-pub fn delivery_gap(consumer: &'static str) {
-    counter!("fl_delivery_gaps_total", "consumer" => consumer).increment(1);
+/// A batched partition paused: `reason` is `missed` (a delivery that never arrived) or `outstanding`
+/// (an older delivery still out with another client).
+pub fn delivery_gap(consumer: &'static str, reason: &'static str) {
+    counter!("fl_delivery_gaps_total", "consumer" => consumer, "reason" => reason).increment(1);
 }
 
 pub fn consumer_lag(consumer: &'static str, pending: u64, ack_pending: usize) {

@@ -258,18 +258,16 @@ async fn the_partition_consumers_of_an_older_version_are_taken_over() {
     );
 }
 
-/// A delivery lost in transit (here: taken by another client with the worker's pin, as a
-/// message the server sent while the connection broke) is noticed by the gap in the
-/// consumer's delivery sequence: the partition pauses until the server gives it back, so the
-/// newer messages behind it are not stored first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
+/// Starts an ingest process, has `customer` say `text` on t1/mail and waits until it is
+/// stored; returns the process and the partition consumer that delivered it (its pin, if any).
+async fn ingest_with_one_stored(
+    app: &TestApp,
+    customer: &str,
+    text: &str,
+) -> (firstline_tests::WorkerProcess, String, Option<String>) {
     use firstline_shared::subjects;
-    use firstline_tests::WorkerProcess;
-    use futures::StreamExt;
-    let app = backlog_app().await;
-    let mut ingest = WorkerProcess::start("firstline-ingest", &app.config);
-    app.customer_says("t1", "mail", "U1", "0").await;
+    let ingest = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+    app.customer_says("t1", "mail", customer, text).await;
     wait_for_count(
         &app.pg,
         "the first stored",
@@ -278,21 +276,70 @@ async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
         1,
     )
     .await;
-    // The partition of t1/mail, and the pin the worker holds on it.
     let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    let mut partition = None;
     for p in 0..subjects::PARTITIONS {
         let durable = format!("ingest-p{p}");
         let info = stream.consumer_info(&durable).await.unwrap();
         if info.delivered.consumer_sequence > 0 {
-            let pin = info.priority_groups[0]
-                .pinned_client_id
-                .clone()
-                .expect("the worker is pinned");
-            partition = Some((durable, pin));
+            let pin = info.priority_groups[0].pinned_client_id.clone();
+            return (ingest, durable, pin);
         }
     }
-    let (durable, pin) = partition.expect("a partition delivered the first message");
+    panic!("no partition delivered the first message");
+}
+
+/// Pulls one delivery of `durable` as another client of the priority group would (with `pin`,
+/// as the pinned one), never to acknowledge it; returns its text.
+async fn take_one_delivery(app: &TestApp, durable: &str, pin: Option<&str>) -> String {
+    use futures::StreamExt;
+    let inbox = app.client.new_inbox();
+    let mut taken = app.client.subscribe(inbox.clone()).await.unwrap();
+    let mut request = serde_json::json!({"batch": 1, "expires": 2_000_000_000u64, "group": "fl"});
+    if let Some(pin) = pin {
+        request["id"] = pin.into();
+    }
+    app.client
+        .publish_with_reply(
+            format!("$JS.API.CONSUMER.MSG.NEXT.FL_INBOUND.{durable}"),
+            inbox,
+            request.to_string().into(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(5), taken.next())
+        .await
+        .expect("a delivery for the pull")
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&delivery.payload).unwrap();
+    body["text"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `n` customer messages are stored, then checks U1's four came in order.
+async fn u1_stored_in_order(app: &TestApp, n: i64) {
+    wait_for_count(
+        &app.pg,
+        "all stored",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        n,
+    )
+    .await;
+    assert_eq!(
+        texts_in_order(app, "U1").await,
+        vec!["0", "1", "2", "3"],
+        "the delivery that was out first"
+    );
+}
+
+/// A delivery lost in transit (here: taken by another client with the worker's pin, as a
+/// message the server sent while the connection broke) is noticed by the gap in the
+/// consumer's delivery sequence: the partition pauses until the server gives it back, so the
+/// newer messages behind it are not stored first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
+    let app = backlog_app().await;
+    let (mut ingest, durable, pin) = ingest_with_one_stored(&app, "U1", "0").await;
+    let pin = pin.expect("the worker is pinned");
 
     // Freeze the worker until its pull request has expired (5 s), the pin still its own.
     let pid = ingest.pid().unwrap().to_string();
@@ -309,38 +356,36 @@ async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
         app.customer_says("t1", "mail", "U1", text).await;
     }
     // "1" is delivered under the worker's pin, and never reaches it.
-    let inbox = app.client.new_inbox();
-    let mut lost = app.client.subscribe(inbox.clone()).await.unwrap();
-    app.client
-        .publish_with_reply(
-            format!("$JS.API.CONSUMER.MSG.NEXT.FL_INBOUND.{durable}"),
-            inbox,
-            serde_json::json!({"batch": 1, "expires": 2_000_000_000u64, "group": "fl", "id": pin})
-                .to_string()
-                .into(),
-        )
-        .await
-        .unwrap();
-    let taken = tokio::time::timeout(Duration::from_secs(5), lost.next())
-        .await
-        .expect("a delivery for the pull")
-        .unwrap();
-    let taken: serde_json::Value = serde_json::from_slice(&taken.payload).unwrap();
-    assert_eq!(taken["text"], "1", "the delivery taken is the oldest");
+    let taken = take_one_delivery(&app, &durable, Some(&pin)).await;
+    assert_eq!(taken, "1", "the delivery taken is the oldest");
     signal("-CONT");
 
-    wait_for_count(
-        &app.pg,
-        "all four stored",
-        Duration::from_secs(60),
-        "SELECT count(*) FROM messages WHERE author = 'customer'",
-        4,
-    )
-    .await;
-    assert_eq!(
-        texts_in_order(&app, "U1").await,
-        vec!["0", "1", "2", "3"],
-        "the lost delivery first"
-    );
+    u1_stored_in_order(&app, 4).await;
     ingest.kill();
+}
+
+/// The pin lost while another client holds a delivery (a restarted server forgets pins; here
+/// the pin is taken away with the unpin API): a freshly started instance is pinned at once and
+/// sent the newer messages, while the older one is still out. It notices from the consumer's
+/// ack floor, pauses, and takes them all again in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_still_out_when_the_pin_moves_is_waited_for_by_a_fresh_instance() {
+    let app = backlog_app().await;
+    let (mut first, durable, _) = ingest_with_one_stored(&app, "U0", "warm").await;
+    first.kill();
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    stream.unpin_consumer(&durable, "fl").await.unwrap();
+
+    // Another client (an instance about to crash) is pinned and holds "0".
+    app.customer_says("t1", "mail", "U1", "0").await;
+    assert_eq!(take_one_delivery(&app, &durable, None).await, "0");
+    // Its pin is lost, the delivery still out.
+    stream.unpin_consumer(&durable, "fl").await.unwrap();
+    for text in ["1", "2", "3"] {
+        app.customer_says("t1", "mail", "U1", text).await;
+    }
+    let mut fresh = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+
+    u1_stored_in_order(&app, 5).await;
+    fresh.kill();
 }
