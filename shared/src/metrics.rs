@@ -46,6 +46,11 @@ pub fn delivery_gap(consumer: &'static str, reason: &'static str) {
     counter!("fl_delivery_gaps_total", "consumer" => consumer, "reason" => reason).increment(1);
 }
 
+/// A dispatcher transaction that applied `submissions` hand-ins (batches, timer passes) at once.
+pub fn dispatch_combined(submissions: usize) {
+    histogram!("fl_dispatch_combined_submissions").record(submissions as f64);
+}
+
 pub fn consumer_lag(consumer: &'static str, pending: u64, ack_pending: usize) {
     gauge!("fl_consumer_pending", "consumer" => consumer).set(pending as f64);
     gauge!("fl_consumer_ack_pending", "consumer" => consumer).set(ack_pending as f64);

@@ -439,3 +439,25 @@ async fn an_agent_going_offline_keeps_the_conversations_they_serve() {
         .await;
     app.wait_for_state("t1", "mail", "O1", "completed").await;
 }
+
+/// One tenant's transactions are combined within an instance: passes asked for while one
+/// runs share the next transaction (one lock wait, one pass), and each caller gets its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_asked_for_at_once_share_transactions() {
+    use firstline_dispatcher::Dispatcher;
+    use firstline_shared::domain::TenantId;
+    use firstline_shared::worker::Services;
+    let app = TestApp::without_workers(SETUP).await;
+    let services = Services::start(&app.config, &app.shutdown).await.unwrap();
+    let dispatcher = Dispatcher::new(services);
+    let tenant = TenantId::parse("t1").unwrap();
+    let reports = futures::future::join_all((0..16).map(|_| dispatcher.pass_for(&tenant))).await;
+    let together: Vec<usize> = reports
+        .into_iter()
+        .map(|r| r.expect("every pass succeeds").together)
+        .collect();
+    assert!(
+        together.iter().any(|&n| n > 1),
+        "16 passes asked for at once, each alone: {together:?}"
+    );
+}

@@ -7,8 +7,10 @@
 //! the tenant's advisory lock (one writer per tenant across all instances), applies the
 //! batch's events in order, and runs one dispatch pass ([`pass`]): expire offers past their
 //! dispatch cycle (D8), load the ready agents and the heads of the queue they can serve, decide
-//! with [`plan::plan`] (pure), write the offers. Offer deadlines are kept by a timer, not by
-//! polling; a slow backstop sweep catches tenants a dead instance left behind.
+//! with [`plan::plan`] (pure), write the offers. What the consumers and the timer hand in for
+//! a tenant while its transaction runs is combined into the next one (one lock wait, one pass).
+//! Offer deadlines are kept by a timer, not by polling; a slow backstop sweep catches tenants a
+//! dead instance left behind.
 
 pub mod db;
 pub mod plan;
@@ -29,8 +31,9 @@ use firstline_shared::wire::{
 };
 use firstline_shared::worker::Services;
 use firstline_shared::{metrics, subjects, telemetry, HandleError};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 #[derive(Clone, Debug, clap::Parser)]
@@ -60,7 +63,7 @@ impl Config {
 }
 
 /// One event of a tenant, applied under its lock before the pass.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Event {
     /// The waiting queue changed; only the pass is needed.
     Queue,
@@ -118,6 +121,15 @@ pub struct Dispatcher {
     /// The next offer deadline per tenant this instance knows of (SPEC D8 timers).
     deadlines: Arc<Mutex<HashMap<TenantId, DateTime<Utc>>>>,
     deadlines_changed: Arc<Notify>,
+    /// Per tenant with a transaction under way in this instance: what waits for the next one
+    /// (see [`Dispatcher::apply_and_pass`]).
+    waiting: Arc<Mutex<HashMap<TenantId, Vec<Submission>>>>,
+}
+
+/// Events handed in for a tenant's next transaction, and where its outcome goes.
+struct Submission {
+    events: Vec<Event>,
+    done: oneshot::Sender<Result<PassReport, HandleError>>,
 }
 
 /// Consumes the waiting-queue, presence and action streams until `shutdown`.
@@ -166,6 +178,7 @@ impl Dispatcher {
             services,
             deadlines: Arc::default(),
             deadlines_changed: Arc::default(),
+            waiting: Arc::default(),
         }
     }
 
@@ -204,12 +217,82 @@ impl Dispatcher {
         results
     }
 
-    /// Applies `events` then runs one dispatch pass for `tenant`, in one transaction holding
-    /// the tenant's advisory lock; publishes the outputs after commit and arms the deadline timer.
+    /// Applies `events`, then runs a dispatch pass for `tenant`, and returns once both are
+    /// committed. One tenant's transactions hold its advisory lock, so within an instance
+    /// they are combined rather than queued for it: the queue, presence and action consumers,
+    /// the deadline timer and the backstop hand their events in, and while one transaction
+    /// runs, whatever is handed in waits for the next, which applies it all in the order it
+    /// came and runs one pass for all of it. Under load that is one pass (and one lock wait)
+    /// where there were several. If a combined transaction fails, each hand-in is tried
+    /// again alone, so that one bad event fails only its own batch.
     async fn apply_and_pass(
         &self,
         tenant: &TenantId,
         events: Vec<Event>,
+    ) -> Result<PassReport, HandleError> {
+        let (done, outcome) = oneshot::channel();
+        let lead = {
+            let mut waiting = self.waiting.lock().expect("waiting map");
+            match waiting.get_mut(tenant) {
+                Some(queue) => {
+                    queue.push(Submission { events, done });
+                    false
+                }
+                None => {
+                    waiting.insert(tenant.clone(), vec![Submission { events, done }]);
+                    true
+                }
+            }
+        };
+        if lead {
+            // Its own task: the transactions go on for the others even if this caller is
+            // dropped.
+            let combiner = Combiner {
+                dispatcher: self.clone(),
+                tenant: tenant.clone(),
+                finished: false,
+            };
+            tokio::spawn(combiner.run().instrument(tracing::Span::current()));
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(HandleError::Transient(anyhow::anyhow!(
+                "the tenant's transaction was abandoned"
+            )))
+        })
+    }
+
+    /// Runs what was handed in together, or each alone (a single one, or when together
+    /// fails); tells each its outcome.
+    async fn run_together(&self, tenant: &TenantId, submissions: Vec<Submission>) {
+        let together = submissions.len();
+        if together > 1 {
+            metrics::dispatch_combined(together);
+            let events = submissions
+                .iter()
+                .flat_map(|s| s.events.iter().cloned())
+                .collect();
+            match self.transaction(tenant, events, together).await {
+                Ok(report) => {
+                    for s in submissions {
+                        let _ = s.done.send(Ok(report.clone()));
+                    }
+                    return;
+                }
+                Err(e) => tracing::debug!(%tenant, "combined transaction failed, each alone: {e}"),
+            }
+        }
+        for Submission { events, done } in submissions {
+            let _ = done.send(self.transaction(tenant, events, 1).await);
+        }
+    }
+
+    /// One transaction holding the tenant's advisory lock: applies `events` in order, runs one
+    /// pass, commits; then publishes the outputs and arms the deadline timer.
+    async fn transaction(
+        &self,
+        tenant: &TenantId,
+        events: Vec<Event>,
+        together: usize,
     ) -> Result<PassReport, HandleError> {
         let mut client = self.services.pool.get().await?;
         let tx = client.transaction().await?;
@@ -240,7 +323,10 @@ impl Dispatcher {
             }
         }
         apply_actions(&tx, &mut outbox, tenant, actions).await?;
-        let report = pass(&tx, &mut outbox, &settings).await?;
+        let report = PassReport {
+            together,
+            ..pass(&tx, &mut outbox, &settings).await?
+        };
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
         staged.publish(&self.services.js, &client).await;
@@ -317,6 +403,48 @@ impl Dispatcher {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// Runs a tenant's transactions while events are handed in (see
+/// [`Dispatcher::apply_and_pass`]); its map entry marks it running.
+struct Combiner {
+    dispatcher: Dispatcher,
+    tenant: TenantId,
+    finished: bool,
+}
+
+impl Combiner {
+    async fn run(mut self) {
+        loop {
+            let submissions = {
+                let mut waiting = self.dispatcher.waiting.lock().expect("waiting map");
+                let queue = waiting
+                    .get_mut(&self.tenant)
+                    .expect("a running tenant's entry");
+                if queue.is_empty() {
+                    waiting.remove(&self.tenant);
+                    self.finished = true;
+                    return;
+                }
+                std::mem::take(queue)
+            };
+            self.dispatcher
+                .run_together(&self.tenant, submissions)
+                .await;
+        }
+    }
+}
+
+impl Drop for Combiner {
+    /// A combiner that panicked must not leave its tenant marked running: what waits is
+    /// dropped (its callers get an error and their messages come again).
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Ok(mut waiting) = self.dispatcher.waiting.lock() {
+                waiting.remove(&self.tenant);
             }
         }
     }
@@ -557,6 +685,8 @@ pub struct PassReport {
     pub offered: usize,
     /// The earliest deadline of the tenant's open offers, for the timer (SPEC D8).
     pub next_deadline: Option<DateTime<Utc>>,
+    /// How many hand-ins (batches, timer or backstop passes) the transaction applied at once.
+    pub together: usize,
 }
 
 /// Reads of the queue one pass may make before it stops (only repeated declines need more
