@@ -13,12 +13,22 @@
 //!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
 //!   failure stops the batch there (what follows is retried after it, in order).
 //! - The outbox of everything kept is staged in the transaction and published after the commit.
+//! - A batch of a batched partition (one with [`Delivered::partition`]) is handled only as far
+//!   as it continues the partition: the transaction locks the partition's mark (the last
+//!   stream sequence handled), asks the stream for the partition's next messages after it,
+//!   and handles the batch up to the first message that is not the next one (an older one
+//!   is still out with another instance, or lost in transit); the mark moves in the same
+//!   transaction. The rest fail with [`HandleError::out_of_order`], and the partition pauses
+//!   until the older one comes again. So messages are committed in the partition's order
+//!   whatever the server delivers to whom (README: Scaling out).
 
 use deadpool_postgres::Transaction;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
-use crate::bus::{self, Delivered};
+use std::sync::Arc;
+
+use crate::bus::{self, Delivered, Partition};
 use crate::outbox::Outbox;
 use crate::worker::Services;
 use crate::HandleError;
@@ -58,6 +68,31 @@ where
         Ok(tx) => tx,
         Err(e) => return all_failed(&e),
     };
+    let whole = batch;
+    let fence = match whole.first().and_then(|m| m.partition.clone()) {
+        Some(partition) => match Fence::check(services, &tx, partition, whole).await {
+            Ok(fence) => Some(fence),
+            Err(e) => return all_failed(&format!("partition mark: {e:#}")),
+        },
+        None => None,
+    };
+    let batch = &whole[..fence.as_ref().map_or(whole.len(), |f| f.continues)];
+    // The results of the messages after the cut: they wait for the older one.
+    let with_cut = |mut results: Vec<Result<(), HandleError>>| {
+        if let Some(Fence {
+            waits_for: Some(expected),
+            ..
+        }) = &fence
+        {
+            results.extend(
+                (batch.len()..whole.len()).map(|_| Err(HandleError::out_of_order(*expected))),
+            );
+        }
+        results
+    };
+    if batch.is_empty() {
+        return (with_cut(Vec::new()), Vec::new());
+    }
     if batch.len() > 1 {
         let tx_ref = &tx;
         let handle = &handle;
@@ -78,10 +113,11 @@ where
                 outbox.append(own);
                 kept.push(t);
             }
-            return match commit(tx, outbox).await {
+            let mark = fence.as_ref().map(|f| f.moved(batch.iter()));
+            return match commit(tx, outbox, mark).await {
                 Ok(staged) => {
                     staged.publish(&services.js, &client).await;
-                    (batch.iter().map(|_| Ok(())).collect(), kept)
+                    (with_cut(batch.iter().map(|_| Ok(())).collect()), kept)
                 }
                 Err(e) => all_failed(&format!("batch not committed: {e:#}")),
             };
@@ -93,6 +129,14 @@ where
             Ok(tx) => tx,
             Err(e) => return all_failed(&e),
         };
+        // The rollback let the mark go: take it again, as it was checked.
+        if let Some(fence) = &fence {
+            match fence.lock(&tx).await {
+                Ok(mark) if mark == fence.mark => {}
+                Ok(_) => return all_failed(&"the partition's mark moved meanwhile"),
+                Err(e) => return all_failed(&format!("partition mark: {e:#}")),
+            }
+        }
     }
     let mut outbox = Outbox::new();
     let mut kept = Vec::new();
@@ -139,10 +183,17 @@ where
             }
         }
     }
-    match commit(tx, outbox).await {
+    // Settled: kept, rolled back as a duplicate, or poison (dead-lettered after the commit).
+    let settled = batch
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| !matches!(r, Err(HandleError::Transient(_))))
+        .map(|(m, _)| m);
+    let mark = fence.as_ref().map(|f| f.moved(settled));
+    match commit(tx, outbox, mark).await {
         Ok(staged) => {
             staged.publish(&services.js, &client).await;
-            (results, kept)
+            (with_cut(results), kept)
         }
         Err(e) => {
             for r in results.iter_mut().filter(|r| r.is_ok()) {
@@ -150,7 +201,7 @@ where
                     "batch not committed: {e:#}"
                 )));
             }
-            (results, Vec::new())
+            (with_cut(results), Vec::new())
         }
     }
 }
@@ -212,15 +263,198 @@ where
     Ok(out.into_iter().map(|(_, t)| t).collect())
 }
 
-async fn commit(tx: Transaction<'_>, outbox: Outbox) -> anyhow::Result<crate::outbox::Staged> {
+async fn commit(
+    tx: Transaction<'_>,
+    outbox: Outbox,
+    mark: Option<(&'static str, u64)>,
+) -> anyhow::Result<crate::outbox::Staged> {
     let staged = outbox.stage(&tx).await?;
+    if let Some((consumer, sequence)) = mark {
+        let stmt = tx
+            .prepare_cached("UPDATE partition_marks SET stream_sequence = $2 WHERE consumer = $1")
+            .await?;
+        tx.execute(&stmt, &[&consumer, &(sequence as i64)]).await?;
+    }
     tx.commit().await?;
     Ok(staged)
 }
 
+/// A batch of a batched partition against the partition's mark (see the module).
+struct Fence {
+    partition: Arc<Partition>,
+    /// Every message of the partition up to this stream sequence is handled.
+    mark: u64,
+    /// How many of the batch's messages, from the first, continue the partition.
+    continues: usize,
+    /// The message the rest wait for, when not all continue.
+    waits_for: Option<u64>,
+}
+
+impl Fence {
+    /// Locks the partition's mark for this transaction and finds how far `batch` continues
+    /// the partition after it. A mark behind the consumer's ack floor (the partition was
+    /// consumed one message at a time before, with no mark) is taken up to the floor: every
+    /// message up to it is acknowledged, so handled or dead-lettered.
+    async fn check(
+        services: &Services,
+        tx: &Transaction<'_>,
+        partition: Arc<Partition>,
+        batch: &[Delivered],
+    ) -> anyhow::Result<Self> {
+        let mark = lock_mark(tx, partition.consumer).await?;
+        let sequences: Vec<u64> = batch.iter().map(|m| m.stream_sequence).collect();
+        // NATS not answering (restarting, say) is no reason to count a delivery towards
+        // dead-lettering: the partition pauses instead, as for a message it must wait for.
+        let (mark, continues, waits_for) =
+            match Self::against_stream(services, &partition, mark, &sequences).await {
+                Ok(verdict) => verdict,
+                Err(e) => {
+                    tracing::warn!(
+                        consumer = partition.consumer,
+                        "asking the stream for the partition's next messages failed: {e:#}"
+                    );
+                    (mark, 0, sequences.first().copied())
+                }
+            };
+        Ok(Self {
+            partition,
+            mark,
+            continues,
+            waits_for,
+        })
+    }
+
+    /// The mark (taken up to the ack floor if that helps) and how far the batch continues it.
+    async fn against_stream(
+        services: &Services,
+        partition: &Partition,
+        mark: u64,
+        sequences: &[u64],
+    ) -> anyhow::Result<(u64, usize, Option<u64>)> {
+        let (continues, waits_for) = Self::against(services, partition, mark, sequences).await?;
+        if waits_for.is_none() {
+            return Ok((mark, continues, waits_for));
+        }
+        let floor = services
+            .js
+            .get_stream_no_info(partition.stream)
+            .await?
+            .consumer_info(partition.consumer)
+            .await?
+            .ack_floor
+            .stream_sequence;
+        if floor <= mark {
+            return Ok((mark, continues, waits_for));
+        }
+        let (continues, waits_for) = Self::against(services, partition, floor, sequences).await?;
+        Ok((floor, continues, waits_for))
+    }
+
+    /// Locks the mark again (in a new transaction of the same batch) and returns it.
+    async fn lock(&self, tx: &Transaction<'_>) -> anyhow::Result<u64> {
+        lock_mark(tx, self.partition.consumer).await
+    }
+
+    async fn against(
+        services: &Services,
+        partition: &Partition,
+        mark: u64,
+        sequences: &[u64],
+    ) -> anyhow::Result<(usize, Option<u64>)> {
+        let newer = sequences.iter().filter(|&&s| s > mark).count();
+        let next = bus::partition_sequences(&services.nats, partition, mark, newer).await?;
+        Ok(continuing(mark, &next, sequences))
+    }
+
+    /// The mark after `settled` (messages of the batch, handled or dead-lettered).
+    fn moved<'a>(&self, settled: impl Iterator<Item = &'a Delivered>) -> (&'static str, u64) {
+        let last = settled.map(|m| m.stream_sequence).fold(self.mark, u64::max);
+        (self.partition.consumer, last)
+    }
+}
+
+/// The partition's mark, created at 0 if there is none, locked until the transaction ends.
+async fn lock_mark(tx: &Transaction<'_>, consumer: &str) -> anyhow::Result<u64> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO partition_marks (consumer, stream_sequence) VALUES ($1, 0)
+             ON CONFLICT (consumer) DO UPDATE SET stream_sequence = partition_marks.stream_sequence
+             RETURNING stream_sequence",
+        )
+        .await?;
+    Ok(tx.query_one(&stmt, &[&consumer]).await?.get::<_, i64>(0) as u64)
+}
+
+/// How many of a batch's messages (`sequences`, in delivery order), from the first, continue
+/// a partition handled up to `mark`, whose next messages are `next`: each one after the mark
+/// (and after those before it in the batch) must be the partition's next one. One at or
+/// before them was handled already (handling it again changes nothing). With the sequence
+/// the first one that does not continue waits for.
+pub fn continuing(mark: u64, next: &[u64], sequences: &[u64]) -> (usize, Option<u64>) {
+    let mut done = mark;
+    let mut next = next.iter();
+    for (i, &sequence) in sequences.iter().enumerate() {
+        if sequence <= done {
+            continue;
+        }
+        match next.next() {
+            Some(&expected) if expected == sequence => done = sequence,
+            Some(&expected) => return (i, Some(expected)),
+            // Not in the stream as the partition's next: wait for it to come again.
+            None => return (i, Some(sequence)),
+        }
+    }
+    (sequences.len(), None)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{in_lanes, lanes};
+    use super::{continuing, in_lanes, lanes};
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_batch_continues_its_partition_up_to_the_first_message_that_skips_one() {
+        // The partition's messages are 3, 5, 8, 9 (other partitions have the rest).
+        let next = [3, 5, 8, 9];
+        assert_eq!(continuing(0, &next, &[3, 5, 8]), (3, None));
+        assert_eq!(continuing(0, &next, &[5, 8]), (0, Some(3)));
+        assert_eq!(continuing(0, &next, &[3, 8, 9]), (1, Some(5)));
+        // At or before the mark, or repeated: handled already, no gap.
+        assert_eq!(continuing(5, &[8, 9], &[3, 5, 8, 5, 8, 9]), (6, None));
+        // Going back after a newer one was taken: the older one was not the next.
+        assert_eq!(continuing(0, &next, &[3, 8, 5]), (1, Some(5)));
+        // The stream does not know it as the partition's next: it waits for itself.
+        assert_eq!(continuing(9, &[], &[12]), (0, Some(12)));
+    }
+
+    proptest! {
+        /// Whatever a partition's batch holds (redeliveries, skips, repeats, any order), what
+        /// it hands over continues the partition without a gap: the mark followed by exactly
+        /// the partition's next messages, in order.
+        #[test]
+        fn what_continues_is_the_partition_in_order_without_a_gap(
+            handled in 0usize..6,
+            picks in proptest::collection::vec(0usize..12, 0..12),
+        ) {
+            let partition: Vec<u64> = (1..=12u64).map(|i| i * 2 + 1).collect();
+            let mark = if handled == 0 { 0 } else { partition[handled - 1] };
+            let next: Vec<u64> = partition[handled..].to_vec();
+            let batch: Vec<u64> = picks.iter().map(|&i| partition[i]).collect();
+            let (n, waits) = continuing(mark, &next, &batch);
+            let mut committed: Vec<u64> = partition[..handled].to_vec();
+            for &s in &batch[..n] {
+                if !committed.contains(&s) {
+                    committed.push(s);
+                }
+            }
+            prop_assert_eq!(&committed[..], &partition[..committed.len()]);
+            if n < batch.len() {
+                prop_assert_eq!(waits, Some(partition[committed.len()]));
+            } else {
+                prop_assert_eq!(waits, None);
+            }
+        }
+    }
 
     #[test]
     fn lanes_keep_each_keys_order_and_put_keyless_items_alone() {

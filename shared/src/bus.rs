@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -82,6 +83,8 @@ async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<()> {
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(spec.max_age_hours * 3600),
         duplicate_window: Duration::from_secs(120),
+        // Direct gets answer the partition mark's question (`partition_sequences`).
+        allow_direct: true,
         subject_transform: spec
             .transform
             .map(|(source, destination)| stream::SubjectTransform {
@@ -241,6 +244,17 @@ pub struct Delivered {
     pub delivered: i64,
     /// When the server received it from its publisher.
     pub published: chrono::DateTime<Utc>,
+    /// The batched partition it came from, when it came from one (see
+    /// [`consume_partitioned_batched`]): its batch must continue the partition's mark.
+    pub partition: Option<Arc<Partition>>,
+}
+
+/// A batched partition: its consumer (also the name of its mark) and its messages.
+#[derive(Debug)]
+pub struct Partition {
+    pub consumer: &'static str,
+    pub stream: &'static str,
+    pub filter: String,
 }
 
 impl Delivered {
@@ -254,6 +268,7 @@ impl Delivered {
             stream_sequence: info.stream_sequence,
             delivered: info.delivered,
             published: info.published,
+            partition: None,
         })
     }
 
@@ -263,6 +278,63 @@ impl Delivered {
             .map(|(t, _, _)| t)
             .unwrap_or("_")
     }
+}
+
+/// The stream sequences of the first `count` messages of `partition` after stream sequence
+/// `after`, in order: one direct get of a batch (`$JS.API.DIRECT.GET`, NATS 2.11+), answered
+/// with the messages, then an end-of-batch status. Fewer when the partition has fewer.
+pub async fn partition_sequences(
+    nats: &async_nats::Client,
+    partition: &Partition,
+    after: u64,
+    count: usize,
+) -> anyhow::Result<Vec<u64>> {
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let inbox = nats.new_inbox();
+    let mut answers = nats.subscribe(inbox.clone()).await?;
+    let request = serde_json::json!({
+        "seq": after + 1,
+        "next_by_subj": partition.filter,
+        "batch": count,
+    });
+    nats.publish_with_reply(
+        format!("$JS.API.DIRECT.GET.{}", partition.stream),
+        inbox,
+        request.to_string().into(),
+    )
+    .await?;
+    let mut sequences = Vec::with_capacity(count);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let answer = tokio::time::timeout_at(deadline, answers.next())
+            .await
+            .map_err(|_| anyhow::anyhow!("direct get of {}: no end of batch", partition.filter))?
+            .ok_or_else(|| anyhow::anyhow!("direct get: subscription closed"))?;
+        if let Some(status) = answer.status {
+            match status.as_u16() {
+                // End of batch, or nothing (more) to send.
+                204 | 404 => break,
+                other => anyhow::bail!(
+                    "direct get of {}: status {other} {}",
+                    partition.filter,
+                    answer.description.unwrap_or_default()
+                ),
+            }
+        }
+        let sequence = answer
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Sequence"))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .ok_or_else(|| anyhow::anyhow!("direct get: an answer without Nats-Sequence"))?;
+        sequences.push(sequence);
+        if sequences.len() == count {
+            break;
+        }
+    }
+    Ok(sequences)
 }
 
 /// Pulls from `spec` until `shutdown`, handing each message to `handler` one at a time (the
@@ -361,6 +433,10 @@ async fn partition_specs(
 ///   partition, without handling what came after it, until everything sent has been given
 ///   back for redelivery (`ack_wait`) and the pin has lapsed: the server then sends them
 ///   again in the stream's order.
+/// - Whatever gets past these, the batch's transaction does not: each delivery carries its
+///   [`Partition`], and [`crate::batch::in_one_transaction`] handles a batch only as far as it
+///   continues the partition's mark; what must wait for an older message is left
+///   unacknowledged and the partition pauses as for a missed delivery.
 ///
 /// With `max_batch <= 1` this is [`consume_partitioned`].
 pub async fn consume_partitioned_batched<F, Fut>(
@@ -444,6 +520,9 @@ enum Pause {
     /// forgets pins, say), and it comes again only after `ack_wait`. `None`: the server could
     /// not be asked, which is taken as a yes.
     Outstanding(Option<u64>),
+    /// The batch's transaction found that it does not continue the partition's mark: the
+    /// message at this stream sequence is not handled yet ([`crate::batch`]).
+    Fenced(u64),
 }
 
 /// The partition's first message not yet acknowledged, if it comes before `stream_sequence`
@@ -552,6 +631,11 @@ where
         "consuming in order, batched"
     );
     tokio::spawn(report_lag(consumer.clone(), spec.durable, shutdown.clone()));
+    let partition = Arc::new(Partition {
+        consumer: spec.durable,
+        stream: spec.stream.name,
+        filter: spec.filter_subject.clone(),
+    });
 
     // Every delivery of this consumer, redeliveries too, takes the next consumer sequence: a
     // jump from the last one this instance saw is a delivery that never arrived (lost in
@@ -604,7 +688,10 @@ where
                             }
                             just_paused = false;
                             match Delivered::of(&m) {
-                                Ok(delivered) => batch.push((m, delivered)),
+                                Ok(mut delivered) => {
+                                    delivered.partition = Some(partition.clone());
+                                    batch.push((m, delivered));
+                                }
                                 Err(e) => tracing::warn!("message without JetStream info: {e}"),
                             }
                         }
@@ -623,7 +710,11 @@ where
             }
             if !batch.is_empty() {
                 // Older than what called the pause: handled as usual.
-                settle_in_order(js, config, &spec, batch, handler, &shutdown).await?;
+                let waits_for =
+                    settle_in_order(js, config, &spec, batch, handler, &shutdown).await?;
+                if let (None, Some(expected)) = (&pause, waits_for) {
+                    pause = Some(Pause::Fenced(expected));
+                }
             }
             if pause.is_some() {
                 break;
@@ -656,6 +747,16 @@ where
                 );
                 "outstanding"
             }
+            Pause::Fenced(expected) => {
+                tracing::warn!(
+                    consumer = spec.durable,
+                    stream_sequence = expected,
+                    pause_secs = pause_for.as_secs(),
+                    "a batch does not continue the partition's mark: pausing this partition \
+                     until the older message comes again"
+                );
+                "fenced"
+            }
         };
         crate::metrics::delivery_gap(spec.durable, reason);
         tokio::select! {
@@ -670,7 +771,9 @@ where
 }
 
 /// Hands `batch` to the handler and acks in order; keeps what failed transiently, with
-/// everything after it, and tries again (see [`consume_partitioned_batched`]).
+/// everything after it, and tries again (see [`consume_partitioned_batched`]). A message that
+/// must wait for an older one ([`HandleError::waits_for`]) is not retried in hand: it is left
+/// unacknowledged with everything after it, and its wait is returned (the partition pauses).
 async fn settle_in_order<F, Fut>(
     js: &JetStream,
     config: &CommonConfig,
@@ -678,7 +781,7 @@ async fn settle_in_order<F, Fut>(
     mut held: Vec<(jetstream::Message, Delivered)>,
     handler: &F,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()>
+) -> anyhow::Result<Option<u64>>
 where
     F: Fn(Vec<Delivered>) -> Fut,
     Fut: Future<Output = Vec<Result<(), HandleError>>>,
@@ -700,10 +803,18 @@ where
         });
         let mut rest = Vec::new();
         let mut failure = None;
+        let mut waits_for = None;
         for ((message, d), result) in held.into_iter().zip(results) {
-            if failure.is_some() {
+            if failure.is_some() || waits_for.is_some() {
                 rest.push((message, d));
                 continue;
+            }
+            if let Err(e) = &result {
+                waits_for = e.waits_for();
+                if waits_for.is_some() {
+                    rest.push((message, d));
+                    continue;
+                }
             }
             let tries = d.delivered + attempts;
             match result {
@@ -740,6 +851,10 @@ where
                 }
             }
         }
+        if waits_for.is_some() {
+            // Left unacknowledged: they come again after the older one.
+            return Ok(waits_for);
+        }
         held = rest;
         let Some(tries) = failure else { continue };
         attempts += 1;
@@ -762,13 +877,13 @@ where
                     for (m, _) in &held {
                         let _ = m.ack_with(AckKind::Nak(None)).await;
                     }
-                    return Ok(());
+                    return Ok(None);
                 }
                 _ = tokio::time::sleep(tick.min(until - now)) => {}
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A span for one message of a partition's batch (named after the partition's consumer,

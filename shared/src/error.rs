@@ -12,9 +12,30 @@ pub enum HandleError {
     Poison(String),
 }
 
+/// A batched partition's batch that does not continue the partition right after its mark:
+/// an older message, at stream sequence `expected`, is not handled yet (README: Scaling out).
+/// Not retried in hand: the partition pauses until that message comes again.
+#[derive(Debug, thiserror::Error)]
+#[error("stream sequence {expected} of this partition is not handled yet: this one waits for it")]
+pub struct OutOfOrder {
+    pub expected: u64,
+}
+
 impl HandleError {
     pub fn poison(reason: impl Into<String>) -> Self {
         Self::Poison(reason.into())
+    }
+
+    pub fn out_of_order(expected: u64) -> Self {
+        Self::Transient(OutOfOrder { expected }.into())
+    }
+
+    /// The stream sequence this message waits for, if it failed as [`OutOfOrder`].
+    pub fn waits_for(&self) -> Option<u64> {
+        match self {
+            Self::Transient(e) => e.downcast_ref::<OutOfOrder>().map(|o| o.expected),
+            Self::Poison(_) => None,
+        }
     }
 
     /// The same outcome for another message of a batch that shared this one's fate.

@@ -389,3 +389,134 @@ async fn a_delivery_still_out_when_the_pin_moves_is_waited_for_by_a_fresh_instan
     u1_stored_in_order(&app, 5).await;
     fresh.kill();
 }
+
+/// The partition mark (shared/src/batch.rs), on its own: whatever a partition's instance is
+/// delivered, its transaction handles a batch only as far as it continues the partition right
+/// after the mark, moves the mark with it, and tells the rest to wait for the missing message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
+    use async_nats::jetstream::consumer;
+    use firstline_shared::batch;
+    use firstline_shared::bus::{Delivered, Partition};
+    use firstline_shared::subjects;
+    use firstline_shared::worker::Services;
+    use futures::StreamExt;
+    use std::sync::{Arc, Mutex};
+
+    let app = TestApp::without_workers(SETUP).await;
+    let services = Services::start(&app.config, &app.shutdown).await.unwrap();
+    let mut sequences = Vec::new();
+    for text in ["0", "1", "2", "3", "4"] {
+        let ack = app
+            .js
+            .publish("fl.t1.inbound.mail", text.to_owned().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        sequences.push(ack.sequence);
+    }
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    let subject = stream.get_raw_message(sequences[0]).await.unwrap().subject;
+    let p: u32 = subject.rsplit('.').next().unwrap().parse().unwrap();
+    let durable: &'static str = Box::leak(format!("ingest-p{p}").into_boxed_str());
+    let filter = subjects::partition_filter(&subjects::INBOUND, p);
+    let raw = stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(durable.to_owned()),
+            filter_subject: filter.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let partition = Arc::new(Partition {
+        consumer: durable,
+        stream: "FL_INBOUND",
+        filter,
+    });
+    let handled = Mutex::new(Vec::new());
+    let run = |indexes: &[usize]| {
+        let batch: Vec<Delivered> = indexes
+            .iter()
+            .map(|&i| Delivered {
+                subject: subject.to_string(),
+                payload: Default::default(),
+                headers: None,
+                stream_sequence: sequences[i],
+                delivered: 1,
+                published: chrono::Utc::now(),
+                partition: Some(partition.clone()),
+            })
+            .collect();
+        let (services, handled) = (&services, &handled);
+        async move {
+            handled.lock().unwrap().clear();
+            let (results, _) = batch::in_one_transaction(
+                services,
+                "ingest",
+                &batch,
+                handled,
+                |_| None,
+                |handled: &Mutex<Vec<u64>>, _, _, m| {
+                    Box::pin(async move {
+                        handled.lock().unwrap().push(m.stream_sequence);
+                        Ok(Some(()))
+                    })
+                },
+            )
+            .await;
+            let mut seen = handled.lock().unwrap().clone();
+            seen.sort();
+            let outcome: Vec<Option<u64>> = results
+                .iter()
+                .map(|r| match r {
+                    Ok(()) => None,
+                    Err(e) => Some(e.waits_for().expect("only waits")),
+                })
+                .collect();
+            (seen, outcome)
+        }
+    };
+    let mark = || async {
+        count(
+            &app.pg,
+            "SELECT coalesce(max(stream_sequence), 0) FROM partition_marks WHERE consumer = $1",
+            &[&durable],
+        )
+        .await as u64
+    };
+    let s = sequences.clone();
+
+    // Nothing handled yet: a batch from "1" waits for "0", and nothing of it is handled.
+    assert_eq!(run(&[1, 2]).await, (vec![], vec![Some(s[0]), Some(s[0])]));
+    assert_eq!(mark().await, 0);
+    // "0" continues; "2" after it skips "1" (out with another instance, say): it waits.
+    assert_eq!(run(&[0, 2]).await, (vec![s[0]], vec![None, Some(s[1])]));
+    assert_eq!(mark().await, s[0]);
+    // "0" again (a redelivery) is handled again harmlessly; "1", "2" continue.
+    assert_eq!(
+        run(&[0, 1, 2]).await,
+        (vec![s[0], s[1], s[2]], vec![None, None, None])
+    );
+    assert_eq!(mark().await, s[2]);
+
+    // A mark behind the consumer's ack floor (the partition was consumed one message at a
+    // time, with no mark): everything acknowledged counts as handled.
+    app.pg
+        .execute("UPDATE partition_marks SET stream_sequence = 0", &[])
+        .await
+        .unwrap();
+    let mut messages = raw.fetch().max_messages(4).messages().await.unwrap();
+    for _ in 0..4 {
+        messages
+            .next()
+            .await
+            .unwrap()
+            .unwrap()
+            .double_ack()
+            .await
+            .unwrap();
+    }
+    assert_eq!(run(&[4]).await, (vec![s[4]], vec![None]));
+    assert_eq!(mark().await, s[4]);
+}
