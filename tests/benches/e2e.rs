@@ -17,7 +17,7 @@
 //! The last line is one JSON object with every figure. Settings (environment):
 //! - `FL_BENCH_RATES` (default `1000,2500,5000,7500,10000,15000`), `FL_BENCH_DURATION` (s, 20),
 //!   `FL_BENCH_RAW_N` (messages of the ceiling run, 300000), `FL_PARTITION_BATCH` (the
-//!   workers', 64 here; the production default is 1);
+//!   workers', 64 as in production);
 //! - `FL_BENCH_SOAK` (seconds): instead, a memory soak at `FL_BENCH_SOAK_RATE` (2000/s):
 //!   RSS of every worker sampled every 10 s, then start, end, max and the slope.
 //!
@@ -354,7 +354,7 @@ async fn run() {
         .await
         .expect("configure the load tenants");
     let mut config = CommonConfig::new(&nats.url, &db.url);
-    // The figures in the README are of batched partitions (opt-in in production: see README).
+    // Batched partitions, the default (README: Scaling out); FL_PARTITION_BATCH=1 to compare.
     config.partition_batch = env_f64("FL_PARTITION_BATCH", 64.0) as usize;
     println!("workers: FL_PARTITION_BATCH={}", config.partition_batch);
     let workers: Vec<WorkerProcess> = WORKERS
