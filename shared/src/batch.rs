@@ -22,11 +22,12 @@
 //!   until the older one comes again. So messages are committed in the partition's order
 //!   whatever the server delivers to whom (README: Scaling out).
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use deadpool_postgres::Transaction;
 use futures::future::BoxFuture;
 use tracing::Instrument;
-
-use std::sync::Arc;
 
 use crate::bus::{self, Delivered, Partition};
 use crate::outbox::Outbox;
@@ -116,6 +117,7 @@ where
             let mark = fence.as_ref().map(|f| f.moved(batch.iter()));
             return match commit(tx, outbox, mark).await {
                 Ok(staged) => {
+                    remember(&fence, mark);
                     staged.publish(&services.js, &client).await;
                     (with_cut(batch.iter().map(|_| Ok(())).collect()), kept)
                 }
@@ -192,6 +194,7 @@ where
     let mark = fence.as_ref().map(|f| f.moved(settled));
     match commit(tx, outbox, mark).await {
         Ok(staged) => {
+            remember(&fence, mark);
             staged.publish(&services.js, &client).await;
             (with_cut(results), kept)
         }
@@ -301,21 +304,33 @@ impl Fence {
         partition: Arc<Partition>,
         batch: &[Delivered],
     ) -> anyhow::Result<Self> {
-        let mark = lock_mark(tx, partition.consumer).await?;
         let sequences: Vec<u64> = batch.iter().map(|m| m.stream_sequence).collect();
+        // The stream is asked about the mark this instance last committed while the mark is
+        // being locked: one round trip less in the usual case, where nobody else moved it.
+        let guess = partition.last_mark.load(Ordering::Relaxed);
+        let (mark, guessed) = tokio::join!(
+            lock_mark(tx, partition.consumer),
+            Self::against(services, &partition, guess, &sequences)
+        );
+        let mark = mark?;
+        let verdict = match guessed {
+            Ok(verdict) if mark == guess => {
+                Self::with_floor(services, &partition, mark, &sequences, verdict).await
+            }
+            _ => Self::against_stream(services, &partition, mark, &sequences).await,
+        };
         // NATS not answering (restarting, say) is no reason to count a delivery towards
         // dead-lettering: the partition pauses instead, as for a message it must wait for.
-        let (mark, continues, waits_for) =
-            match Self::against_stream(services, &partition, mark, &sequences).await {
-                Ok(verdict) => verdict,
-                Err(e) => {
-                    tracing::warn!(
-                        consumer = partition.consumer,
-                        "asking the stream for the partition's next messages failed: {e:#}"
-                    );
-                    (mark, 0, sequences.first().copied())
-                }
-            };
+        let (mark, continues, waits_for) = match verdict {
+            Ok(verdict) => verdict,
+            Err(e) => {
+                tracing::warn!(
+                    consumer = partition.consumer,
+                    "asking the stream for the partition's next messages failed: {e:#}"
+                );
+                (mark, 0, sequences.first().copied())
+            }
+        };
         Ok(Self {
             partition,
             mark,
@@ -331,7 +346,19 @@ impl Fence {
         mark: u64,
         sequences: &[u64],
     ) -> anyhow::Result<(u64, usize, Option<u64>)> {
-        let (continues, waits_for) = Self::against(services, partition, mark, sequences).await?;
+        let verdict = Self::against(services, partition, mark, sequences).await?;
+        Self::with_floor(services, partition, mark, sequences, verdict).await
+    }
+
+    /// `verdict` of the batch against `mark`; if it does not continue, against the ack floor
+    /// when that is ahead of the mark.
+    async fn with_floor(
+        services: &Services,
+        partition: &Partition,
+        mark: u64,
+        sequences: &[u64],
+        (continues, waits_for): (usize, Option<u64>),
+    ) -> anyhow::Result<(u64, usize, Option<u64>)> {
         if waits_for.is_none() {
             return Ok((mark, continues, waits_for));
         }
@@ -370,6 +397,13 @@ impl Fence {
     fn moved<'a>(&self, settled: impl Iterator<Item = &'a Delivered>) -> (&'static str, u64) {
         let last = settled.map(|m| m.stream_sequence).fold(self.mark, u64::max);
         (self.partition.consumer, last)
+    }
+}
+
+/// Keeps a committed mark for the partition's next batch ([`Partition::last_mark`]).
+fn remember(fence: &Option<Fence>, mark: Option<(&'static str, u64)>) {
+    if let (Some(fence), Some((_, sequence))) = (fence, mark) {
+        fence.partition.last_mark.store(sequence, Ordering::Relaxed);
     }
 }
 

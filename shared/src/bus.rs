@@ -255,6 +255,9 @@ pub struct Partition {
     pub consumer: &'static str,
     pub stream: &'static str,
     pub filter: String,
+    /// The mark as this instance last committed it (0: not yet): the stream is asked
+    /// about it while the mark is being locked, and the answer used if the mark is still there.
+    pub last_mark: std::sync::atomic::AtomicU64,
 }
 
 impl Delivered {
@@ -635,6 +638,7 @@ where
         consumer: spec.durable,
         stream: spec.stream.name,
         filter: spec.filter_subject.clone(),
+        last_mark: Default::default(),
     });
 
     // Every delivery of this consumer, redeliveries too, takes the next consumer sequence: a

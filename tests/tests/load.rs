@@ -433,6 +433,7 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
         consumer: durable,
         stream: "FL_INBOUND",
         filter,
+        last_mark: Default::default(),
     });
     let handled = Mutex::new(Vec::new());
     let run = |indexes: &[usize]| {
