@@ -197,7 +197,10 @@ pub async fn open_conversation(
 }
 
 /// Stores the customer's message; `false` when this (tenant, channel, message id) is
-/// already stored (DESIGN.md: the unique key behind `Nats-Msg-Id`).
+/// already stored (DESIGN.md: the unique key behind `Nats-Msg-Id`). `created_at` is the time
+/// of the insert, not of the transaction's start: a batch's transaction may start, then wait
+/// for its partition's mark behind another instance's batch of older messages (README:
+/// Scaling out), and its messages must still sort after those.
 pub async fn insert_customer_message(
     tx: &Transaction<'_>,
     conversation: &Conversation,
@@ -207,8 +210,8 @@ pub async fn insert_customer_message(
 ) -> Result<bool, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, routed_to, sent_at)
-             VALUES ($1, $2, $3, $4, $5, 'customer', $6, $7, $8)
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, routed_to, sent_at, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'customer', $6, $7, $8, clock_timestamp())
              ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING",
         )
         .await?;
