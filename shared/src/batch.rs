@@ -13,14 +13,17 @@
 //!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
 //!   failure stops the batch there (what follows is retried after it, in order).
 //! - The outbox of everything kept is staged in the transaction and published after the commit.
-//! - A batch of a batched partition (one with [`Delivered::partition`]) is handled only as far
+//! - A batch of a batched partition (one with [`Delivered::partition`]) is kept only as far
 //!   as it continues the partition: the transaction locks the partition's mark (the last
-//!   stream sequence handled), asks the stream for the partition's next messages after it,
-//!   and handles the batch up to the first message that is not the next one (an older one
-//!   is still out with another instance, or lost in transit); the mark moves in the same
-//!   transaction. The rest fail with [`HandleError::out_of_order`], and the partition pauses
-//!   until the older one comes again. So messages are committed in the partition's order
-//!   whatever the server delivers to whom (README: Scaling out).
+//!   stream sequence handled; its first statement, so the batch's own statements run after
+//!   the lock is granted) and, meanwhile, asks the stream for the partition's next messages
+//!   after it, while the fast path handles the batch. If the batch does not all continue
+//!   them (an older message is still out with another instance, or lost in transit), it is
+//!   rolled back and the slow path handles only the part before the first message that is
+//!   not the next one; the rest fail with [`HandleError::out_of_order`], and the partition
+//!   pauses until the older one comes again. The mark moves in the same transaction. So
+//!   messages are committed in the partition's order whatever the server delivers to whom
+//!   (README: Scaling out).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -70,62 +73,66 @@ where
         Err(e) => return all_failed(&e),
     };
     let whole = batch;
-    let fence = match whole.first().and_then(|m| m.partition.clone()) {
-        Some(partition) => match Fence::check(services, &tx, partition, whole).await {
-            Ok(fence) => Some(fence),
-            Err(e) => return all_failed(&format!("partition mark: {e:#}")),
-        },
-        None => None,
-    };
-    let batch = &whole[..fence.as_ref().map_or(whole.len(), |f| f.continues)];
-    // The results of the messages after the cut: they wait for the older one.
-    let with_cut = |mut results: Vec<Result<(), HandleError>>| {
-        if let Some(Fence {
-            waits_for: Some(expected),
-            ..
-        }) = &fence
-        {
-            results.extend(
-                (batch.len()..whole.len()).map(|_| Err(HandleError::out_of_order(*expected))),
-            );
+    let partition = whole.first().and_then(|m| m.partition.clone());
+    let mut fence: Option<Fence> = None;
+    // What the slow path below handles: the whole batch, or the part that continues the mark.
+    let mut batch = whole;
+    if whole.len() > 1 || partition.is_some() {
+        // Fast path: the whole batch while, for a batched partition, its mark is locked and the
+        // stream asked. The lock is the connection's first statement, so Postgres runs the
+        // batch's statements after it is granted; the batch is kept only if it all continues.
+        if partition.is_some() {
+            if let Err(e) = prepare_lock(&tx).await {
+                return all_failed(&format!("partition mark: {e:#}"));
+            }
         }
-        results
-    };
-    if batch.is_empty() {
-        return (with_cut(Vec::new()), Vec::new());
-    }
-    if batch.len() > 1 {
         let tx_ref = &tx;
         let handle = &handle;
-        let done = in_lanes(lanes(batch, key), |i| async move {
-            let m = &batch[i];
+        let checking = async {
+            match &partition {
+                Some(p) => Some(Fence::check(services, tx_ref, p.clone(), whole).await),
+                None => None,
+            }
+        };
+        let handling = in_lanes(lanes(whole, &key), |i| async move {
+            let m = &whole[i];
             let mut own = Outbox::new();
             let span = bus::message_span(consumer, m);
             match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
                 Ok(Some(t)) => Ok((own, t)),
                 _ => Err(()),
             }
-        })
-        .await;
-        if let Ok(done) = done {
+        });
+        let (checked, done) = tokio::join!(checking, handling);
+        match checked {
+            Some(Ok(checked)) => fence = Some(checked),
+            Some(Err(e)) => return all_failed(&format!("partition mark: {e:#}")),
+            None => {}
+        }
+        let continues = fence.as_ref().map_or(whole.len(), |f| f.continues);
+        if let (true, Ok(done)) = (continues == whole.len(), done) {
             let mut outbox = Outbox::new();
-            let mut kept = Vec::with_capacity(batch.len());
+            let mut kept = Vec::with_capacity(whole.len());
             for (own, t) in done {
                 outbox.append(own);
                 kept.push(t);
             }
-            let mark = fence.as_ref().map(|f| f.moved(batch.iter()));
+            let mark = fence.as_ref().map(|f| f.moved(whole.iter()));
             return match commit(tx, outbox, mark).await {
                 Ok(staged) => {
                     remember(&fence, mark);
                     staged.publish(&services.js, &client).await;
-                    (with_cut(batch.iter().map(|_| Ok(())).collect()), kept)
+                    (whole.iter().map(|_| Ok(())).collect(), kept)
                 }
                 Err(e) => all_failed(&format!("batch not committed: {e:#}")),
             };
         }
         if let Err(e) = tx.rollback().await {
             return all_failed(&e);
+        }
+        batch = &whole[..continues];
+        if batch.is_empty() {
+            return (with_cut(Vec::new(), &fence, whole.len()), Vec::new());
         }
         tx = match client.transaction().await {
             Ok(tx) => tx,
@@ -134,7 +141,7 @@ where
         // The rollback let the mark go: take it again, as it was checked.
         if let Some(fence) = &fence {
             match fence.lock(&tx).await {
-                Ok(mark) if mark == fence.mark => {}
+                Ok(mark) if mark == fence.locked => {}
                 Ok(_) => return all_failed(&"the partition's mark moved meanwhile"),
                 Err(e) => return all_failed(&format!("partition mark: {e:#}")),
             }
@@ -196,7 +203,7 @@ where
         Ok(staged) => {
             remember(&fence, mark);
             staged.publish(&services.js, &client).await;
-            (with_cut(results), kept)
+            (with_cut(results, &fence, whole.len()), kept)
         }
         Err(e) => {
             for r in results.iter_mut().filter(|r| r.is_ok()) {
@@ -204,7 +211,7 @@ where
                     "batch not committed: {e:#}"
                 )));
             }
-            (with_cut(results), Vec::new())
+            (with_cut(results, &fence, whole.len()), Vec::new())
         }
     }
 }
@@ -285,7 +292,10 @@ async fn commit(
 /// A batch of a batched partition against the partition's mark (see the module).
 struct Fence {
     partition: Arc<Partition>,
-    /// Every message of the partition up to this stream sequence is handled.
+    /// The mark as locked.
+    locked: u64,
+    /// Every message of the partition up to this stream sequence is handled (the mark, or
+    /// the ack floor when that is ahead).
     mark: u64,
     /// How many of the batch's messages, from the first, continue the partition.
     continues: usize,
@@ -312,7 +322,8 @@ impl Fence {
             lock_mark(tx, partition.consumer),
             Self::against(services, &partition, guess, &sequences)
         );
-        let mark = mark?;
+        let locked = mark?;
+        let mark = locked;
         let verdict = match guessed {
             Ok(verdict) if mark == guess => {
                 Self::with_floor(services, &partition, mark, &sequences, verdict).await
@@ -333,6 +344,7 @@ impl Fence {
         };
         Ok(Self {
             partition,
+            locked,
             mark,
             continues,
             waits_for,
@@ -400,6 +412,24 @@ impl Fence {
     }
 }
 
+/// `results` of the part of a batch that was handled, followed by those of the messages after
+/// the cut, which wait for the older one.
+fn with_cut(
+    mut results: Vec<Result<(), HandleError>>,
+    fence: &Option<Fence>,
+    whole: usize,
+) -> Vec<Result<(), HandleError>> {
+    if let Some(Fence {
+        waits_for: Some(expected),
+        ..
+    }) = fence
+    {
+        let handled = results.len();
+        results.extend((handled..whole).map(|_| Err(HandleError::out_of_order(*expected))));
+    }
+    results
+}
+
 /// Keeps a committed mark for the partition's next batch ([`Partition::last_mark`]).
 fn remember(fence: &Option<Fence>, mark: Option<(&'static str, u64)>) {
     if let (Some(fence), Some((_, sequence))) = (fence, mark) {
@@ -407,15 +437,18 @@ fn remember(fence: &Option<Fence>, mark: Option<(&'static str, u64)>) {
     }
 }
 
+const LOCK_MARK: &str = "INSERT INTO partition_marks (consumer, stream_sequence) VALUES ($1, 0)
+     ON CONFLICT (consumer) DO UPDATE SET stream_sequence = partition_marks.stream_sequence
+     RETURNING stream_sequence";
+
+/// Prepares the mark's lock on the connection, so that, later, it goes out when first polled.
+async fn prepare_lock(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    tx.prepare_cached(LOCK_MARK).await.map(|_| ())
+}
+
 /// The partition's mark, created at 0 if there is none, locked until the transaction ends.
 async fn lock_mark(tx: &Transaction<'_>, consumer: &str) -> anyhow::Result<u64> {
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO partition_marks (consumer, stream_sequence) VALUES ($1, 0)
-             ON CONFLICT (consumer) DO UPDATE SET stream_sequence = partition_marks.stream_sequence
-             RETURNING stream_sequence",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(LOCK_MARK).await?;
     Ok(tx.query_one(&stmt, &[&consumer]).await?.get::<_, i64>(0) as u64)
 }
 

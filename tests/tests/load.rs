@@ -401,7 +401,7 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
     use firstline_shared::subjects;
     use firstline_shared::worker::Services;
     use futures::StreamExt;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     let app = TestApp::without_workers(SETUP).await;
     let services = Services::start(&app.config, &app.shutdown).await.unwrap();
@@ -435,7 +435,11 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
         filter,
         last_mark: Default::default(),
     });
-    let handled = Mutex::new(Vec::new());
+    // What a batch's transaction committed, message by message.
+    app.pg
+        .batch_execute("CREATE TABLE handled (stream_sequence bigint NOT NULL)")
+        .await
+        .unwrap();
     let run = |indexes: &[usize]| {
         let batch: Vec<Delivered> = indexes
             .iter()
@@ -449,25 +453,34 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
                 partition: Some(partition.clone()),
             })
             .collect();
-        let (services, handled) = (&services, &handled);
+        let (services, pg) = (&services, &app.pg);
         async move {
-            handled.lock().unwrap().clear();
+            pg.batch_execute("DELETE FROM handled").await.unwrap();
             let (results, _) = batch::in_one_transaction(
                 services,
                 "ingest",
                 &batch,
-                handled,
+                &(),
                 |_| None,
-                |handled: &Mutex<Vec<u64>>, _, _, m| {
+                |_, tx, _, m| {
                     Box::pin(async move {
-                        handled.lock().unwrap().push(m.stream_sequence);
+                        tx.execute(
+                            "INSERT INTO handled VALUES ($1)",
+                            &[&(m.stream_sequence as i64)],
+                        )
+                        .await?;
                         Ok(Some(()))
                     })
                 },
             )
             .await;
-            let mut seen = handled.lock().unwrap().clone();
-            seen.sort();
+            let committed: Vec<u64> = pg
+                .query("SELECT stream_sequence FROM handled ORDER BY 1", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i64>(0) as u64)
+                .collect();
             let outcome: Vec<Option<u64>> = results
                 .iter()
                 .map(|r| match r {
@@ -475,7 +488,7 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
                     Err(e) => Some(e.waits_for().expect("only waits")),
                 })
                 .collect();
-            (seen, outcome)
+            (committed, outcome)
         }
     };
     let mark = || async {
