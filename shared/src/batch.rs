@@ -103,7 +103,8 @@ where
                 _ => Err(()),
             }
         });
-        let (checked, done) = tokio::join!(checking, handling);
+        // `futures::join!` polls in the order given: the lock is sent before the batch.
+        let (checked, done) = futures::join!(checking, handling);
         match checked {
             Some(Ok(checked)) => fence = Some(checked),
             Some(Err(e)) => return all_failed(&format!("partition mark: {e:#}")),
@@ -318,7 +319,7 @@ impl Fence {
         // The stream is asked about the mark this instance last committed while the mark is
         // being locked: one round trip less in the usual case, where nobody else moved it.
         let guess = partition.last_mark.load(Ordering::Relaxed);
-        let (mark, guessed) = tokio::join!(
+        let (mark, guessed) = futures::join!(
             lock_mark(tx, partition.consumer),
             Self::against(services, &partition, guess, &sequences)
         );
