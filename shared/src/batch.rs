@@ -318,15 +318,20 @@ impl Fence {
         let sequences: Vec<u64> = batch.iter().map(|m| m.stream_sequence).collect();
         // The stream is asked about the mark this instance last committed while the mark is
         // being locked: one round trip less in the usual case, where nobody else moved it.
+        // Not before this instance has committed one (a question from sequence 1 would make
+        // the server look through the whole stream, to be thrown away).
         let guess = partition.last_mark.load(Ordering::Relaxed);
-        let (mark, guessed) = futures::join!(
-            lock_mark(tx, partition.consumer),
-            Self::against(services, &partition, guess, &sequences)
-        );
-        let locked = mark?;
+        let speculate = async {
+            match guess {
+                0 => None,
+                _ => Some(Self::against(services, &partition, guess, &sequences).await),
+            }
+        };
+        let (locked, guessed) = futures::join!(lock_mark(tx, partition.consumer), speculate);
+        let locked = locked?;
         let mark = locked;
         let verdict = match guessed {
-            Ok(verdict) if mark == guess => {
+            Some(Ok(verdict)) if mark == guess => {
                 Self::with_floor(services, &partition, mark, &sequences, verdict).await
             }
             _ => Self::against_stream(services, &partition, mark, &sequences).await,
@@ -375,14 +380,7 @@ impl Fence {
         if waits_for.is_none() {
             return Ok((mark, continues, waits_for));
         }
-        let floor = services
-            .js
-            .get_stream_no_info(partition.stream)
-            .await?
-            .consumer_info(partition.consumer)
-            .await?
-            .ack_floor
-            .stream_sequence;
+        let floor = bus::ack_floor(&services.js, partition).await?;
         if floor <= mark {
             return Ok((mark, continues, waits_for));
         }

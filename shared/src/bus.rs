@@ -528,24 +528,35 @@ enum Pause {
     Fenced(u64),
 }
 
+/// The stream sequence up to which every message of `partition` is acknowledged (its
+/// consumer's ack floor).
+pub async fn ack_floor(js: &JetStream, partition: &Partition) -> anyhow::Result<u64> {
+    Ok(js
+        .get_stream_no_info(partition.stream)
+        .await?
+        .consumer_info(partition.consumer)
+        .await?
+        .ack_floor
+        .stream_sequence)
+}
+
 /// The partition's first message not yet acknowledged, if it comes before `stream_sequence`
 /// (a fresh delivery of this instance's): an older delivery is then still out with another
-/// client. The consumer's ack floor is the stream sequence up to which every message of its
-/// subjects is acknowledged; the next message of those subjects after it is the oldest one
-/// that is not. Asked once per fresh pull, so it costs two requests per partition and start.
+/// client. The next message of the partition after its ack floor is the oldest one that is
+/// not acknowledged. Asked once per fresh pull, so it costs two requests per partition and
+/// start.
 async fn older_delivery_outstanding(
-    stream: &jetstream::stream::Stream,
-    spec: &ConsumerSpec,
+    js: &JetStream,
+    partition: &Partition,
     stream_sequence: u64,
 ) -> anyhow::Result<Option<u64>> {
-    let info = stream.consumer_info(spec.durable).await?;
-    let oldest = stream
-        .raw_message_builder()
-        .sequence(info.ack_floor.stream_sequence + 1)
-        .next_by_subject(spec.filter_subject.clone())
-        .send()
-        .await?;
-    Ok((oldest.sequence < stream_sequence).then_some(oldest.sequence))
+    let floor = ack_floor(js, partition).await?;
+    let oldest = partition_sequences(&js.client(), partition, floor, 1)
+        .await?
+        .first()
+        .copied()
+        .ok_or_else(|| anyhow::anyhow!("no message of {} after {floor}", partition.filter))?;
+    Ok((oldest < stream_sequence).then_some(oldest))
 }
 
 /// Whether a delivery (`seen` against the ones before it) must wait: a pause, or `None` to
@@ -553,19 +564,19 @@ async fn older_delivery_outstanding(
 async fn pause_before(
     seen: Seen,
     just_paused: bool,
-    stream: &jetstream::stream::Stream,
-    spec: &ConsumerSpec,
+    js: &JetStream,
+    partition: &Partition,
     stream_sequence: u64,
 ) -> Option<Pause> {
     match seen {
         Seen::Next => None,
         Seen::Missed(n) => Some(Pause::Missed(n)),
         Seen::Fresh if just_paused => None,
-        Seen::Fresh => match older_delivery_outstanding(stream, spec, stream_sequence).await {
+        Seen::Fresh => match older_delivery_outstanding(js, partition, stream_sequence).await {
             Ok(older) => older.map(|seq| Pause::Outstanding(Some(seq))),
             Err(e) => {
                 tracing::warn!(
-                    consumer = spec.durable,
+                    consumer = partition.consumer,
                     "asking for the ack floor failed: {e:#}"
                 );
                 Some(Pause::Outstanding(None))
@@ -686,7 +697,7 @@ where
                         Ok((seq, stream_seq)) if pause.is_none() => {
                             let seen = gaps.see(seq);
                             pause =
-                                pause_before(seen, just_paused, &stream, &spec, stream_seq).await;
+                                pause_before(seen, just_paused, js, &partition, stream_seq).await;
                             if pause.is_some() {
                                 continue;
                             }
