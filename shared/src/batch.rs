@@ -57,6 +57,36 @@ where
     K: Fn(&Delivered) -> Option<String>,
     H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
 {
+    in_one_transaction_with(services, consumer, batch, ctx, key, None, handle).await
+}
+
+/// What handling a whole batch at once gives: `Ok(Some(outputs))`, each message's outbox and
+/// `T` in the batch's order; `Ok(None)`: declined before writing anything (the batch is
+/// handled message by message instead, in the same transaction); `Err`: roll back, and
+/// handle message by message with savepoints (as after any failure of the fast path).
+pub type Whole<'a, T> = BoxFuture<'a, anyhow::Result<Option<Vec<(Outbox, T)>>>>;
+
+/// Handles a whole batch with set-based statements (one statement for all its messages
+/// rather than one per message); see [`Whole`].
+pub type WholeFn<C, T> = for<'a> fn(&'a C, &'a Transaction<'a>, &'a [Delivered]) -> Whole<'a, T>;
+
+/// [`in_one_transaction`], with the fast path tried first with `whole` (when given): the
+/// batch handled by set-based statements. The message-by-message `handle` still decides
+/// whatever `whole` declines or fails on.
+pub async fn in_one_transaction_with<C, T, K, H>(
+    services: &Services,
+    consumer: &'static str,
+    batch: &[Delivered],
+    ctx: &C,
+    key: K,
+    whole_fn: Option<WholeFn<C, T>>,
+    handle: H,
+) -> (Vec<Result<(), HandleError>>, Vec<T>)
+where
+    C: ?Sized,
+    K: Fn(&Delivered) -> Option<String>,
+    H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+{
     let all_failed = |e: &dyn std::fmt::Display| {
         let results = batch
             .iter()
@@ -94,15 +124,30 @@ where
                 None => None,
             }
         };
-        let handling = in_lanes(lanes(whole, &key), |i| async move {
-            let m = &whole[i];
-            let mut own = Outbox::new();
-            let span = bus::message_span(consumer, m);
-            match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
-                Ok(Some(t)) => Ok((own, t)),
-                _ => Err(()),
+        let handling = async {
+            if let Some(whole_fn) = whole_fn {
+                match whole_fn(ctx, tx_ref, whole).await {
+                    Ok(Some(done)) if done.len() == whole.len() => return Ok(("set", done)),
+                    Ok(Some(_)) => return Err(vec![()]),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::debug!(consumer, "batch handled one message at a time: {e:#}");
+                        return Err(vec![()]);
+                    }
+                }
             }
-        });
+            in_lanes(lanes(whole, &key), |i| async move {
+                let m = &whole[i];
+                let mut own = Outbox::new();
+                let span = bus::message_span(consumer, m);
+                match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
+                    Ok(Some(t)) => Ok((own, t)),
+                    _ => Err(()),
+                }
+            })
+            .await
+            .map(|done| ("lanes", done))
+        };
         // `futures::join!` polls in the order given: the lock is sent before the batch.
         let (checked, done) = futures::join!(checking, handling);
         match checked {
@@ -111,7 +156,7 @@ where
             None => {}
         }
         let continues = fence.as_ref().map_or(whole.len(), |f| f.continues);
-        if let (true, Ok(done)) = (continues == whole.len(), done) {
+        if let (true, Ok((path, done))) = (continues == whole.len(), done) {
             let mut outbox = Outbox::new();
             let mut kept = Vec::with_capacity(whole.len());
             for (own, t) in done {
@@ -122,6 +167,7 @@ where
             return match commit(tx, outbox, mark).await {
                 Ok(staged) => {
                     remember(&fence, mark);
+                    crate::metrics::batch_handled(consumer, path);
                     staged.publish(&services.js, &client).await;
                     (whole.iter().map(|_| Ok(())).collect(), kept)
                 }
@@ -203,6 +249,7 @@ where
     match commit(tx, outbox, mark).await {
         Ok(staged) => {
             remember(&fence, mark);
+            crate::metrics::batch_handled(consumer, "one_by_one");
             staged.publish(&services.js, &client).await;
             (with_cut(results, &fence, whole.len()), kept)
         }
@@ -272,6 +319,40 @@ where
     }
     out.sort_by_key(|(i, _)| *i);
     Ok(out.into_iter().map(|(_, t)| t).collect())
+}
+
+/// Lookups shared by a batch's messages: the first message that needs a key's value reads it
+/// (in the batch's transaction), the others, in the same lane or another, wait for that read
+/// and take its answer. Settings read once per batch rather than once per message: a batch is
+/// handled as of one moment, and the statements saved were a third of a message's.
+pub struct Memo<K, V> {
+    cells: std::sync::Mutex<std::collections::HashMap<K, Arc<tokio::sync::OnceCell<V>>>>,
+}
+
+impl<K, V> Default for Memo<K, V> {
+    fn default() -> Self {
+        Self {
+            cells: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V: Clone> Memo<K, V> {
+    /// `key`'s value: read by `read` the first time; a failed read is not remembered.
+    pub async fn get<E, F, Fut>(&self, key: K, read: F) -> Result<V, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<V, E>>,
+    {
+        let cell = self
+            .cells
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(read).await.cloned()
+    }
 }
 
 async fn commit(
@@ -475,7 +556,7 @@ pub fn continuing(mark: u64, next: &[u64], sequences: &[u64]) -> (usize, Option<
 
 #[cfg(test)]
 mod tests {
-    use super::{continuing, in_lanes, lanes};
+    use super::{continuing, in_lanes, lanes, Memo};
     use proptest::prelude::*;
 
     #[test]
@@ -553,5 +634,31 @@ mod tests {
         .await;
         assert_eq!(out, Err(vec![1, 2]));
         assert!(!ran.lock().unwrap().contains(&3));
+    }
+
+    #[tokio::test]
+    async fn a_memo_reads_a_key_once_for_concurrent_askers_and_forgets_a_failed_read() {
+        let memo: Memo<&str, u32> = Memo::default();
+        let reads = std::sync::atomic::AtomicU32::new(0);
+        let read = |v: u32| {
+            let reads = &reads;
+            move || async move {
+                reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                Ok::<_, ()>(v)
+            }
+        };
+        let got = futures::future::join_all((0..5).map(|i| memo.get("a", read(i)))).await;
+        // The first asker read; the others, side by side, waited for its answer.
+        assert_eq!(got, vec![Ok(0); 5]);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(memo.get("b", read(7)).await, Ok(7));
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+        // A failed read is not kept: the next asker reads again.
+        assert_eq!(
+            memo.get("c", || async { Err::<u32, _>("down") }).await,
+            Err("down")
+        );
+        assert_eq!(memo.get("c", read(9)).await, Ok(9));
     }
 }

@@ -46,6 +46,13 @@ pub fn delivery_gap(consumer: &'static str, reason: &'static str) {
     counter!("fl_delivery_gaps_total", "consumer" => consumer, "reason" => reason).increment(1);
 }
 
+/// A partition's batch committed (ingest, bot-router): `path` is `set` (set-based statements
+/// for the whole batch), `lanes` (message by message, side by side) or `one_by_one` (with a
+/// savepoint each, after the others failed or declined; README: Scaling out).
+pub fn batch_handled(consumer: &'static str, path: &'static str) {
+    counter!("fl_batches_total", "consumer" => consumer, "path" => path).increment(1);
+}
+
 /// A dispatcher transaction that applied `submissions` hand-ins (batches, timer passes) at once.
 pub fn dispatch_combined(submissions: usize) {
     histogram!("fl_dispatch_combined_submissions").record(submissions as f64);

@@ -20,6 +20,7 @@ pub mod setup;
 mod store;
 pub mod text;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Transaction;
@@ -27,7 +28,7 @@ use firstline_shared::batch;
 use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db::{self, BotSays, Conversation, TenantSettings, Transition};
-use firstline_shared::domain::{ConversationState, SkillSet, TenantId};
+use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
@@ -93,21 +94,32 @@ async fn handle_batch(
     caches: &Caches,
     batch: Vec<Delivered>,
 ) -> Vec<Result<(), HandleError>> {
+    let read = Read {
+        caches,
+        tenants: batch::Memo::default(),
+        channels: batch::Memo::default(),
+    };
     let (results, answered) = batch::in_one_transaction(
         services,
         "bot-router",
         &batch,
-        caches,
+        &read,
         conversation_key,
-        |caches, tx, outbox, m| {
-            Box::pin(async move { handle(tx, caches, outbox, m).await.map(Some) })
-        },
+        |read, tx, outbox, m| Box::pin(async move { handle(tx, read, outbox, m).await.map(Some) }),
     )
     .await;
     for (tenant, source) in answered.into_iter().flatten() {
         metrics::bot_replied(tenant.as_str(), source);
     }
     results
+}
+
+/// What a batch's messages read: the worker's caches, and the settings of the batch's tenants
+/// and channels, read once per batch.
+struct Read<'a> {
+    caches: &'a Caches,
+    tenants: batch::Memo<TenantId, Option<Arc<TenantSettings>>>,
+    channels: batch::Memo<(TenantId, ChannelId), Arc<store::ChannelBot>>,
 }
 
 /// The conversation a bot work message is for: one conversation's messages are answered in
@@ -125,7 +137,7 @@ fn conversation_key(m: &Delivered) -> Option<String> {
 /// answered, for the metrics, when it was answered.
 async fn handle(
     tx: &Transaction<'_>,
-    caches: &Caches,
+    read: &Read<'_>,
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<Option<(TenantId, &'static str)>, HandleError> {
@@ -133,7 +145,13 @@ async fn handle(
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let work: BotWork = wire::decode(&m.payload)?;
     telemetry::record_ids(Some(&tenant), None, Some(&work.conversation_id), None);
-    let Some(settings) = db::tenant_settings(tx, &tenant).await? else {
+    let settings = read
+        .tenants
+        .get(tenant.clone(), || async {
+            Ok::<_, tokio_postgres::Error>(db::tenant_settings(tx, &tenant).await?.map(Arc::new))
+        })
+        .await?;
+    let Some(settings) = settings else {
         return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
     };
     let Some(conversation) = db::conversation_for_update(tx, &tenant, work.conversation_id).await?
@@ -154,7 +172,8 @@ async fn handle(
     }
     let mut turn = Turn {
         tx,
-        caches,
+        caches: read.caches,
+        channels: &read.channels,
         settings: &settings,
         conversation,
         outbox: Outbox::new(),
@@ -181,6 +200,7 @@ async fn handle(
 struct Turn<'a, 't> {
     tx: &'a Transaction<'t>,
     caches: &'a Caches,
+    channels: &'a batch::Memo<(TenantId, ChannelId), Arc<store::ChannelBot>>,
     settings: &'a TenantSettings,
     conversation: Conversation,
     outbox: Outbox,
@@ -191,12 +211,13 @@ struct Turn<'a, 't> {
 
 impl Turn<'_, '_> {
     async fn run(&mut self, work: &BotWork) -> anyhow::Result<()> {
-        let channel = store::channel(
-            self.tx,
-            &self.conversation.tenant,
-            &self.conversation.channel,
-        )
-        .await?;
+        let (tenant, channel) = (&self.conversation.tenant, &self.conversation.channel);
+        let channel = self
+            .channels
+            .get((tenant.clone(), channel.clone()), || async {
+                Ok::<_, anyhow::Error>(Arc::new(store::channel(self.tx, tenant, channel).await?))
+            })
+            .await?;
         let now = chrono::Utc::now();
         let (settings, channel_id) = (self.settings, self.conversation.channel.clone());
         let ctx = Context {
