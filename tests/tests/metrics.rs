@@ -1,5 +1,5 @@
 //! The Prometheus endpoint: after a conversation is offered and accepted and a bad message is
-//! dead-lettered, `/metrics` reports them.
+//! dead-lettered, `/metrics` reports them (and how ingest's batches were handled).
 
 use std::time::Duration;
 
@@ -61,6 +61,9 @@ async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters
         r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#,
         r#"fl_consumer_pending{consumer="ingest-p"#,
         r#"fl_conversations{tenant="t1",state="processing"}"#,
+        // Ingest's batches: set-based, and one at a time for the one with the bad message.
+        r#"fl_batches_total{consumer="ingest",path="set"}"#,
+        r#"fl_batches_total{consumer="ingest",path="one_by_one"}"#,
     ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let body = loop {

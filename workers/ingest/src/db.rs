@@ -1,5 +1,6 @@
 //! The ingest worker's queries.
 
+use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use firstline_shared::db::{self, Conversation, Transition, CONVERSATION_COLUMNS};
 use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
@@ -136,13 +137,7 @@ pub async fn open_conversation(
     if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
         return db::conversation_from_row(&row);
     }
-    let state = if settings.bot_enabled && settings.welcome_flow {
-        ConversationState::Script
-    } else if settings.bot_enabled {
-        ConversationState::Bot
-    } else {
-        ConversationState::Waiting
-    };
+    let state = crate::set::initial_state(settings);
     let id = Uuid::now_v7();
     // New: the row is written here and locked by its insert; what the rest of the handling
     // needs of it is known without reading it back.
@@ -270,4 +265,259 @@ pub async fn store_rating(
         .await?;
     tx.execute(&stmt, &[&conversation, &rating]).await?;
     Ok(())
+}
+
+// Set-based forms of the queries above, for a whole batch at once (`crate::set`).
+
+/// A customer of a batch: who, and the name their messages give last (if any).
+pub struct CustomerKey<'a> {
+    pub tenant: &'a TenantId,
+    pub channel: &'a ChannelId,
+    pub external_id: &'a str,
+    pub name: Option<&'a str>,
+}
+
+/// Finds or creates the batch's customers and locks their rows (as [`upsert_customer`] does
+/// one at a time): the stored customer of each key, in the keys' order. Locks are taken in
+/// the rows' id order. Three statements at most, whatever the batch's size.
+pub async fn upsert_customers(
+    tx: &Transaction<'_>,
+    keys: &[CustomerKey<'_>],
+) -> anyhow::Result<Vec<StoredCustomer>> {
+    let tenants: Vec<&str> = keys.iter().map(|k| k.tenant.as_str()).collect();
+    let channels: Vec<&str> = keys.iter().map(|k| k.channel.as_str()).collect();
+    let externals: Vec<&str> = keys.iter().map(|k| k.external_id).collect();
+    let find = tx
+        .prepare_cached(
+            "SELECT k.i, cu.id, cu.display_name
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(tenant_id, channel_id, external_id, i)
+             JOIN customers cu USING (tenant_id, channel_id, external_id)
+             ORDER BY cu.id FOR UPDATE OF cu",
+        )
+        .await?;
+    let mut found: Vec<Option<StoredCustomer>> = keys.iter().map(|_| None).collect();
+    for row in tx.query(&find, &[&tenants, &channels, &externals]).await? {
+        let i = usize::try_from(row.get::<_, i64>(0) - 1).unwrap_or(usize::MAX);
+        if let Some(slot) = found.get_mut(i) {
+            *slot = Some(StoredCustomer {
+                id: row.get(1),
+                name: row.get(2),
+            });
+        }
+    }
+    // Returning customers whose messages give another name.
+    let (renamed, names): (Vec<Uuid>, Vec<&str>) = keys
+        .iter()
+        .zip(&found)
+        .filter_map(|(k, f)| {
+            let f = f.as_ref()?;
+            let name = k.name?;
+            (f.name.as_deref() != Some(name)).then_some((f.id, name))
+        })
+        .unzip();
+    if !renamed.is_empty() {
+        let rename = tx
+            .prepare_cached(
+                "UPDATE customers cu SET display_name = r.name
+                 FROM unnest($1::uuid[], $2::text[]) AS r(id, name) WHERE cu.id = r.id",
+            )
+            .await?;
+        tx.execute(&rename, &[&renamed, &names]).await?;
+        for (k, f) in keys.iter().zip(found.iter_mut()) {
+            if let (Some(f), Some(name)) = (f.as_mut(), k.name) {
+                f.name = Some(name.to_owned());
+            }
+        }
+    }
+    // New customers.
+    let missing: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+    if !missing.is_empty() {
+        let ids: Vec<Uuid> = missing.iter().map(|_| Uuid::now_v7()).collect();
+        let tenants: Vec<&str> = missing.iter().map(|&i| keys[i].tenant.as_str()).collect();
+        let channels: Vec<&str> = missing.iter().map(|&i| keys[i].channel.as_str()).collect();
+        let externals: Vec<&str> = missing.iter().map(|&i| keys[i].external_id).collect();
+        let names: Vec<Option<&str>> = missing.iter().map(|&i| keys[i].name).collect();
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO customers (id, tenant_id, channel_id, external_id, display_name)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+                 ON CONFLICT (tenant_id, channel_id, external_id)
+                 DO UPDATE SET display_name = coalesce(EXCLUDED.display_name, customers.display_name)
+                 RETURNING id, tenant_id, channel_id, external_id, display_name",
+            )
+            .await?;
+        let rows = tx
+            .query(&insert, &[&ids, &tenants, &channels, &externals, &names])
+            .await?;
+        for row in rows {
+            let (tenant, channel, external): (&str, &str, &str) =
+                (row.get(1), row.get(2), row.get(3));
+            if let Some(&i) = missing.iter().find(|&&i| {
+                keys[i].tenant.as_str() == tenant
+                    && keys[i].channel.as_str() == channel
+                    && keys[i].external_id == external
+            }) {
+                found[i] = Some(StoredCustomer {
+                    id: row.get(0),
+                    name: row.get(4),
+                });
+            }
+        }
+    }
+    found
+        .into_iter()
+        .zip(keys)
+        .map(|(f, k)| {
+            f.ok_or_else(|| {
+                anyhow::anyhow!("customer {:?} neither found nor created", k.external_id)
+            })
+        })
+        .collect()
+}
+
+/// The open conversations of these customers, locked (in their id order): as
+/// [`open_conversation`] finds them, for a whole batch.
+pub async fn open_conversations(
+    tx: &Transaction<'_>,
+    customers: &[Uuid],
+) -> anyhow::Result<Vec<Conversation>> {
+    let find = tx
+        .prepare_cached(&format!(
+            "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+             WHERE c.customer_id = ANY($1) AND c.state <> 'completed' ORDER BY c.id FOR UPDATE OF c"
+        ))
+        .await?;
+    tx.query(&find, &[&customers])
+        .await?
+        .iter()
+        .map(db::conversation_from_row)
+        .collect()
+}
+
+/// A new conversation of a batch: its id and customer.
+pub struct NewConversation {
+    pub id: Uuid,
+    pub customer_id: Uuid,
+}
+
+/// Opens conversations of one channel (as [`open_conversation`] does for a customer without
+/// one) and writes their first history rows. Returns, per conversation in order, when it was
+/// queued and its history row (id, time) for the event.
+#[allow(clippy::type_complexity)]
+pub async fn insert_conversations(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    channel: &ChannelId,
+    state: ConversationState,
+    settings: &ChannelSettings,
+    new: &[NewConversation],
+) -> anyhow::Result<Vec<(Option<DateTime<Utc>>, i64, DateTime<Utc>)>> {
+    let ids: Vec<Uuid> = new.iter().map(|n| n.id).collect();
+    let customers: Vec<Uuid> = new.iter().map(|n| n.customer_id).collect();
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
+             SELECT n.id, $3, $4, n.customer_id, $5, $6, $7,
+                    CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
+                    CASE WHEN $5 = 'waiting' THEN statement_timestamp() END
+             FROM unnest($1::uuid[], $2::uuid[]) AS n(id, customer_id)
+             RETURNING id, queued_at",
+        )
+        .await?;
+    let rows = tx
+        .query(
+            &insert,
+            &[
+                &ids,
+                &customers,
+                &tenant.as_str(),
+                &channel.as_str(),
+                &state.as_str(),
+                &settings.required_skills.to_vec(),
+                &settings.priority,
+            ],
+        )
+        .await?;
+    let queued: std::collections::HashMap<Uuid, Option<DateTime<Utc>>> =
+        rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let history = tx
+        .prepare_cached(
+            "INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
+             SELECT id, NULL, $2, NULL, 'new_conversation' FROM unnest($1::uuid[]) WITH ORDINALITY AS n(id, i)
+             ORDER BY i
+             RETURNING conversation_id, id, at",
+        )
+        .await?;
+    let recorded: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = tx
+        .query(&history, &[&ids, &state.as_str()])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    ids.iter()
+        .map(|id| {
+            let (transition, at) = *recorded
+                .get(id)
+                .ok_or_else(|| anyhow::anyhow!("no history row for new conversation {id}"))?;
+            Ok((queued.get(id).copied().flatten(), transition, at))
+        })
+        .collect()
+}
+
+/// A customer message of a batch, to store.
+pub struct NewMessage<'a> {
+    pub id: Uuid,
+    pub conversation: &'a Conversation,
+    pub inbound: &'a InboundMessage,
+    pub routed_to: &'static str,
+}
+
+/// Stores a batch's customer messages in their order (as [`insert_customer_message`] does,
+/// `created_at` the time of each row's insert). Returns how many were new: fewer than given
+/// when one was stored already (a duplicate).
+pub async fn insert_customer_messages(
+    tx: &Transaction<'_>,
+    messages: &[NewMessage<'_>],
+) -> Result<u64, tokio_postgres::Error> {
+    let ids: Vec<Uuid> = messages.iter().map(|m| m.id).collect();
+    let tenants: Vec<&str> = messages
+        .iter()
+        .map(|m| m.conversation.tenant.as_str())
+        .collect();
+    let channels: Vec<&str> = messages
+        .iter()
+        .map(|m| m.conversation.channel.as_str())
+        .collect();
+    let conversations: Vec<Uuid> = messages.iter().map(|m| m.conversation.id).collect();
+    let externals: Vec<&str> = messages
+        .iter()
+        .map(|m| m.inbound.message_id.as_str())
+        .collect();
+    let bodies: Vec<&str> = messages.iter().map(|m| m.inbound.text.as_str()).collect();
+    let routes: Vec<&str> = messages.iter().map(|m| m.routed_to).collect();
+    let sent: Vec<Option<DateTime<Utc>>> = messages.iter().map(|m| m.inbound.sent_at).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, routed_to, sent_at, created_at)
+             SELECT id, tenant_id, channel_id, conversation_id, external_id, 'customer', body, routed_to, sent_at, clock_timestamp()
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[], $8::timestamptz[])
+                  WITH ORDINALITY AS m(id, tenant_id, channel_id, conversation_id, external_id, body, routed_to, sent_at, i)
+             ORDER BY i
+             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids,
+            &tenants,
+            &channels,
+            &conversations,
+            &externals,
+            &bodies,
+            &routes,
+            &sent,
+        ],
+    )
+    .await
 }

@@ -12,12 +12,15 @@
 //! | `processing` | to the serving agent, through the notifier |
 
 mod db;
+mod set;
+
+use std::sync::Arc;
 
 use firstline_shared::batch;
 use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db as shared_db;
-use firstline_shared::domain::ConversationState;
+use firstline_shared::domain::{ChannelId, ConversationState, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{
     self, AgentNotification, BotWork, Delivery, InboundMessage, NotificationKind, Version,
@@ -92,17 +95,24 @@ impl Route {
 /// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
 /// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let (results, _) = batch::in_one_transaction(
+    let channels = Channels::default();
+    let (results, _) = batch::in_one_transaction_with(
         services,
         "ingest",
         &batch,
-        &(),
+        &channels,
         customer_key,
-        |_, tx, outbox, m| Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) }),
+        Some(set::handle_whole),
+        |channels, tx, outbox, m| {
+            Box::pin(async move { Ok(handle(tx, channels, outbox, m).await?.then_some(())) })
+        },
     )
     .await;
     results
 }
+
+/// The settings of the channels a batch's messages came on, read once per batch.
+type Channels = batch::Memo<(TenantId, ChannelId), Option<Arc<db::ChannelSettings>>>;
 
 /// The customer a message is from (its subject names the tenant and channel): one customer's
 /// messages are handled in order, different customers' side by side.
@@ -125,6 +135,7 @@ fn customer_key(m: &Delivered) -> Option<String> {
 /// nothing to keep (a duplicate), roll the savepoint back.
 async fn handle(
     tx: &deadpool_postgres::Transaction<'_>,
+    channels: &Channels,
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<bool, HandleError> {
@@ -138,7 +149,12 @@ async fn handle(
     }
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
-    let Some(channel_settings) = db::channel(tx, &tenant, &channel).await? else {
+    let channel_settings = channels
+        .get((tenant.clone(), channel.clone()), || async {
+            Ok::<_, tokio_postgres::Error>(db::channel(tx, &tenant, &channel).await?.map(Arc::new))
+        })
+        .await?;
+    let Some(channel_settings) = channel_settings else {
         return Err(HandleError::poison(format!(
             "unknown channel {channel:?} of tenant {tenant:?}: configure it, then replay this dead letter"
         )));
@@ -200,9 +216,24 @@ async fn handle(
         );
         return Ok(false);
     }
+    route_output(outbox, &conversation, route, message_id, &inbound)?;
+    tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
+    Ok(true)
+}
+
+/// Stages what a stored customer message is routed to: the bot-router's work, nothing (it
+/// waits in the transcript), or the serving agent's notification.
+fn route_output(
+    outbox: &mut Outbox,
+    conversation: &shared_db::Conversation,
+    route: Route,
+    message_id: Uuid,
+    inbound: &InboundMessage,
+) -> anyhow::Result<()> {
+    let (tenant, channel) = (&conversation.tenant, &conversation.channel);
     match route {
         Route::Bot => outbox.push(
-            subjects::bot(&tenant, &channel),
+            subjects::bot(tenant, channel),
             format!("bot:{message_id}"),
             &BotWork {
                 version: Version,
@@ -220,7 +251,7 @@ async fn handle(
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("processing conversation without agent"))?;
             outbox.push(
-                subjects::delivery(&tenant, "agent"),
+                subjects::delivery(tenant, "agent"),
                 format!("delivery:{message_id}"),
                 &Delivery::ToAgent {
                     version: Version,
@@ -240,8 +271,7 @@ async fn handle(
             );
         }
     }
-    tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
-    Ok(true)
+    Ok(())
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {
