@@ -905,9 +905,14 @@ where
 /// `<prefix>-p<N> <subject>`), child of the trace its publisher started.
 pub fn message_span(prefix: &str, m: &Delivered) -> tracing::Span {
     let partition = m.subject.rsplit('.').next().unwrap_or("");
+    named_message_span(format!("{prefix}-p{partition} {}", m.subject), m)
+}
+
+/// A span named `name` for one message of a batch, child of the trace its publisher started.
+pub fn named_message_span(name: String, m: &Delivered) -> tracing::Span {
     let span = tracing::info_span!(
         "handle",
-        otel.name = %format!("{prefix}-p{partition} {}", m.subject),
+        otel.name = %name,
         subject = %m.subject,
         stream_sequence = m.stream_sequence,
         delivered = m.delivered,

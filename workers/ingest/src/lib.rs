@@ -139,14 +139,7 @@ async fn handle(
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<bool, HandleError> {
-    let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(HandleError::Poison)?;
-    let inbound: InboundMessage = wire::decode(&m.payload)?;
-    if inbound.message_id.trim().is_empty() {
-        return Err(HandleError::poison("inbound-message: message_id is empty"));
-    }
-    if inbound.customer.id.trim().is_empty() {
-        return Err(HandleError::poison("inbound-message: customer.id is empty"));
-    }
+    let (tenant, channel, inbound) = decode(m)?;
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
     let channel_settings = channels
@@ -219,6 +212,20 @@ async fn handle(
     route_output(outbox, &conversation, route, message_id, &inbound)?;
     tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
     Ok(true)
+}
+
+/// An inbound message's tenant and channel (from its subject) and body; poison when any is
+/// malformed or the body lacks a message or customer id.
+fn decode(m: &Delivered) -> Result<(TenantId, ChannelId, InboundMessage), HandleError> {
+    let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(HandleError::Poison)?;
+    let inbound: InboundMessage = wire::decode(&m.payload)?;
+    if inbound.message_id.trim().is_empty() {
+        return Err(HandleError::poison("inbound-message: message_id is empty"));
+    }
+    if inbound.customer.id.trim().is_empty() {
+        return Err(HandleError::poison("inbound-message: customer.id is empty"));
+    }
+    Ok((tenant, channel, inbound))
 }
 
 /// Stages what a stored customer message is routed to: the bot-router's work, nothing (it

@@ -16,8 +16,8 @@ use firstline_shared::bus::{self, Delivered};
 use firstline_shared::db::{self as shared_db, Conversation, Transition};
 use firstline_shared::domain::{ChannelId, ConversationState, TenantId};
 use firstline_shared::outbox::Outbox;
-use firstline_shared::wire::{self, CustomerRef, InboundMessage};
-use firstline_shared::{subjects, telemetry};
+use firstline_shared::telemetry;
+use firstline_shared::wire::{CustomerRef, InboundMessage};
 use uuid::Uuid;
 
 use crate::db::{self, CustomerKey, NewConversation, NewMessage};
@@ -202,14 +202,9 @@ async fn handle(
     Ok(Some(out))
 }
 
-/// Decodes a message as `crate::handle` does (which says why one is poison).
+/// Decodes a message as `crate::handle` does (a poison one fails the batch over to it).
 fn parse(m: &Delivered) -> anyhow::Result<Parsed<'_>> {
-    let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(anyhow::Error::msg)?;
-    let inbound: InboundMessage = wire::decode(&m.payload).map_err(|e| anyhow::anyhow!("{e}"))?;
-    anyhow::ensure!(
-        !inbound.message_id.trim().is_empty() && !inbound.customer.id.trim().is_empty(),
-        "inbound-message without message_id or customer.id"
-    );
+    let (tenant, channel, inbound) = crate::decode(m).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Parsed {
         m,
         tenant,

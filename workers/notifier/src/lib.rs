@@ -69,18 +69,7 @@ async fn deliver_all(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(
     let prepared: Vec<Result<bus::Outgoing, HandleError>> = batch
         .iter()
         .map(|m| {
-            let span = tracing::info_span!(
-                "deliver",
-                otel.name = %format!("notifier {}", m.subject),
-                subject = %m.subject,
-                stream_sequence = m.stream_sequence,
-                tenant = tracing::field::Empty,
-                channel = tracing::field::Empty,
-                conversation = tracing::field::Empty,
-                agent = tracing::field::Empty,
-                trace_id = tracing::field::Empty,
-            );
-            telemetry::set_parent_from(&span, m.headers.as_ref());
+            let span = bus::named_message_span(format!("notifier {}", m.subject), m);
             span.in_scope(|| outgoing(m))
         })
         .collect();
