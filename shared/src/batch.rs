@@ -57,36 +57,6 @@ where
     K: Fn(&Delivered) -> Option<String>,
     H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
 {
-    in_one_transaction_with(services, consumer, batch, ctx, key, None, handle).await
-}
-
-/// What handling a whole batch at once gives: `Ok(Some(outputs))`, each message's outbox and
-/// `T` in the batch's order; `Ok(None)`: declined before writing anything (the batch is
-/// handled message by message instead, in the same transaction); `Err`: roll back, and
-/// handle message by message with savepoints (as after any failure of the fast path).
-pub type Whole<'a, T> = BoxFuture<'a, anyhow::Result<Option<Vec<(Outbox, T)>>>>;
-
-/// Handles a whole batch with set-based statements (one statement for all its messages
-/// rather than one per message); see [`Whole`].
-pub type WholeFn<C, T> = for<'a> fn(&'a C, &'a Transaction<'a>, &'a [Delivered]) -> Whole<'a, T>;
-
-/// [`in_one_transaction`], with the fast path tried first with `whole` (when given): the
-/// batch handled by set-based statements. The message-by-message `handle` still decides
-/// whatever `whole` declines or fails on.
-pub async fn in_one_transaction_with<C, T, K, H>(
-    services: &Services,
-    consumer: &'static str,
-    batch: &[Delivered],
-    ctx: &C,
-    key: K,
-    whole_fn: Option<WholeFn<C, T>>,
-    handle: H,
-) -> (Vec<Result<(), HandleError>>, Vec<T>)
-where
-    C: ?Sized,
-    K: Fn(&Delivered) -> Option<String>,
-    H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
-{
     let all_failed = |e: &dyn std::fmt::Display| {
         let results = batch
             .iter()
@@ -125,17 +95,6 @@ where
             }
         };
         let handling = async {
-            if let Some(whole_fn) = whole_fn {
-                match whole_fn(ctx, tx_ref, whole).await {
-                    Ok(Some(done)) if done.len() == whole.len() => return Ok(("set", done)),
-                    Ok(Some(_)) => return Err(vec![()]),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::debug!(consumer, "batch handled one message at a time: {e:#}");
-                        return Err(vec![()]);
-                    }
-                }
-            }
             in_lanes(lanes(whole, &key), |i| async move {
                 let m = &whole[i];
                 let mut own = Outbox::new();

@@ -46,9 +46,9 @@ pub fn delivery_gap(consumer: &'static str, reason: &'static str) {
     counter!("fl_delivery_gaps_total", "consumer" => consumer, "reason" => reason).increment(1);
 }
 
-/// A partition's batch committed (ingest, bot-router): `path` is `set` (set-based statements
-/// for the whole batch), `lanes` (message by message, side by side) or `one_by_one` (with a
-/// savepoint each, after the others failed or declined; README: Scaling out).
+/// A partition's batch committed (ingest, bot-router): `path` is `lanes` (its messages side by
+/// side, no savepoints) or `one_by_one` (with a savepoint each, after the lanes failed; README:
+/// Scaling out).
 pub fn batch_handled(consumer: &'static str, path: &'static str) {
     counter!("fl_batches_total", "consumer" => consumer, "path" => path).increment(1);
 }

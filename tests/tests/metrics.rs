@@ -61,8 +61,8 @@ async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters
         r#"fl_offer_to_accept_seconds_count{tenant="t1"}"#,
         r#"fl_consumer_pending{consumer="ingest-p"#,
         r#"fl_conversations{tenant="t1",state="processing"}"#,
-        // Ingest's batches: set-based, and one at a time for the one with the bad message.
-        r#"fl_batches_total{consumer="ingest",path="set"}"#,
+        // Ingest's batches: side by side, and one at a time for the one with the bad message.
+        r#"fl_batches_total{consumer="ingest",path="lanes"}"#,
         r#"fl_batches_total{consumer="ingest",path="one_by_one"}"#,
     ];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

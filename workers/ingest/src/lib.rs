@@ -12,15 +12,12 @@
 //! | `processing` | to the serving agent, through the notifier |
 
 mod db;
-mod set;
-
-use std::sync::Arc;
 
 use firstline_shared::batch;
 use firstline_shared::bus::{self, Delivered};
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db as shared_db;
-use firstline_shared::domain::{ChannelId, ConversationState, TenantId};
+use firstline_shared::domain::ConversationState;
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{
     self, AgentNotification, BotWork, Delivery, InboundMessage, NotificationKind, Version,
@@ -95,24 +92,17 @@ impl Route {
 /// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
 /// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let channels = Channels::default();
-    let (results, _) = batch::in_one_transaction_with(
+    let (results, _) = batch::in_one_transaction(
         services,
         "ingest",
         &batch,
-        &channels,
+        &(),
         customer_key,
-        Some(set::handle_whole),
-        |channels, tx, outbox, m| {
-            Box::pin(async move { Ok(handle(tx, channels, outbox, m).await?.then_some(())) })
-        },
+        |_, tx, outbox, m| Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) }),
     )
     .await;
     results
 }
-
-/// The settings of the channels a batch's messages came on, read once per batch.
-type Channels = batch::Memo<(TenantId, ChannelId), Option<Arc<db::ChannelSettings>>>;
 
 /// The customer a message is from (its subject names the tenant and channel): one customer's
 /// messages are handled in order, different customers' side by side.
@@ -135,19 +125,20 @@ fn customer_key(m: &Delivered) -> Option<String> {
 /// nothing to keep (a duplicate), roll the savepoint back.
 async fn handle(
     tx: &deadpool_postgres::Transaction<'_>,
-    channels: &Channels,
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<bool, HandleError> {
-    let (tenant, channel, inbound) = decode(m)?;
+    let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(HandleError::Poison)?;
+    let inbound: InboundMessage = wire::decode(&m.payload)?;
+    if inbound.message_id.trim().is_empty() {
+        return Err(HandleError::poison("inbound-message: message_id is empty"));
+    }
+    if inbound.customer.id.trim().is_empty() {
+        return Err(HandleError::poison("inbound-message: customer.id is empty"));
+    }
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
-    let channel_settings = channels
-        .get((tenant.clone(), channel.clone()), || async {
-            Ok::<_, tokio_postgres::Error>(db::channel(tx, &tenant, &channel).await?.map(Arc::new))
-        })
-        .await?;
-    let Some(channel_settings) = channel_settings else {
+    let Some(channel_settings) = db::channel(tx, &tenant, &channel).await? else {
         return Err(HandleError::poison(format!(
             "unknown channel {channel:?} of tenant {tenant:?}: configure it, then replay this dead letter"
         )));
@@ -209,38 +200,9 @@ async fn handle(
         );
         return Ok(false);
     }
-    route_output(outbox, &conversation, route, message_id, &inbound)?;
-    tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
-    Ok(true)
-}
-
-/// An inbound message's tenant and channel (from its subject) and body; poison when any is
-/// malformed or the body lacks a message or customer id.
-fn decode(m: &Delivered) -> Result<(TenantId, ChannelId, InboundMessage), HandleError> {
-    let (tenant, channel) = subjects::parse_inbound(&m.subject).map_err(HandleError::Poison)?;
-    let inbound: InboundMessage = wire::decode(&m.payload)?;
-    if inbound.message_id.trim().is_empty() {
-        return Err(HandleError::poison("inbound-message: message_id is empty"));
-    }
-    if inbound.customer.id.trim().is_empty() {
-        return Err(HandleError::poison("inbound-message: customer.id is empty"));
-    }
-    Ok((tenant, channel, inbound))
-}
-
-/// Stages what a stored customer message is routed to: the bot-router's work, nothing (it
-/// waits in the transcript), or the serving agent's notification.
-fn route_output(
-    outbox: &mut Outbox,
-    conversation: &shared_db::Conversation,
-    route: Route,
-    message_id: Uuid,
-    inbound: &InboundMessage,
-) -> anyhow::Result<()> {
-    let (tenant, channel) = (&conversation.tenant, &conversation.channel);
     match route {
         Route::Bot => outbox.push(
-            subjects::bot(tenant, channel),
+            subjects::bot(&tenant, &channel),
             format!("bot:{message_id}"),
             &BotWork {
                 version: Version,
@@ -258,7 +220,7 @@ fn route_output(
                 .clone()
                 .ok_or_else(|| anyhow::anyhow!("processing conversation without agent"))?;
             outbox.push(
-                subjects::delivery(tenant, "agent"),
+                subjects::delivery(&tenant, "agent"),
                 format!("delivery:{message_id}"),
                 &Delivery::ToAgent {
                     version: Version,
@@ -278,7 +240,8 @@ fn route_output(
             );
         }
     }
-    Ok(())
+    tracing::debug!(conversation = %conversation.id, route = route.as_str(), "inbound stored");
+    Ok(true)
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {
