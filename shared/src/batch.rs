@@ -94,19 +94,15 @@ where
                 None => None,
             }
         };
-        let handling = async {
-            in_lanes(lanes(whole, &key), |i| async move {
-                let m = &whole[i];
-                let mut own = Outbox::new();
-                let span = bus::message_span(consumer, m);
-                match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
-                    Ok(Some(t)) => Ok((own, t)),
-                    _ => Err(()),
-                }
-            })
-            .await
-            .map(|done| ("lanes", done))
-        };
+        let handling = in_lanes(lanes(whole, &key), |i| async move {
+            let m = &whole[i];
+            let mut own = Outbox::new();
+            let span = bus::message_span(consumer, m);
+            match handle(ctx, tx_ref, &mut own, m).instrument(span).await {
+                Ok(Some(t)) => Ok((own, t)),
+                _ => Err(()),
+            }
+        });
         // `futures::join!` polls in the order given: the lock is sent before the batch.
         let (checked, done) = futures::join!(checking, handling);
         match checked {
@@ -115,7 +111,7 @@ where
             None => {}
         }
         let continues = fence.as_ref().map_or(whole.len(), |f| f.continues);
-        if let (true, Ok((path, done))) = (continues == whole.len(), done) {
+        if let (true, Ok(done)) = (continues == whole.len(), done) {
             let mut outbox = Outbox::new();
             let mut kept = Vec::with_capacity(whole.len());
             for (own, t) in done {
@@ -126,7 +122,7 @@ where
             return match commit(tx, outbox, mark).await {
                 Ok(staged) => {
                     remember(&fence, mark);
-                    crate::metrics::batch_handled(consumer, path);
+                    crate::metrics::batch_handled(consumer, "lanes");
                     staged.publish(&services.js, &client).await;
                     (whole.iter().map(|_| Ok(())).collect(), kept)
                 }
