@@ -119,8 +119,11 @@ async fn handle_batch(
 struct Read<'a> {
     caches: &'a Caches,
     tenants: batch::Memo<TenantId, Option<Arc<TenantSettings>>>,
-    channels: batch::Memo<(TenantId, ChannelId), Arc<store::ChannelBot>>,
+    channels: Channels,
 }
+
+/// The settings of a batch's channels, read once per batch.
+type Channels = batch::Memo<(TenantId, ChannelId), Arc<store::ChannelBot>>;
 
 /// The conversation a bot work message is for: one conversation's messages are answered in
 /// order, different conversations' side by side.
@@ -200,7 +203,7 @@ async fn handle(
 struct Turn<'a, 't> {
     tx: &'a Transaction<'t>,
     caches: &'a Caches,
-    channels: &'a batch::Memo<(TenantId, ChannelId), Arc<store::ChannelBot>>,
+    channels: &'a Channels,
     settings: &'a TenantSettings,
     conversation: Conversation,
     outbox: Outbox,

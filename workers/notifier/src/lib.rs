@@ -66,16 +66,13 @@ const DELIVERY_BATCH: usize = 256;
 /// their order: one connection's publishes are stored in the order sent. A delivery that
 /// does not decode is poison alone; one whose publish fails is retried alone.
 async fn deliver_all(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let prepared: Vec<Result<bus::Outgoing, HandleError>> = batch
+    let mut ready = Vec::with_capacity(batch.len());
+    let prepared: Vec<Result<(), HandleError>> = batch
         .iter()
         .map(|m| {
             let span = bus::named_message_span(format!("notifier {}", m.subject), m);
-            span.in_scope(|| outgoing(m))
+            span.in_scope(|| outgoing(m)).map(|o| ready.push(o))
         })
-        .collect();
-    let ready: Vec<bus::Outgoing> = prepared
-        .iter()
-        .filter_map(|p| p.as_ref().ok().cloned())
         .collect();
     let mut published = bus::publish_all(&services.js, &ready).await.into_iter();
     prepared
