@@ -353,6 +353,15 @@ async fn run() {
         .configure(&db.url)
         .await
         .expect("configure the load tenants");
+    // A desk that has been running: plans and index sizes of real tables (README).
+    let history = env_f64("FL_BENCH_HISTORY", 20_000.0) as usize;
+    let h = firstline::history::seed(&db.url, &sample, history)
+        .await
+        .expect("seed the history");
+    println!(
+        "history: {} completed conversations ({history} per tenant), {} messages, {} offers, written in {:.1} s",
+        h.conversations, h.messages, h.offers, h.seconds
+    );
     let mut config = CommonConfig::new(&nats.url, &db.url);
     // Batched partitions, the default (README: Scaling out); FL_PARTITION_BATCH=1 to compare.
     config.partition_batch = env_f64("FL_PARTITION_BATCH", 64.0) as usize;

@@ -57,6 +57,74 @@ async fn every_message_the_load_generator_sends_is_handled() {
     assert_eq!(offered as u64, report.handover_sent + report.direct_sent);
 }
 
+/// `firstline load --history`: a desk's past written before the load (README, Load
+/// generator). Each past conversation is whole (customer, transitions from the first state to
+/// `completed`, messages, its accepted offer, the tables analyzed), and the load on top of it
+/// is served as on an empty desk: the past's customers are not the load's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_is_served_on_top_of_a_desks_history() {
+    let opts = LoadOptions {
+        rate: 50.0,
+        duration: Duration::from_secs(2),
+        tenants: 2,
+        channels: 1,
+        customers: 20,
+        agents: 5,
+        accept_delay: Duration::from_millis(50),
+        close_after: Duration::from_millis(100),
+        progress: None,
+        drain: Duration::from_secs(30),
+        prefix: "hist".into(),
+        ..LoadOptions::default()
+    };
+    let app = TestApp::spawn(&opts.setup_json()).await;
+    let seeded = firstline::history::seed(&app.config.database_url, &opts, 300)
+        .await
+        .expect("history");
+    assert_eq!(seeded.conversations, 600);
+    assert_eq!(seeded.offers, 600);
+    // Bot channels: customer, hand-over reply, agent; the others: customer, agent.
+    assert_eq!(seeded.messages, 600 * 3 - 300);
+    let q = |sql: &'static str| count(&app.pg, sql, &[]);
+    assert_eq!(
+        q("SELECT count(*) FROM conversations WHERE state = 'completed'").await,
+        600
+    );
+    // Every past conversation's history starts at its first state and ends completed, its
+    // offer accepted by the agent who served it.
+    assert_eq!(
+        q("SELECT count(*) FROM conversations c
+           WHERE (SELECT array_agg(t.to_state ORDER BY t.at) FROM conversation_transitions t
+                   WHERE t.conversation_id = c.id)
+                 = CASE WHEN c.channel_id LIKE 'b%'
+                        THEN ARRAY['bot', 'waiting', 'assigning', 'processing', 'completed']
+                        ELSE ARRAY['waiting', 'assigning', 'processing', 'completed'] END
+             AND EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id
+                          AND o.status = 'accepted' AND o.agent_id = c.agent_id)")
+        .await,
+        600
+    );
+    assert!(
+        q("SELECT coalesce(max(reltuples), 0)::bigint FROM pg_class WHERE relname = 'offers'")
+            .await
+            >= 600,
+        "the tables are analyzed"
+    );
+
+    let report = load::run(app.client.clone(), &opts, Default::default())
+        .await
+        .expect("load run");
+    assert_eq!(report.send_errors, 0);
+    assert_eq!(report.unanswered_replies, 0);
+    assert_eq!(report.unanswered_offers, 0);
+    assert_eq!(report.answered, report.sent);
+    let new_offers = q("SELECT count(*) FROM offers WHERE status <> 'accepted' OR created_at > now() - interval '10 min'").await;
+    assert!(
+        new_offers as u64 >= report.handover_sent + report.direct_sent,
+        "the load's conversations offered"
+    );
+}
+
 const SETUP: &str = r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enabled":false}]}]}"#;
 
 /// A backlog published before ingest starts, so that partitions hand over full batches.

@@ -5,6 +5,7 @@
 
 pub mod dead_letters;
 pub mod demo;
+pub mod history;
 pub mod load;
 pub mod nats_config;
 pub mod setup;

@@ -183,6 +183,10 @@ struct LoadArgs {
     /// Tenant id prefix.
     #[arg(long, default_value = "load")]
     prefix: String,
+    /// First write this many completed conversations per tenant (a desk's past: realistic
+    /// table sizes and query plans; README, Load generator).
+    #[arg(long, default_value_t = 0)]
+    history: usize,
     /// Also run every worker in this process (otherwise they must be running).
     #[arg(long)]
     with_workers: bool,
@@ -434,6 +438,13 @@ async fn run_load(
     firstline_shared::db::create_database_if_missing(&common.database_url).await?;
     firstline_shared::db::migrate(&common.database_url).await?;
     options.configure(&common.database_url).await?;
+    if args.history > 0 {
+        let h = firstline::history::seed(&common.database_url, &options, args.history).await?;
+        println!(
+            "history: {} conversations, {} messages, {} offers written in {:.1} s",
+            h.conversations, h.messages, h.offers, h.seconds
+        );
+    }
     let workers = args.with_workers.then(|| {
         let stop = shutdown.child_token();
         (
