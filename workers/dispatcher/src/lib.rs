@@ -206,9 +206,15 @@ impl Dispatcher {
         if let [(tenant, _)] = groups.as_slice() {
             telemetry::record_ids(Some(tenant), None, None, None);
         }
-        for (tenant, events) in groups {
+        // Each tenant's transaction holds only its own lock: the tenants of a batch are
+        // applied side by side, not one after the other.
+        let outcomes = futures::future::join_all(groups.into_iter().map(|(tenant, events)| {
             let (indexes, events): (Vec<usize>, Vec<Event>) = events.into_iter().unzip();
-            if let Err(e) = self.apply_and_pass(&tenant, events).await {
+            async move { (indexes, self.apply_and_pass(&tenant, events).await) }
+        }))
+        .await;
+        for (indexes, outcome) in outcomes {
+            if let Err(e) = outcome {
                 for i in indexes {
                     results[i] = Err(e.for_another());
                 }
