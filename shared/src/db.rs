@@ -115,20 +115,22 @@ pub struct TenantSettings {
     pub kb_min_score: f64,
     /// Moves with every change of keyword rules, articles or published flows.
     pub bot_config_version: i64,
+    /// The dispatcher's: `assigning` conversations without an open offer may exist (V6).
+    pub orphans_possible: bool,
 }
 
 pub async fn tenant_settings(
     client: &impl deadpool_postgres::GenericClient,
     tenant: &TenantId,
 ) -> Result<Option<TenantSettings>, tokio_postgres::Error> {
-    let row = client
-        .query_opt(
+    let stmt = client
+        .prepare_cached(
             "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply,
-                    kb_min_score, bot_config_version
+                    kb_min_score, bot_config_version, orphans_possible
              FROM tenants WHERE id = $1",
-            &[&tenant.as_str()],
         )
         .await?;
+    let row = client.query_opt(&stmt, &[&tenant.as_str()]).await?;
     Ok(row.map(|r| TenantSettings {
         id: tenant.clone(),
         dispatch_cycle_seconds: r.get(0),
@@ -138,6 +140,7 @@ pub async fn tenant_settings(
         handover_reply: r.get(4),
         kb_min_score: f64::from(r.get::<_, f32>(5)),
         bot_config_version: r.get(6),
+        orphans_possible: r.get(7),
     }))
 }
 

@@ -236,6 +236,20 @@ pub async fn orphaned_assigning(
         .collect()
 }
 
+/// Marks whether the tenant may have orphaned `assigning` conversations (V6); written only
+/// when it changes.
+pub async fn set_orphans_possible(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    possible: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached("UPDATE tenants SET orphans_possible = $2 WHERE id = $1")
+        .await?;
+    tx.execute(&stmt, &[&tenant.as_str(), &possible]).await?;
+    Ok(())
+}
+
 /// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
 /// `conversations_waiting_by_skills`, one index probe per group, whatever the queue's length.
 pub async fn waiting_groups(

@@ -731,9 +731,17 @@ pub async fn pass(
     }
     metrics::offers_expired(tenant.as_str(), report.expired);
     let offer_limit = settings.offer_limit.max(1) as u32;
+    // Orphans (assigning, no open offer: D7) come only from expiries; looked for while the
+    // tenant may have some (V6), and the mark kept for the next pass while some are left.
+    let orphans_possible = settings.orphans_possible || report.expired > 0;
+    let mut orphans_left = orphans_possible;
     let mut agents = db::ready_agents(tx, tenant).await?;
     if agents.iter().any(|a| a.free_slots(offer_limit) > 0) {
-        let mut orphans = db::orphaned_assigning(tx, tenant).await?;
+        let mut orphans = match orphans_possible {
+            true => db::orphaned_assigning(tx, tenant).await?,
+            false => Vec::new(),
+        };
+        let mut unplaced: HashSet<Uuid> = orphans.iter().map(|c| c.conversation_id).collect();
         let groups = db::waiting_groups(tx, tenant).await?;
         let mut read: HashMap<&SkillSet, i64> = HashMap::new();
         let mut exhausted: HashSet<&SkillSet> = HashSet::new();
@@ -787,8 +795,13 @@ pub async fn pass(
             db::write_offers(tx, tenant, settings.dispatch_cycle_seconds, &planned_all).await?
         {
             report.offered += 1;
+            unplaced.remove(&offered.conversation.id);
             stage_offer(outbox, offered);
         }
+        orphans_left = !unplaced.is_empty();
+    }
+    if orphans_left != settings.orphans_possible {
+        db::set_orphans_possible(tx, tenant, orphans_left).await?;
     }
     report.next_deadline = db::next_deadline(tx, tenant).await?;
     Ok(report)
