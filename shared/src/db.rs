@@ -119,17 +119,16 @@ pub struct TenantSettings {
     pub orphans_possible: bool,
 }
 
+pub const TENANT_SETTINGS: &str =
+    "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply,
+            kb_min_score, bot_config_version, orphans_possible
+     FROM tenants WHERE id = $1";
+
 pub async fn tenant_settings(
     client: &impl deadpool_postgres::GenericClient,
     tenant: &TenantId,
 ) -> Result<Option<TenantSettings>, tokio_postgres::Error> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply, handover_reply,
-                    kb_min_score, bot_config_version, orphans_possible
-             FROM tenants WHERE id = $1",
-        )
-        .await?;
+    let stmt = client.prepare_cached(TENANT_SETTINGS).await?;
     let row = client.query_opt(&stmt, &[&tenant.as_str()]).await?;
     Ok(row.map(|r| TenantSettings {
         id: tenant.clone(),

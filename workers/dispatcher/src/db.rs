@@ -10,15 +10,37 @@ use uuid::Uuid;
 
 use crate::plan::{AgentLoad, Candidate, PlannedOffer};
 
+const LOCK_TENANT: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7254460002))";
+
+/// Prepares (in one round trip, and only once per connection) the statements a transaction
+/// and its pass send together: the lock with the settings read, then the expiry with the
+/// reads of the agents, orphans and queue groups. Once prepared, a statement goes out when
+/// its future is first polled, so `futures::join!` sends them in its order, and the
+/// connection runs them in that order: the expiry before the counts and orphans that depend
+/// on it, the lock before anything else.
+pub async fn prepare_pipelined(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    futures::future::try_join_all(
+        [
+            LOCK_TENANT,
+            firstline_shared::db::TENANT_SETTINGS,
+            EXPIRE_DUE_OFFERS,
+            READY_AGENTS,
+            ORPHANED_ASSIGNING,
+            WAITING_GROUPS,
+        ]
+        .map(|sql| tx.prepare_cached(sql)),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// DESIGN.md: one writer per tenant. Held until the transaction ends; other tenants
 /// dispatch in parallel on other connections or instances.
 pub async fn lock_tenant(
     tx: &Transaction<'_>,
     tenant: &TenantId,
 ) -> Result<(), tokio_postgres::Error> {
-    let stmt = tx
-        .prepare_cached("SELECT pg_advisory_xact_lock(hashtextextended($1, 7254460002))")
-        .await?;
+    let stmt = tx.prepare_cached(LOCK_TENANT).await?;
     tx.execute(&stmt, &[&tenant.as_str()]).await?;
     Ok(())
 }
@@ -69,20 +91,25 @@ pub async fn apply_presence(
     Ok(!rows.is_empty())
 }
 
-/// The open offer of `conversation` to `agent`, if any, with when it was made.
-pub async fn open_offer(
+/// Ends the open offer of `conversation` to `agent` as `status` (`accepted`, `declined`)
+/// and returns it with when it was made; `None` if there is none. One statement: it is sent
+/// together with the conversation's lock (both are answered in order).
+pub async fn end_open_offer(
     tx: &Transaction<'_>,
     conversation: Uuid,
     agent: &AgentId,
+    status: &str,
+    reason: &str,
 ) -> Result<Option<(Uuid, DateTime<Utc>)>, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "SELECT id, created_at FROM offers
-             WHERE conversation_id = $1 AND agent_id = $2 AND status = 'open' FOR UPDATE",
+            "UPDATE offers SET status = $3, ended_at = statement_timestamp(), end_reason = $4
+             WHERE conversation_id = $1 AND agent_id = $2 AND status = 'open'
+             RETURNING id, created_at",
         )
         .await?;
     Ok(tx
-        .query_opt(&stmt, &[&conversation, &agent.as_str()])
+        .query_opt(&stmt, &[&conversation, &agent.as_str(), &status, &reason])
         .await?
         .map(|r| (r.get(0), r.get(1))))
 }
@@ -102,23 +129,6 @@ pub async fn conversation_counts(
         .collect())
 }
 
-/// Ends an open offer: `accepted`, `declined`, `expired` or `revoked`.
-pub async fn end_offer(
-    tx: &Transaction<'_>,
-    offer: Uuid,
-    status: &str,
-    reason: &str,
-) -> Result<(), tokio_postgres::Error> {
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE offers SET status = $2, ended_at = statement_timestamp(), end_reason = $3
-             WHERE id = $1 AND status = 'open'",
-        )
-        .await?;
-    tx.execute(&stmt, &[&offer, &status, &reason]).await?;
-    Ok(())
-}
-
 /// An offer whose dispatch cycle ran out.
 pub struct ExpiredOffer {
     pub offer_id: Uuid,
@@ -126,18 +136,16 @@ pub struct ExpiredOffer {
     pub agent: AgentId,
 }
 
+const EXPIRE_DUE_OFFERS: &str = "UPDATE offers SET status = 'expired', ended_at = statement_timestamp(), end_reason = 'dispatch cycle elapsed'
+             WHERE tenant_id = $1 AND status = 'open' AND deadline <= statement_timestamp()
+             RETURNING id, conversation_id, agent_id";
+
 /// SPEC D8: ends the tenant's open offers whose deadline has passed.
 pub async fn expire_due_offers(
     tx: &Transaction<'_>,
     tenant: &TenantId,
 ) -> anyhow::Result<Vec<ExpiredOffer>> {
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE offers SET status = 'expired', ended_at = statement_timestamp(), end_reason = 'dispatch cycle elapsed'
-             WHERE tenant_id = $1 AND status = 'open' AND deadline <= statement_timestamp()
-             RETURNING id, conversation_id, agent_id",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(EXPIRE_DUE_OFFERS).await?;
     tx.query(&stmt, &[&tenant.as_str()])
         .await?
         .iter()
@@ -151,17 +159,11 @@ pub async fn expire_due_offers(
         .collect()
 }
 
-/// The tenant's online and ready agents with their load (the only ones with places, D3).
-pub async fn ready_agents(
-    tx: &Transaction<'_>,
-    tenant: &TenantId,
-) -> anyhow::Result<Vec<AgentLoad>> {
-    let stmt = tx
-        .prepare_cached(
-            // The counts are computed once each (MATERIALIZED): on a young table whose
-            // statistics say "1 row", the planner otherwise re-ran both per agent (a nested
-            // loop: 29 ms a pass with 100 agents, seen in the e2e benchmark).
-            "WITH p AS MATERIALIZED (SELECT agent_id, count(*) AS n FROM conversations
+// The counts are computed once each (MATERIALIZED): on a young table whose statistics say
+// "1 row", the planner otherwise re-ran both per agent (a nested loop: 29 ms a pass with 100
+// agents, seen in the e2e benchmark).
+const READY_AGENTS: &str =
+    "WITH p AS MATERIALIZED (SELECT agent_id, count(*) AS n FROM conversations
                          WHERE tenant_id = $1 AND state = 'processing' GROUP BY agent_id),
                   o AS MATERIALIZED (SELECT agent_id, count(*) AS n FROM offers
                          WHERE tenant_id = $1 AND status = 'open' GROUP BY agent_id)
@@ -169,9 +171,14 @@ pub async fn ready_agents(
              FROM agents a
              LEFT JOIN p ON p.agent_id = a.id
              LEFT JOIN o ON o.agent_id = a.id
-             WHERE a.tenant_id = $1 AND a.status = 'ready'",
-        )
-        .await?;
+             WHERE a.tenant_id = $1 AND a.status = 'ready'";
+
+/// The tenant's online and ready agents with their load (the only ones with places, D3).
+pub async fn ready_agents(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+) -> anyhow::Result<Vec<AgentLoad>> {
+    let stmt = tx.prepare_cached(READY_AGENTS).await?;
     tx.query(&stmt, &[&tenant.as_str()])
         .await?
         .iter()
@@ -190,8 +197,12 @@ pub async fn ready_agents(
 }
 
 /// The columns [`candidate_from_row`] reads, with `c` the conversation.
-const CANDIDATE_COLUMNS: &str =
-    "c.id, c.required_skills, c.priority, c.queued_at, c.target_agent, c.excluded_agents";
+macro_rules! candidate_columns {
+    () => {
+        "c.id, c.required_skills, c.priority, c.queued_at, c.target_agent, c.excluded_agents"
+    };
+}
+const CANDIDATE_COLUMNS: &str = candidate_columns!();
 
 fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
     let agent = |id: String| AgentId::parse(id).map_err(anyhow::Error::from);
@@ -210,6 +221,15 @@ fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
     })
 }
 
+const ORPHANED_ASSIGNING: &str = concat!(
+    "SELECT ",
+    candidate_columns!(),
+    " FROM conversations c
+     WHERE c.tenant_id = $1 AND c.state = 'assigning'
+       AND NOT EXISTS (SELECT 1 FROM offers o
+                       WHERE o.conversation_id = c.id AND o.status = 'open' OFFSET 0)"
+);
+
 /// `assigning` conversations without an open offer: their offer expired and nobody took
 /// them yet (SPEC D7/D8). Few; all of them are candidates of every pass.
 ///
@@ -221,14 +241,7 @@ pub async fn orphaned_assigning(
     tx: &Transaction<'_>,
     tenant: &TenantId,
 ) -> anyhow::Result<Vec<Candidate>> {
-    let stmt = tx
-        .prepare_cached(&format!(
-            "SELECT {CANDIDATE_COLUMNS} FROM conversations c
-             WHERE c.tenant_id = $1 AND c.state = 'assigning'
-               AND NOT EXISTS (SELECT 1 FROM offers o
-                               WHERE o.conversation_id = c.id AND o.status = 'open' OFFSET 0)"
-        ))
-        .await?;
+    let stmt = tx.prepare_cached(ORPHANED_ASSIGNING).await?;
     tx.query(&stmt, &[&tenant.as_str()])
         .await?
         .iter()
@@ -250,15 +263,7 @@ pub async fn set_orphans_possible(
     Ok(())
 }
 
-/// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
-/// `conversations_waiting_by_skills`, one index probe per group, whatever the queue's length.
-pub async fn waiting_groups(
-    tx: &Transaction<'_>,
-    tenant: &TenantId,
-) -> anyhow::Result<Vec<SkillSet>> {
-    let stmt = tx
-        .prepare_cached(
-            "WITH RECURSIVE g(skills) AS (
+const WAITING_GROUPS: &str = "WITH RECURSIVE g(skills) AS (
                  (SELECT required_skills FROM conversations
                    WHERE tenant_id = $1 AND state = 'waiting' ORDER BY required_skills LIMIT 1)
                  UNION ALL
@@ -266,9 +271,15 @@ pub async fn waiting_groups(
                           WHERE c.tenant_id = $1 AND c.state = 'waiting' AND c.required_skills > g.skills
                           ORDER BY c.required_skills LIMIT 1)
                  FROM g WHERE g.skills IS NOT NULL)
-             SELECT skills FROM g WHERE skills IS NOT NULL",
-        )
-        .await?;
+             SELECT skills FROM g WHERE skills IS NOT NULL";
+
+/// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
+/// `conversations_waiting_by_skills`, one index probe per group, whatever the queue's length.
+pub async fn waiting_groups(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+) -> anyhow::Result<Vec<SkillSet>> {
+    let stmt = tx.prepare_cached(WAITING_GROUPS).await?;
     Ok(tx
         .query(&stmt, &[&tenant.as_str()])
         .await?
@@ -416,6 +427,12 @@ pub async fn write_offers(
             }
         })
         .collect();
+    if planned.is_empty() {
+        return Ok(Vec::new());
+    }
+    // The offers, their history rows and the agents' idle times in one round trip: prepared
+    // first, they go out in this order (the offers' D1 check first: if it fails, the others
+    // fail as aborted and its error is the one returned).
     let insert = tx
         .prepare_cached(
             "INSERT INTO offers (id, tenant_id, conversation_id, agent_id, created_at, deadline)
@@ -425,23 +442,6 @@ pub async fn write_offers(
              RETURNING deadline",
         )
         .await?;
-    let deadline: DateTime<Utc> = match tx
-        .query(
-            &insert,
-            &[
-                &tenant.as_str(),
-                &offer_ids,
-                &conv_ids,
-                &agents,
-                &f64::from(cycle_seconds),
-            ],
-        )
-        .await?
-        .first()
-    {
-        Some(r) => r.get(0),
-        None => return Ok(Vec::new()),
-    };
     let history = tx
         .prepare_cached(
             "INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
@@ -449,19 +449,32 @@ pub async fn write_offers(
              RETURNING conversation_id, id, at",
         )
         .await?;
-    let to: Vec<&str> = vec!["assigning"; planned.len()];
-    let mut transitions: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = tx
-        .query(&history, &[&conv_ids, &froms, &to, &agents, &reasons])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
     let touch = tx
         .prepare_cached(
             "UPDATE agents SET idle_since = now() WHERE tenant_id = $1 AND id = ANY($2)",
         )
         .await?;
-    tx.execute(&touch, &[&tenant.as_str(), &agents]).await?;
+    let to: Vec<&str> = vec!["assigning"; planned.len()];
+    let cycle = f64::from(cycle_seconds);
+    let tenant_id = tenant.as_str();
+    let insert_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&tenant_id, &offer_ids, &conv_ids, &agents, &cycle];
+    let history_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&conv_ids, &froms, &to, &agents, &reasons];
+    let touch_params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&tenant_id, &agents];
+    let (inserted, written, touched) = futures::join!(
+        tx.query(&insert, &insert_params),
+        tx.query(&history, &history_params),
+        tx.execute(&touch, &touch_params)
+    );
+    let (inserted, written, _) = (inserted?, written?, touched?);
+    let Some(deadline) = inserted.first().map(|r| r.get::<_, DateTime<Utc>>(0)) else {
+        anyhow::bail!("the offers were not written");
+    };
+    let mut transitions: std::collections::HashMap<Uuid, (i64, DateTime<Utc>)> = written
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
     let mut offered = Vec::with_capacity(planned.len());
     for (p, offer_id) in planned.into_iter().zip(offer_ids) {
         let conversation = conversations

@@ -302,8 +302,15 @@ impl Dispatcher {
     ) -> Result<PassReport, HandleError> {
         let mut client = self.services.pool.get().await?;
         let tx = client.transaction().await?;
-        db::lock_tenant(&tx, tenant).await?;
-        let Some(settings) = shared_db::tenant_settings(&tx, tenant).await? else {
+        // The lock and the settings read in one round trip, the lock first (see
+        // db::prepare_pipelined): the settings are read once it is held.
+        db::prepare_pipelined(&tx).await?;
+        let (locked, settings) = futures::join!(
+            db::lock_tenant(&tx, tenant),
+            shared_db::tenant_settings(&tx, tenant)
+        );
+        locked?;
+        let Some(settings) = settings? else {
             return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
         };
         let mut outbox = Outbox::new();
@@ -513,16 +520,32 @@ async fn apply_action(
     let reject = |outbox: &mut Outbox, reason: &str| {
         outbox.reject_action(tenant, agent, conversation_id, action.action_id, reason)
     };
-    let Some(mut conversation) =
-        shared_db::conversation_for_update(tx, tenant, conversation_id).await?
-    else {
+    // An accept or decline ends the agent's open offer in the same round trip as the
+    // conversation's lock. Their order does not matter: both run under the tenant's lock,
+    // and only this worker writes offers.
+    let ending = match &action.kind {
+        AgentActionKind::Accept { .. } => Some(("accepted", "accepted")),
+        AgentActionKind::Decline { reason, .. } => {
+            Some(("declined", reason.as_deref().unwrap_or("declined")))
+        }
+        _ => None,
+    };
+    let lock = shared_db::conversation_for_update(tx, tenant, conversation_id);
+    let (conversation, offer) = match ending {
+        Some((status, reason)) => {
+            let end = db::end_open_offer(tx, conversation_id, agent, status, reason);
+            let (conversation, offer) = futures::join!(lock, end);
+            (conversation?, offer?)
+        }
+        None => (lock.await?, None),
+    };
+    let Some(mut conversation) = conversation else {
         reject(outbox, "no such conversation");
         return Ok(());
     };
     match &action.kind {
         AgentActionKind::Accept { .. } | AgentActionKind::Decline { .. } => {
-            let Some((offer, offered_at)) = db::open_offer(tx, conversation_id, agent).await?
-            else {
+            let Some((offer, offered_at)) = offer else {
                 reject(
                     outbox,
                     &format!(
@@ -532,14 +555,7 @@ async fn apply_action(
                 );
                 return Ok(());
             };
-            if let AgentActionKind::Decline { reason, .. } = &action.kind {
-                db::end_offer(
-                    tx,
-                    offer,
-                    "declined",
-                    reason.as_deref().unwrap_or("declined"),
-                )
-                .await?;
+            if let AgentActionKind::Decline { .. } = &action.kind {
                 // Back in the queue at its place; the pass re-dispatches it at once, never
                 // to this agent again.
                 shared_db::transition(
@@ -555,7 +571,6 @@ async fn apply_action(
                 .await?;
                 return Ok(());
             }
-            db::end_offer(tx, offer, "accepted", "accepted").await?;
             metrics::offer_accepted(
                 tenant.as_str(),
                 (Utc::now() - offered_at).to_std().unwrap_or_default(),
@@ -714,9 +729,27 @@ pub async fn pass(
 ) -> anyhow::Result<PassReport> {
     let tenant = &settings.id;
     let mut report = PassReport::default();
+    // The pass's first reads in one round trip, after the expiry they depend on (see
+    // db::prepare_pipelined). The waiting groups are read even if no agent turns out to
+    // have room (one index probe per group).
+    db::prepare_pipelined(tx).await?;
+    let orphans_now = async {
+        match settings.orphans_possible {
+            true => db::orphaned_assigning(tx, tenant).await.map(Some),
+            false => Ok(None),
+        }
+    };
+    let (expired, agents, orphans_now, groups) = futures::join!(
+        db::expire_due_offers(tx, tenant),
+        db::ready_agents(tx, tenant),
+        orphans_now,
+        db::waiting_groups(tx, tenant)
+    );
+    // The first failure is the cause; the statements after it fail as aborted.
+    let (expired, mut agents, orphans_now, groups) = (expired?, agents?, orphans_now?, groups?);
     // SPEC D8: offers past the dispatch cycle end; their conversations stay `assigning`
     // (D7) and are re-offered below, to another suitable agent first.
-    for expired in db::expire_due_offers(tx, tenant).await? {
+    for expired in expired {
         report.expired += 1;
         outbox.notify_agent(
             tenant,
@@ -735,14 +768,14 @@ pub async fn pass(
     // tenant may have some (V6), and the mark kept for the next pass while some are left.
     let orphans_possible = settings.orphans_possible || report.expired > 0;
     let mut orphans_left = orphans_possible;
-    let mut agents = db::ready_agents(tx, tenant).await?;
     if agents.iter().any(|a| a.free_slots(offer_limit) > 0) {
-        let mut orphans = match orphans_possible {
-            true => db::orphaned_assigning(tx, tenant).await?,
-            false => Vec::new(),
+        let mut orphans = match orphans_now {
+            Some(orphans) => orphans,
+            // Expired in this pass, the tenant marked clear before it.
+            None if orphans_possible => db::orphaned_assigning(tx, tenant).await?,
+            None => Vec::new(),
         };
         let mut unplaced: HashSet<Uuid> = orphans.iter().map(|c| c.conversation_id).collect();
-        let groups = db::waiting_groups(tx, tenant).await?;
         let mut read: HashMap<&SkillSet, i64> = HashMap::new();
         let mut exhausted: HashSet<&SkillSet> = HashSet::new();
         let mut planned_all = Vec::new();
