@@ -557,16 +557,21 @@ async fn run_soak(
         // Ignore the first minute (allocator and caches warming up) for the slope.
         let steady: Vec<(f64, f64)> = series.iter().copied().filter(|(t, _)| *t >= 60.0).collect();
         let slope = slope_per_minute(if steady.len() >= 3 { &steady } else { &series });
+        // And over the second half: growth that levels off (a working set reached) shows
+        // here as near zero, a leak as the same slope.
+        let half = series.last().map(|s| s.0 / 2.0).unwrap_or(0.0);
+        let late: Vec<(f64, f64)> = series.iter().copied().filter(|(t, _)| *t >= half).collect();
+        let late_slope = slope_per_minute(if late.len() >= 3 { &late } else { &series });
         let start_mb = series.first().map(|s| s.1).unwrap_or(0.0);
         let end_mb = series.last().map(|s| s.1).unwrap_or(0.0);
         let max_mb = series.iter().map(|s| s.1).fold(0.0, f64::max);
         println!(
-            "{:>14}: start {start_mb:.1} MB, end {end_mb:.1} MB, max {max_mb:.1} MB, slope after the first minute {slope:+.3} MB/min",
+            "{:>14}: start {start_mb:.1} MB, end {end_mb:.1} MB, max {max_mb:.1} MB, slope after the first minute {slope:+.3} MB/min, over the second half {late_slope:+.3} MB/min",
             short(name)
         );
         summary.insert(
             short(name).to_owned(),
-            json!({"start_mb": start_mb, "end_mb": end_mb, "max_mb": max_mb, "slope_mb_per_min": slope}),
+            json!({"start_mb": start_mb, "end_mb": end_mb, "max_mb": max_mb, "slope_mb_per_min": slope, "second_half_slope_mb_per_min": late_slope}),
         );
     }
     println!(
