@@ -390,14 +390,18 @@ pub async fn write_offers(
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = planned.iter().map(|p| p.conversation_id).collect();
+    // The rows are found by primary key and their state checked after: with the state in the
+    // scan, the generic plan (statistics in which waiting and assigning are rare) read every
+    // open conversation through `conversations_one_open_per_customer` and filtered the ids,
+    // 1.6 ms a pass at 2,000 msgs/s, growing with the open conversations.
     let moved = tx
         .prepare_cached(&format!(
             "WITH old AS (
                  SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-                 WHERE c.tenant_id = $1 AND c.id = ANY($2) AND c.state IN ('waiting', 'assigning')
+                 WHERE c.id = ANY($2) AND c.tenant_id = $1
                  FOR UPDATE OF c)
              UPDATE conversations c SET state = 'assigning', agent_id = NULL, assigning_at = now(), updated_at = now()
-             FROM old WHERE c.id = old.id
+             FROM old WHERE c.id = old.id AND old.state IN ('waiting', 'assigning')
              RETURNING old.*"
         ))
         .await?;
