@@ -104,6 +104,13 @@ async fn the_load_is_served_on_top_of_a_desks_history() {
         .await,
         600
     );
+    // Only the bot handled the customer messages of bot channels.
+    assert_eq!(
+        q("SELECT count(*) FROM messages
+           WHERE author = 'customer' AND (bot_handled_at IS NOT NULL) <> (channel_id LIKE 'b%')")
+        .await,
+        0
+    );
     assert!(
         q("SELECT coalesce(max(reltuples), 0)::bigint FROM pg_class WHERE relname = 'offers'")
             .await

@@ -104,7 +104,7 @@ pub async fn seed(
                         'history-' || $2 || '-' || h.g || '-' || m.k, m.author, m.agent, m.body,
                         m.routed_to, m.sent, h.t0 + m.after, m.handled
                  FROM history h CROSS JOIN LATERAL (VALUES
-                     ('customer', 'customer', NULL, '請問我的訂單什麼時候會到？', CASE WHEN h.channel_id LIKE 'b%' THEN 'bot' ELSE 'queued' END, h.t0, interval '0 s', h.t0),
+                     ('customer', 'customer', NULL, '請問我的訂單什麼時候會到？', CASE WHEN h.channel_id LIKE 'b%' THEN 'bot' ELSE 'queued' END, h.t0, interval '0 s', CASE WHEN h.channel_id LIKE 'b%' THEN h.t0 END),
                      ('bot', 'bot', NULL, '正在為您轉接專員，請稍候。', NULL, NULL, interval '10 s', NULL),
                      ('agent', 'agent', h.agent_id, '您好，我來幫您查詢。', NULL, NULL, interval '13 s', NULL)
                  ) AS m(k, author, agent, body, routed_to, sent, after, handled)
