@@ -53,20 +53,28 @@ pub struct CommonConfig {
     /// `ack_wait + 10 s`).
     #[arg(long, env = "FL_PARTITION_BATCH", default_value_t = 64)]
     pub partition_batch: usize,
+    /// Threads of the process's async runtime. 1 (the default) runs everything on the main
+    /// thread, with no wake-ups handed between threads: a worker spends most of its time
+    /// waiting on NATS and Postgres round trips, and on a small machine the cross-thread
+    /// wake-ups of a multi-threaded runtime cost more than they give (README: Configuration).
+    /// 0 is one thread per core; scale out with more instances first.
+    #[arg(long, env = "FL_WORKER_THREADS", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={}",
+            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} worker_threads={}",
             redact_url(&self.nats_url),
             self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
             self.db_pool_size,
             self.ack_wait_secs,
             self.max_deliver,
-            self.partition_batch
+            self.partition_batch,
+            self.worker_threads
         )
     }
 
@@ -86,6 +94,7 @@ impl CommonConfig {
             ack_wait_secs: 30,
             max_deliver: 20,
             partition_batch: 64,
+            worker_threads: 1,
         }
     }
 }

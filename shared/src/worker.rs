@@ -55,22 +55,44 @@ pub trait WorkerConfig: clap::Parser {
     fn common(&self) -> &CommonConfig;
 }
 
-/// The body of every worker binary's `main`.
-pub async fn main<C, F, Fut>(service: &'static str, run: F) -> anyhow::Result<()>
+/// The body of every worker binary's `main`: parses the settings, then runs the worker on a
+/// runtime of `FL_WORKER_THREADS` threads ([`runtime`]) until SIGINT/SIGTERM.
+pub fn main<C, F, Fut>(service: &'static str, run: F) -> anyhow::Result<()>
 where
     C: WorkerConfig,
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
     let config = C::parse();
-    let telemetry = telemetry::init(service)?;
-    if let Some(addr) = config.common().metrics_addr {
-        crate::metrics::serve(addr)?;
-    }
-    let result = run(config, shutdown::on_signals()).await;
-    if let Err(e) = &result {
-        tracing::error!("{service} failed: {e:#}");
-    }
-    telemetry.shutdown();
-    result
+    runtime(config.common().worker_threads)?.block_on(async move {
+        let telemetry = telemetry::init(service)?;
+        if let Some(addr) = config.common().metrics_addr {
+            crate::metrics::serve(addr)?;
+        }
+        let result = run(config, shutdown::on_signals()).await;
+        if let Err(e) = &result {
+            tracing::error!("{service} failed: {e:#}");
+        }
+        telemetry.shutdown();
+        result
+    })
+}
+
+/// The async runtime of a worker process: `threads` = 1 is Tokio's current-thread runtime
+/// (every task on the main thread), 0 one worker thread per core, n that many. A worker mostly
+/// waits on round trips to NATS and Postgres; with one thread a reply that wakes a task wakes
+/// the thread that polls it, instead of handing the wake-up to another thread (a futex and a
+/// context switch each). Measured with the end-to-end benchmark (README: what each change
+/// bought).
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    builder.enable_all().build()
 }

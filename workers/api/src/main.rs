@@ -1,6 +1,5 @@
 //! `firstline-api`: see the crate documentation.
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    firstline_shared::worker::main("firstline-api", firstline_api::run).await
+fn main() -> anyhow::Result<()> {
+    firstline_shared::worker::main("firstline-api", firstline_api::run)
 }

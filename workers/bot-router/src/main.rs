@@ -1,6 +1,5 @@
 //! `firstline-bot-router`: see the crate documentation.
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    firstline_shared::worker::main("firstline-bot-router", firstline_bot_router::run).await
+fn main() -> anyhow::Result<()> {
+    firstline_shared::worker::main("firstline-bot-router", firstline_bot_router::run)
 }

@@ -1,6 +1,5 @@
 //! `firstline-notifier`: see the crate documentation.
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    firstline_shared::worker::main("firstline-notifier", firstline_notifier::run).await
+fn main() -> anyhow::Result<()> {
+    firstline_shared::worker::main("firstline-notifier", firstline_notifier::run)
 }
