@@ -325,9 +325,12 @@ async fn dead_letters(common: &CommonConfig, action: DeadLetterAction) -> anyhow
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    firstline_shared::worker::runtime(cli.common.worker_threads)?.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let telemetry = firstline_shared::telemetry::init("firstline")?;
     let shutdown = firstline_shared::shutdown::on_signals();
     if let (Command::Run { .. } | Command::Demo { .. }, Some(addr)) =
