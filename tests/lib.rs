@@ -527,7 +527,18 @@ impl WorkerProcess {
     /// The binary sits beside the test's own executable's directory (`target/<profile>/`).
     /// Built here once per test process, so that a test never runs a stale binary (`cargo
     /// test -p firstline-tests` rebuilds the worker libraries, not their binaries).
+    /// `FL_WORKER_BIN_DIR` names another directory to take them from, as they are (to
+    /// benchmark two builds side by side).
     pub fn binary(name: &str) -> PathBuf {
+        if let Some(dir) = std::env::var_os("FL_WORKER_BIN_DIR") {
+            let path = PathBuf::from(dir).join(name);
+            assert!(
+                path.exists(),
+                "{} is missing (FL_WORKER_BIN_DIR)",
+                path.display()
+            );
+            return path;
+        }
         static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
         let exe = std::env::current_exe().expect("test executable");
         let dir = exe
