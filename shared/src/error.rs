@@ -1,24 +1,29 @@
-//! The error of a message handler, which decides the ack (STYLE: the error decides the ack).
+//! What a message handler's work came to, which decides the ack (STYLE: the error decides the
+//! ack). [`crate::bus::settle`] is the one place that turns it into an ack.
 
-/// What went wrong while handling one message.
-#[derive(Debug, thiserror::Error)]
+use std::sync::Arc;
+
+/// Why handling one message did not succeed.
+///
+/// `Clone`: the messages of a batch that share one fate (a transaction that did not commit)
+/// each get the same error, not a copy through a string.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum HandleError {
-    /// Worth retrying (database or NATS unavailable, a lock timeout...): the message is
-    /// `Nak`ed with a delay, and dead-lettered once its deliveries are used up.
+    /// Worth retrying (database or NATS unavailable, a lock timeout...): tried again after a
+    /// growing delay ([`crate::bus::backoff`]), and dead-lettered once its deliveries are used up.
     #[error("transient: {0:#}")]
-    Transient(#[from] anyhow::Error),
+    Transient(Arc<anyhow::Error>),
     /// Can never succeed (bad JSON, unknown tenant...): `Term` and dead-letter at once.
     #[error("{0}")]
     Poison(String),
-}
-
-/// A batched partition's batch that does not continue the partition right after its mark:
-/// an older message, at stream sequence `expected`, is not handled yet (README: Scaling out).
-/// Not retried in hand: the partition pauses until that message comes again.
-#[derive(Debug, thiserror::Error)]
-#[error("stream sequence {expected} of this partition is not handled yet: this one waits for it")]
-pub struct OutOfOrder {
-    pub expected: u64,
+    /// A message of an ordered partition that does not continue the partition right after its
+    /// mark: an older message, at stream sequence `expected`, is not handled yet (docs/ordering.md).
+    /// Neither retried in hand nor counted as a failure: left unacknowledged, it comes again
+    /// after the older one.
+    #[error(
+        "stream sequence {expected} of this partition is not handled yet: this one waits for it"
+    )]
+    OutOfOrder { expected: u64 },
 }
 
 impl HandleError {
@@ -26,24 +31,31 @@ impl HandleError {
         Self::Poison(reason.into())
     }
 
-    pub fn out_of_order(expected: u64) -> Self {
-        Self::Transient(OutOfOrder { expected }.into())
+    /// A transient failure with this reason.
+    pub fn transient(reason: impl std::fmt::Display) -> Self {
+        Self::Transient(Arc::new(anyhow::anyhow!("{reason}")))
     }
 
-    /// The stream sequence this message waits for, if it failed as [`OutOfOrder`].
+    pub fn out_of_order(expected: u64) -> Self {
+        Self::OutOfOrder { expected }
+    }
+
+    /// The stream sequence this message waits for, if it is [`HandleError::OutOfOrder`].
     pub fn waits_for(&self) -> Option<u64> {
         match self {
-            Self::Transient(e) => e.downcast_ref::<OutOfOrder>().map(|o| o.expected),
-            Self::Poison(_) => None,
+            Self::OutOfOrder { expected } => Some(*expected),
+            Self::Transient(_) | Self::Poison(_) => None,
         }
     }
 
-    /// The same outcome for another message of a batch that shared this one's fate.
-    pub fn for_another(&self) -> Self {
-        match self {
-            Self::Transient(e) => Self::Transient(anyhow::anyhow!("{e:#}")),
-            Self::Poison(reason) => Self::Poison(reason.clone()),
-        }
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+impl From<anyhow::Error> for HandleError {
+    fn from(e: anyhow::Error) -> Self {
+        Self::Transient(Arc::new(e))
     }
 }
 
@@ -55,12 +67,12 @@ impl From<crate::wire::DecodeError> for HandleError {
 
 impl From<tokio_postgres::Error> for HandleError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::Transient(e.into())
+        anyhow::Error::from(e).into()
     }
 }
 
 impl From<deadpool_postgres::PoolError> for HandleError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Transient(e.into())
+        anyhow::Error::from(e).into()
     }
 }

@@ -216,7 +216,7 @@ impl Dispatcher {
         for (indexes, outcome) in outcomes {
             if let Err(e) = outcome {
                 for i in indexes {
-                    results[i] = Err(e.for_another());
+                    results[i] = Err(e.clone());
                 }
             }
         }
@@ -261,9 +261,9 @@ impl Dispatcher {
             tokio::spawn(combiner.run().instrument(tracing::Span::current()));
         }
         outcome.await.unwrap_or_else(|_| {
-            Err(HandleError::Transient(anyhow::anyhow!(
-                "the tenant's transaction was abandoned"
-            )))
+            Err(HandleError::transient(
+                "the tenant's transaction was abandoned",
+            ))
         })
     }
 

@@ -82,7 +82,7 @@ async fn deliver_all(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(
             published
                 .next()
                 .unwrap_or_else(|| Err(anyhow::anyhow!("no publish result")))
-                .map_err(HandleError::Transient)
+                .map_err(HandleError::from)
         })
         .collect()
 }

@@ -1,0 +1,326 @@
+//! A partition's batch in one transaction, for the workers that consume partitions in order
+//! (ingest, bot-router; see [`crate::bus::consume_partitioned_batched`]).
+//!
+//! - Fast path: every message handled in the one transaction, without savepoints (two round
+//!   trips and a subtransaction less per message). Messages with different keys (the customer,
+//!   the conversation) are handled concurrently: their statements share the transaction's
+//!   connection as one pipeline (tokio-postgres sends a statement without waiting for the
+//!   answer to the one before), so Postgres and the worker wake up once per burst of
+//!   statements instead of once per statement. Messages with the same key run one after the
+//!   other, in the batch's order; what they publish is staged in the batch's order.
+//! - Anything but a clean success (an error, or a message whose work is to be rolled back, such
+//!   as a duplicate) rolls the batch back, and it runs again with a savepoint per message: a
+//!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
+//!   failure stops the batch there (what follows is retried after it, in order).
+//! - The outbox of everything kept is staged in the transaction and published after the commit.
+//! - A batch of a batched partition (one with [`Delivered::partition`]) is kept only as far
+//!   as it continues the partition: the transaction locks the partition's mark (the last
+//!   stream sequence handled; its first statement, so the batch's own statements run after
+//!   the lock is granted) and, meanwhile, asks the stream for the partition's next messages
+//!   after it, while the fast path handles the batch. If the batch does not all continue
+//!   them (an older message is still out with another instance, or lost in transit), it is
+//!   rolled back and the slow path handles only the part before the first message that is
+//!   not the next one; the rest fail with [`HandleError::out_of_order`], and the partition
+//!   pauses until the older one comes again. The mark moves in the same transaction. So
+//!   messages are committed in the partition's order whatever the server delivers to whom
+//!   (README: Scaling out).
+
+mod fence;
+mod lanes;
+
+use std::sync::Arc;
+
+use deadpool_postgres::Transaction;
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use crate::bus::{self, Delivered, Partition};
+use crate::outbox::Outbox;
+use crate::worker::Services;
+use crate::HandleError;
+pub use fence::continuing;
+use fence::{prepare_lock, remember, with_cut, Fence};
+pub use lanes::{in_lanes, lanes, Memo};
+
+/// What handling one message gives: `Ok(Some(t))` keeps its work (and `t`, for the caller
+/// after the commit), `Ok(None)` rolls its work back and keeps nothing.
+pub type Step<'a, T> = BoxFuture<'a, Result<Option<T>, HandleError>>;
+
+/// Handles `batch` in one transaction with `handle`, as the module says; `handle` gets `ctx`
+/// (the worker's caches...) with each message, so that it need not borrow it. Returns a result
+/// per message and the `T` of every message kept, once committed (none when the commit failed).
+pub async fn in_one_transaction<C, T, K, H>(
+    services: &Services,
+    consumer: &'static str,
+    batch: &[Delivered],
+    ctx: &C,
+    key: K,
+    handle: H,
+) -> (Vec<Result<(), HandleError>>, Vec<T>)
+where
+    C: ?Sized,
+    K: Fn(&Delivered) -> Option<String>,
+    H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+{
+    let mut client = match services.pool.get().await {
+        Ok(c) => c,
+        Err(e) => return all_failed(batch, e.into()),
+    };
+    let run = Run {
+        services,
+        consumer,
+        ctx,
+        handle: &handle,
+    };
+    let partition = batch.first().and_then(|m| m.partition.clone());
+    // What the slow path handles: the whole batch, or the part that continues the mark.
+    let (part, fence) = if batch.len() > 1 || partition.is_some() {
+        match run.whole(&mut client, batch, partition, &key).await {
+            Whole::Done(done) => return done,
+            Whole::Failed(e) => return all_failed(batch, e),
+            Whole::Cut { continues, fence } => (&batch[..continues], fence),
+        }
+    } else {
+        (batch, None)
+    };
+    if part.is_empty() {
+        return (with_cut(Vec::new(), &fence, batch.len()), Vec::new());
+    }
+    let (results, kept) = run.one_by_one(&mut client, part, &fence).await;
+    (with_cut(results, &fence, batch.len()), kept)
+}
+
+/// Every message of `batch` failed alike (no connection, no commit...).
+fn all_failed<T>(batch: &[Delivered], e: HandleError) -> (Vec<Result<(), HandleError>>, Vec<T>) {
+    (batch.iter().map(|_| Err(e.clone())).collect(), Vec::new())
+}
+
+/// One batch's run: the worker's handler and what it needs.
+struct Run<'r, C: ?Sized, H> {
+    services: &'r Services,
+    consumer: &'static str,
+    ctx: &'r C,
+    handle: &'r H,
+}
+
+/// How the fast path ended.
+enum Whole<T> {
+    /// Committed: every message handled.
+    Done((Vec<Result<(), HandleError>>, Vec<T>)),
+    /// Nothing kept, for a reason every message shares.
+    Failed(HandleError),
+    /// Rolled back: the first `continues` messages are to be handled one by one (all of them
+    /// when a message failed or was not to be kept); `fence`, the partition's mark as checked.
+    Cut {
+        continues: usize,
+        fence: Option<Fence>,
+    },
+}
+
+impl<C: ?Sized, H> Run<'_, C, H> {
+    /// The fast path: the whole batch in lanes (one per key) on one transaction, while, for a
+    /// batched partition, its mark is locked and the stream asked. The lock is the
+    /// connection's first statement, so Postgres runs the batch's statements after it is
+    /// granted; the batch is kept only if it all continues the mark and every message is kept.
+    async fn whole<T, K>(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &[Delivered],
+        partition: Option<Arc<Partition>>,
+        key: &K,
+    ) -> Whole<T>
+    where
+        K: Fn(&Delivered) -> Option<String>,
+        H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+    {
+        let mark_failed = |e: &dyn std::fmt::Display| {
+            Whole::Failed(HandleError::transient(format!("partition mark: {e:#}")))
+        };
+        let tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return Whole::Failed(e.into()),
+        };
+        if partition.is_some() {
+            if let Err(e) = prepare_lock(&tx).await {
+                return mark_failed(&e);
+            }
+        }
+        let tx_ref = &tx;
+        let checking = async {
+            match &partition {
+                Some(p) => Some(Fence::check(self.services, tx_ref, p.clone(), batch).await),
+                None => None,
+            }
+        };
+        let handling = in_lanes(lanes(batch, key), |i| async move {
+            let m = &batch[i];
+            let mut own = Outbox::new();
+            let span = bus::message_span(self.consumer, m);
+            match (self.handle)(self.ctx, tx_ref, &mut own, m)
+                .instrument(span)
+                .await
+            {
+                Ok(Some(t)) => Ok((own, t)),
+                _ => Err(()),
+            }
+        });
+        // `futures::join!` polls in the order given: the lock is sent before the batch.
+        let (checked, done) = futures::join!(checking, handling);
+        let fence = match checked {
+            Some(Ok(fence)) => Some(fence),
+            Some(Err(e)) => return mark_failed(&e),
+            None => None,
+        };
+        let continues = fence.as_ref().map_or(batch.len(), |f| f.continues);
+        if let (true, Ok(done)) = (continues == batch.len(), done) {
+            let mut outbox = Outbox::new();
+            let mut kept = Vec::with_capacity(batch.len());
+            for (own, t) in done {
+                outbox.append(own);
+                kept.push(t);
+            }
+            let mark = fence.as_ref().map(|f| f.moved(batch.iter()));
+            return match commit(tx, outbox, mark).await {
+                Ok(staged) => {
+                    remember(&fence, mark);
+                    crate::metrics::batch_handled(self.consumer, "lanes");
+                    staged.publish(&self.services.js, &*client).await;
+                    Whole::Done((batch.iter().map(|_| Ok(())).collect(), kept))
+                }
+                Err(e) => Whole::Failed(HandleError::transient(format!(
+                    "batch not committed: {e:#}"
+                ))),
+            };
+        }
+        if let Err(e) = tx.rollback().await {
+            return Whole::Failed(e.into());
+        }
+        Whole::Cut { continues, fence }
+    }
+
+    /// The slow path: each message of `batch` in a savepoint of its own, so that a poison
+    /// message is rolled back alone (the consume loop dead-letters it); a transient failure
+    /// stops the batch there (what follows is retried after it, in order). The mark, if any,
+    /// is locked again first: the fast path's rollback let it go.
+    async fn one_by_one<T>(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &[Delivered],
+        fence: &Option<Fence>,
+    ) -> (Vec<Result<(), HandleError>>, Vec<T>)
+    where
+        H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+    {
+        let mut tx = match client.transaction().await {
+            Ok(tx) => tx,
+            Err(e) => return all_failed(batch, e.into()),
+        };
+        if let Some(fence) = fence {
+            match fence.lock(&tx).await {
+                Ok(mark) if mark == fence.locked => {}
+                Ok(_) => {
+                    let moved = HandleError::transient("the partition's mark moved meanwhile");
+                    return all_failed(batch, moved);
+                }
+                Err(e) => {
+                    let e = HandleError::transient(format!("partition mark: {e:#}"));
+                    return all_failed(batch, e);
+                }
+            }
+        }
+        let mut outbox = Outbox::new();
+        let mut kept = Vec::new();
+        let mut results: Vec<Result<(), HandleError>> = Vec::with_capacity(batch.len());
+        for m in batch {
+            if results
+                .last()
+                .is_some_and(|r| r.as_ref().is_err_and(HandleError::is_transient))
+            {
+                results.push(Err(HandleError::transient(
+                    "an earlier message of this partition is retried first",
+                )));
+                continue;
+            }
+            results.push(match self.in_savepoint(&mut tx, m).await {
+                Ok(Some((own, t))) => {
+                    outbox.append(own);
+                    kept.push(t);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            });
+        }
+        // Settled: kept, rolled back as a duplicate, or poison (dead-lettered after the commit).
+        let settled = batch
+            .iter()
+            .zip(&results)
+            .filter(|(_, r)| !r.as_ref().is_err_and(HandleError::is_transient))
+            .map(|(m, _)| m);
+        let mark = fence.as_ref().map(|f| f.moved(settled));
+        match commit(tx, outbox, mark).await {
+            Ok(staged) => {
+                remember(fence, mark);
+                crate::metrics::batch_handled(self.consumer, "one_by_one");
+                staged.publish(&self.services.js, &*client).await;
+                (results, kept)
+            }
+            Err(e) => {
+                let failed = HandleError::transient(format!("batch not committed: {e:#}"));
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(failed.clone());
+                }
+                (results, Vec::new())
+            }
+        }
+    }
+
+    /// One message in a savepoint: its work and outbox kept (`Some`), rolled back as not to be
+    /// kept (`None`), or rolled back with its error.
+    async fn in_savepoint<T>(
+        &self,
+        tx: &mut Transaction<'_>,
+        m: &Delivered,
+    ) -> Result<Option<(Outbox, T)>, HandleError>
+    where
+        H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+    {
+        let span = bus::message_span(self.consumer, m);
+        async {
+            let sp = tx.savepoint("m").await?;
+            let mut own = Outbox::new();
+            match (self.handle)(self.ctx, &sp, &mut own, m).await {
+                Ok(Some(t)) => {
+                    sp.commit().await?;
+                    Ok(Some((own, t)))
+                }
+                Ok(None) => {
+                    sp.rollback().await?;
+                    Ok(None)
+                }
+                Err(e) => {
+                    let _ = sp.rollback().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+async fn commit(
+    tx: Transaction<'_>,
+    outbox: Outbox,
+    mark: Option<(&'static str, u64)>,
+) -> anyhow::Result<crate::outbox::Staged> {
+    let staged = outbox.stage(&tx).await?;
+    if let Some((consumer, sequence)) = mark {
+        let stmt = tx
+            .prepare_cached("UPDATE partition_marks SET stream_sequence = $2 WHERE consumer = $1")
+            .await?;
+        tx.execute(&stmt, &[&consumer, &(sequence as i64)]).await?;
+    }
+    tx.commit().await?;
+    Ok(staged)
+}

@@ -1,0 +1,120 @@
+//! Publishing to JetStream with a de-duplication id (`Nats-Msg-Id`): an ack that does not come
+//! is "unknown", so the same message is published again with the same id (DESIGN.md).
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+
+use super::JetStream;
+use crate::subjects;
+use crate::wire;
+
+/// Publishes `payload` to `subject` with `Nats-Msg-Id: msg_id` and waits for the stream's ack.
+/// An ack that does not come is "unknown": it publishes again with the same id, which the
+/// stream drops if the first one was stored. Returns whether the stream saw a duplicate.
+pub async fn publish(
+    js: &JetStream,
+    subject: String,
+    msg_id: &str,
+    mut headers: HeaderMap,
+    payload: Bytes,
+) -> anyhow::Result<bool> {
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+    let mut delay = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+        {
+            Ok(ack) => ack.await.map_err(anyhow::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        match result {
+            Ok(ack) => return Ok(ack.duplicate),
+            Err(e) if attempt < 8 => {
+                tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                return Err(e.context(format!("publishing {msg_id} to {subject}")));
+            }
+        }
+    }
+}
+
+/// Publishes an agent's action on `fl.<tenant>.agent.<agent>.action`, as a desktop does: with
+/// `Nats-Msg-Id` = its `action_id` (so it is applied once) and the current trace context.
+pub async fn publish_action(
+    js: &JetStream,
+    tenant: &crate::domain::TenantId,
+    agent: &crate::domain::AgentId,
+    action: &wire::AgentAction,
+) -> anyhow::Result<()> {
+    let mut headers = HeaderMap::new();
+    crate::telemetry::inject_current(&mut headers);
+    publish(
+        js,
+        subjects::agent_action(tenant, agent),
+        &action.action_id.to_string(),
+        headers,
+        wire::encode(action),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// One message to publish with [`publish_all`].
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    pub subject: String,
+    pub msg_id: String,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+}
+
+/// How many publishes [`publish_all`] has in flight at once. The client holds a permit per
+/// unacknowledged publish (5,000 per context, shared by every task), and waits for one when
+/// none is left: sending a whole large batch before reading any ack would wait forever.
+const PUBLISH_WINDOW: usize = 256;
+
+/// Publishes `messages` pipelined: sends a window of them, in order, then collects the
+/// stream's acks (one round trip per window instead of one per message). A message whose ack
+/// does not come is published again on its own, with the same id, as [`publish`] does.
+/// Returns, per message, whether it is stored.
+pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::Result<()>> {
+    let mut results = Vec::with_capacity(messages.len());
+    for window in messages.chunks(PUBLISH_WINDOW) {
+        let mut pending = Vec::with_capacity(window.len());
+        for m in window {
+            let mut headers = m.headers.clone();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, m.msg_id.as_str());
+            pending.push(
+                js.publish_with_headers(m.subject.clone(), headers, m.payload.clone())
+                    .await,
+            );
+        }
+        for (m, sent) in window.iter().zip(pending) {
+            let acked = match sent {
+                Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
+                Err(e) => Err(e.into()),
+            };
+            results.push(match acked {
+                Ok(()) => Ok(()),
+                Err(_) => publish(
+                    js,
+                    m.subject.clone(),
+                    &m.msg_id,
+                    m.headers.clone(),
+                    m.payload.clone(),
+                )
+                .await
+                .map(|_| ()),
+            });
+        }
+    }
+    results
+}
