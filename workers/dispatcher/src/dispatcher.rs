@@ -1,6 +1,6 @@
 //! The dispatcher instance: groups each batch by tenant and runs, per tenant, one transaction
 //! holding the tenant's advisory lock that applies the events in order (presence, the agent
-//! actions of SPEC L7 and L8) and then one dispatch pass (SPEC D1-D9, see [`crate::pass`]).
+//! actions of SPEC L7 and L8) and then one dispatch pass (SPEC D1-D9, see [`crate::pass()`]).
 //! How a tenant's hand-ins share transactions is in [`crate::combiner`]; the offer-deadline
 //! timer (D8) and the backstop are in [`crate::timers`].
 
