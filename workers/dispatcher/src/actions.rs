@@ -1,0 +1,220 @@
+//! The agents' actions, applied under the tenant's lock before the pass: accept (SPEC L7),
+//! decline (README: back to `waiting`, never offered to that agent again), close (SPEC L8),
+//! transfer; a reply is the notifier's and passes through.
+
+use chrono::Utc;
+use deadpool_postgres::Transaction;
+use firstline_shared::db::{self as shared_db, Transition};
+use firstline_shared::domain::{AgentId, ConversationState, TenantId};
+use firstline_shared::metrics;
+use firstline_shared::outbox::Outbox;
+use firstline_shared::wire::{AgentAction, AgentActionKind, NotificationKind};
+use uuid::Uuid;
+
+use crate::db;
+
+/// Applies a run of agent actions: one conversation's in order, different conversations'
+/// side by side on the transaction's connection (tokio-postgres pipelines their statements,
+/// so an accept does not wait for the round trips of the close before it). Their outputs are
+/// staged in the actions' order, as if applied one by one.
+pub(crate) async fn apply_actions(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    tenant: &TenantId,
+    actions: Vec<(AgentId, AgentAction)>,
+) -> anyhow::Result<()> {
+    let lanes =
+        firstline_shared::batch::lanes(&actions, |(_, action)| Some(action.kind.conversation_id()));
+    let actions = &actions;
+    let staged = firstline_shared::batch::in_lanes(lanes, |i| async move {
+        let (agent, action) = &actions[i];
+        let mut own = Outbox::new();
+        apply_action(tx, &mut own, tenant, agent, action).await?;
+        anyhow::Ok(own)
+    })
+    .await;
+    match staged {
+        Ok(staged) => {
+            for own in staged {
+                outbox.append(own);
+            }
+            Ok(())
+        }
+        // The failing statement aborts the transaction, and the other lanes' next statements
+        // fail with "current transaction is aborted": report the cause.
+        Err(mut errors) => {
+            let cause = errors
+                .iter()
+                .position(|e| !aborted_by_another(e))
+                .unwrap_or(0);
+            Err(errors.swap_remove(cause))
+        }
+    }
+}
+
+fn aborted_by_another(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .and_then(tokio_postgres::Error::code)
+        == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+/// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
+async fn apply_action(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    tenant: &TenantId,
+    agent: &AgentId,
+    action: &AgentAction,
+) -> anyhow::Result<()> {
+    let conversation_id = action.kind.conversation_id();
+    let reject = |outbox: &mut Outbox, reason: &str| {
+        outbox.reject_action(tenant, agent, conversation_id, action.action_id, reason)
+    };
+    // An accept or decline ends the agent's open offer in the same round trip as the
+    // conversation's lock. Their order does not matter: both run under the tenant's lock,
+    // and only this worker writes offers.
+    let ending = match &action.kind {
+        AgentActionKind::Accept { .. } => Some(("accepted", "accepted")),
+        AgentActionKind::Decline { reason, .. } => {
+            Some(("declined", reason.as_deref().unwrap_or("declined")))
+        }
+        _ => None,
+    };
+    let lock = shared_db::conversation_for_update(tx, tenant, conversation_id);
+    let (conversation, offer) = match ending {
+        Some((status, reason)) => {
+            let end = db::end_open_offer(tx, conversation_id, agent, status, reason);
+            let (conversation, offer) = futures::join!(lock, end);
+            (conversation?, offer?)
+        }
+        None => (lock.await?, None),
+    };
+    let Some(mut conversation) = conversation else {
+        reject(outbox, "no such conversation");
+        return Ok(());
+    };
+    match &action.kind {
+        AgentActionKind::Accept { .. } | AgentActionKind::Decline { .. } => {
+            let Some((offer, offered_at)) = offer else {
+                reject(
+                    outbox,
+                    &format!(
+                        "no open offer of this conversation for you (it is {})",
+                        conversation.state
+                    ),
+                );
+                return Ok(());
+            };
+            if let AgentActionKind::Decline { .. } = &action.kind {
+                // Back in the queue at its place; the pass re-dispatches it at once, never
+                // to this agent again.
+                shared_db::transition(
+                    tx,
+                    outbox,
+                    &mut conversation,
+                    Transition {
+                        to: ConversationState::Waiting,
+                        agent: None,
+                        reason: "declined",
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+            metrics::offer_accepted(
+                tenant.as_str(),
+                (Utc::now() - offered_at).to_std().unwrap_or_default(),
+            );
+            shared_db::transition(
+                tx,
+                outbox,
+                &mut conversation,
+                Transition {
+                    to: ConversationState::Processing,
+                    agent: Some(agent),
+                    reason: "accepted",
+                },
+            )
+            .await?;
+            outbox.notify_agent(
+                tenant,
+                agent,
+                conversation_id,
+                Uuid::new_v5(&offer, b"assigned"),
+                NotificationKind::Assigned { offer_id: offer },
+            );
+        }
+        AgentActionKind::Close { .. } => {
+            if !conversation.is_served_by(agent) {
+                reject(outbox, &conversation.not_served_reason());
+                return Ok(());
+            }
+            shared_db::transition(
+                tx,
+                outbox,
+                &mut conversation,
+                Transition {
+                    to: ConversationState::Completed,
+                    agent: Some(agent),
+                    reason: "closed_by_agent",
+                },
+            )
+            .await?;
+            // 滿意度調查, if the channel asks one.
+            firstline_shared::survey::ask(tx, outbox, &conversation).await?;
+            outbox.notify_agent(
+                tenant,
+                agent,
+                conversation_id,
+                Uuid::new_v5(&action.action_id, b"closed"),
+                NotificationKind::Closed,
+            );
+        }
+        AgentActionKind::Transfer {
+            to_agent, skills, ..
+        } => {
+            if !conversation.is_served_by(agent) {
+                reject(outbox, &conversation.not_served_reason());
+                return Ok(());
+            }
+            if to_agent.as_ref() == Some(agent) {
+                reject(
+                    outbox,
+                    "a conversation cannot be transferred to the agent serving it",
+                );
+                return Ok(());
+            }
+            let required_skills = db::prepare_transfer(
+                tx,
+                conversation_id,
+                agent,
+                to_agent.as_ref(),
+                skills.as_ref(),
+            )
+            .await?;
+            shared_db::transition(
+                tx,
+                outbox,
+                &mut conversation,
+                Transition {
+                    to: ConversationState::Waiting,
+                    agent: None,
+                    reason: "transferred",
+                },
+            )
+            .await?;
+            outbox.notify_agent(
+                tenant,
+                agent,
+                conversation_id,
+                Uuid::new_v5(&action.action_id, b"transferred"),
+                NotificationKind::Transferred {
+                    to_agent: to_agent.clone(),
+                    required_skills,
+                },
+            );
+        }
+        AgentActionKind::Reply { .. } => {}
+    }
+    Ok(())
+}
