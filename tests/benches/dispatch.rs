@@ -125,7 +125,7 @@ async fn reset(
     skills: &str,
 ) -> anyhow::Result<()> {
     pg.batch_execute(&format!(
-        "TRUNCATE offers, conversation_transitions, messages, conversations, customers, agents, outbox;
+        "TRUNCATE offers, conversation_transitions, messages, conversations, customers, agents, api_tokens, outbox;
          INSERT INTO agents (tenant_id, id, capacity, status, idle_since)
            SELECT 'bench', 'a' || i, 10, 'ready', now() - make_interval(secs => i) FROM generate_series(1, {agents}) i;
          INSERT INTO customers (id, tenant_id, channel_id, external_id)
