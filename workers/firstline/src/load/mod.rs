@@ -33,6 +33,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::setup::SetupFile;
+use agents::{read_outbound, start_agents};
+use report::progress;
+pub use report::print_report;
+
+mod agents;
+mod report;
 
 /// What to send, how fast, and how the simulated agents behave.
 #[derive(Clone, Debug)]
@@ -305,178 +311,6 @@ impl LoadReport {
     }
 }
 
-/// Publishes every simulated agent's presence (ready) and starts the agents; they act until
-/// `stop`.
-async fn start_agents(
-    client: &async_nats::Client,
-    js: &jetstream::Context,
-    opts: &LoadOptions,
-    counters: Arc<Counters>,
-    owed: Arc<Mutex<Owed>>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    for t in 0..opts.tenants {
-        let tenant = opts.tenant(t);
-        let mut notes = client.subscribe(format!("fl.{tenant}.notify.*")).await?;
-        let (js2, counters, owed, stop2) =
-            (js.clone(), counters.clone(), owed.clone(), stop.clone());
-        let (accept_delay, close_after) = (opts.accept_delay, opts.close_after);
-        let tenant2 = tenant.clone();
-        tokio::spawn(async move {
-            loop {
-                let m = tokio::select! {
-                    _ = stop2.cancelled() => return,
-                    m = notes.next() => match m { Some(m) => m, None => return },
-                };
-                let now = Instant::now();
-                let Some(agent) = m
-                    .subject
-                    .rsplit('.')
-                    .next()
-                    .and_then(|a| AgentId::parse(a).ok())
-                else {
-                    continue;
-                };
-                let Ok(note) = wire::decode::<AgentNotification>(&m.payload) else {
-                    continue;
-                };
-                let conversation_id = note.conversation_id;
-                match note.kind {
-                    NotificationKind::Offer { customer, .. } => {
-                        counters.offers.fetch_add(1, Ordering::Relaxed);
-                        {
-                            let mut o = owed.lock().unwrap();
-                            if let Some(since) =
-                                o.offers.remove(&format!("{tenant2}/{}", customer.id))
-                            {
-                                // Direct customers' ids start with `d`, hand-overs' with `h`.
-                                let first = customer.id.starts_with('d');
-                                o.record(Kind::Direct, since, now, first);
-                            }
-                        }
-                        let (js, tenant, counters) =
-                            (js2.clone(), tenant2.clone(), counters.clone());
-                        tokio::spawn(async move {
-                            tokio::time::sleep(accept_delay).await;
-                            if crate::demo::act(
-                                &js,
-                                &tenant,
-                                &agent,
-                                AgentActionKind::Accept { conversation_id },
-                            )
-                            .await
-                            .is_ok()
-                            {
-                                counters.accepts.fetch_add(1, Ordering::Relaxed);
-                            }
-                        });
-                    }
-                    NotificationKind::Assigned { .. } => {
-                        let (js, tenant, counters) =
-                            (js2.clone(), tenant2.clone(), counters.clone());
-                        tokio::spawn(async move {
-                            let text = format!("您好，我是 {agent}，很高興為您服務！");
-                            if crate::demo::act(
-                                &js,
-                                &tenant,
-                                &agent,
-                                AgentActionKind::Reply {
-                                    conversation_id,
-                                    text,
-                                },
-                            )
-                            .await
-                            .is_ok()
-                            {
-                                counters.agent_replies.fetch_add(1, Ordering::Relaxed);
-                            }
-                            tokio::time::sleep(close_after).await;
-                            if crate::demo::act(
-                                &js,
-                                &tenant,
-                                &agent,
-                                AgentActionKind::Close { conversation_id },
-                            )
-                            .await
-                            .is_ok()
-                            {
-                                counters.closes.fetch_add(1, Ordering::Relaxed);
-                            }
-                        });
-                    }
-                    _ => {}
-                }
-            }
-        });
-        for a in 0..opts.agents {
-            let agent = opts.agent(a);
-            let presence = AgentPresence {
-                version: Version,
-                status: AgentStatus::Ready,
-                reason: None,
-                capacity: Some(opts.capacity.max(0) as u32),
-                skills: None,
-                display_name: None,
-            };
-            bus::publish(
-                js,
-                subjects::presence(&tenant, &agent),
-                &Uuid::now_v7().to_string(),
-                Default::default(),
-                wire::encode(&presence),
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Reads the bot's replies (and the agents') on every load tenant's `outbound` subjects.
-async fn read_outbound(
-    client: &async_nats::Client,
-    opts: &LoadOptions,
-    counters: Arc<Counters>,
-    owed: Arc<Mutex<Owed>>,
-    handovers: Arc<Mutex<HashMap<String, ()>>>,
-    stop: CancellationToken,
-) -> anyhow::Result<()> {
-    for t in 0..opts.tenants {
-        let tenant = opts.tenant(t);
-        let mut sub = client.subscribe(format!("fl.{tenant}.outbound.*")).await?;
-        let (counters, owed, handovers) = (counters.clone(), owed.clone(), handovers.clone());
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let m = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    m = sub.next() => match m { Some(m) => m, None => return },
-                };
-                let now = Instant::now();
-                let Ok(o) = wire::decode::<OutboundMessage>(&m.payload) else {
-                    continue;
-                };
-                if o.author != Author::Bot {
-                    continue;
-                }
-                counters.replies.fetch_add(1, Ordering::Relaxed);
-                let channel = m.subject.rsplit('.').next().unwrap_or_default();
-                let key = format!("{tenant}/{channel}/{}", o.customer_id);
-                let kind = if handovers.lock().unwrap().remove(&key).is_some() {
-                    Kind::Handover
-                } else {
-                    Kind::Bot
-                };
-                let mut owed = owed.lock().unwrap();
-                let since = owed.replies.get_mut(&key).and_then(|q| q.pop_front());
-                if let Some(since) = since {
-                    owed.record(kind, since, now, true);
-                }
-            }
-        });
-    }
-    Ok(())
-}
-
 /// Runs the load against running workers: configure the tenants first ([`LoadOptions::configure`]).
 pub async fn run(
     client: async_nats::Client,
@@ -703,36 +537,6 @@ pub async fn run(
     })
 }
 
-/// Prints one progress line; returns the new reference point.
-fn progress(
-    start: Instant,
-    (last_at, last_sent, last_replies, last_offers): (Instant, u64, u64, u64),
-    counters: &Counters,
-    owed: &Mutex<Owed>,
-) -> (Instant, u64, u64, u64) {
-    let now = Instant::now();
-    let dt = (now - last_at).as_secs_f64().max(1e-9);
-    let sent = counters.sent.load(Ordering::Relaxed);
-    let replies = counters.replies.load(Ordering::Relaxed);
-    let offers = counters.offers.load(Ordering::Relaxed);
-    let mut o = owed.lock().unwrap();
-    let owed_now: usize = o.replies.values().map(|q| q.len()).sum::<usize>() + o.offers.len();
-    let window = o.window.replace(histogram()).expect("histogram");
-    let total = o.e2e.as_ref().expect("histogram");
-    println!(
-        "{:>6.1}s  sent {:>9} ({:>7.0}/s)  replies {:>7.0}/s  offers {:>6.0}/s  owed {:>7}  p99 {:>8.2} ms (last {:>8.2} ms)",
-        (now - start).as_secs_f64(),
-        sent,
-        (sent - last_sent) as f64 / dt,
-        (replies - last_replies) as f64 / dt,
-        (offers - last_offers) as f64 / dt,
-        owed_now,
-        total.value_at_quantile(0.99) as f64 / 1000.0,
-        window.value_at_quantile(0.99) as f64 / 1000.0,
-    );
-    (now, sent, replies, offers)
-}
-
 /// A small fast generator (xorshift); the mix needs no cryptography.
 struct Rng(u64);
 impl Rng {
@@ -747,42 +551,5 @@ impl Rng {
     }
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
-    }
-}
-
-/// Prints a report as a few lines.
-pub fn print_report(r: &LoadReport) {
-    println!(
-        "sent {} in {:.1} s ({:.0}/s offered {:.0}/s): bot {}, hand-over {}, direct {}; errors {}",
-        r.sent,
-        r.send_seconds,
-        r.sent as f64 / r.send_seconds.max(1e-9),
-        r.offered_rate,
-        r.bot_sent,
-        r.handover_sent,
-        r.direct_sent,
-        r.send_errors
-    );
-    println!(
-        "answered {} ({:.0}/s), still owed: {} replies, {} offers; offers {} ({:.0}/s), accepts {}, closes {}",
-        r.answered,
-        r.answered_per_s,
-        r.unanswered_replies,
-        r.unanswered_offers,
-        r.offers,
-        r.offers_per_s,
-        r.accepts,
-        r.closes
-    );
-    for (name, l) in [
-        ("end to end", r.e2e),
-        ("bot reply", r.bot),
-        ("hand-over reply", r.handover),
-        ("offer", r.offer),
-    ] {
-        println!(
-            "{name:>16}: n={:<8} p50 {:>8.2} ms  p95 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms",
-            l.count, l.p50_ms, l.p95_ms, l.p99_ms, l.max_ms
-        );
     }
 }
