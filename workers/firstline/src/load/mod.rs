@@ -34,8 +34,8 @@ use uuid::Uuid;
 
 use crate::setup::SetupFile;
 use agents::{read_outbound, start_agents};
-use report::progress;
 pub use report::print_report;
+use report::progress;
 
 mod agents;
 mod report;
