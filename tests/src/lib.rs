@@ -6,7 +6,6 @@
 //! - `FL_TEST_PG_URL`: an admin connection (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`).
 //! - `TEST_LOG=1`: show the workers' logs.
 
-#[path = "api_client.rs"]
 pub mod api;
 
 use std::future::Future;
