@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, next_matching, wait_for_count, TestApp};
+use crate::helpers::{count, eventually, next_matching, wait_for_count, TestApp};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -149,7 +149,7 @@ async fn the_outbox_publishes_what_a_crashed_process_left_behind() {
         )
         .await
         .unwrap();
-    let got = firstline_tests::next_json(&mut sub, "the swept message").await;
+    let got = crate::helpers::next_json(&mut sub, "the swept message").await;
     assert_eq!(got, json!({"left": "behind"}));
     wait_for_count(
         &app.pg,

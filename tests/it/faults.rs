@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use firstline_shared::bus;
-use firstline_tests::{
+use crate::helpers::{
     count, eventually, wait_for_count, TestApp, TestDb, TestNats, TestPostgres, WorkerProcess,
 };
+use firstline_shared::bus;
 use serde_json::json;
 
 const SETUP: &str = r#"{"tenants":[{"id":"t1","dispatch_cycle_seconds":30,"channels":[

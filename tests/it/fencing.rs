@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use crate::helpers::{count, TestApp, TestNats};
 use firstline::nats_config::{self, Gateway};
 use firstline_shared::domain::TenantId;
-use firstline_tests::{count, TestApp, TestNats};
 use tokio::sync::mpsc;
 
 const SETUP: &str = r#"{"tenants":[

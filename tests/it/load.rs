@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::helpers::{count, wait_for_count, TestApp};
 use firstline::load::{self, LoadOptions};
-use firstline_tests::{count, wait_for_count, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_the_load_generator_sends_is_handled() {
@@ -233,7 +233,7 @@ async fn a_malformed_message_in_a_batch_is_dead_lettered_alone() {
     let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     assert_eq!(texts_in_order(&app, "U1").await, expected);
     let letters =
-        firstline_tests::eventually("two dead letters", Duration::from_secs(10), || async {
+        crate::helpers::eventually("two dead letters", Duration::from_secs(10), || async {
             let l = app
                 .stored("FL_DEADLETTER", "fl.*.deadletter.FL_INBOUND")
                 .await;
@@ -339,9 +339,9 @@ async fn ingest_with_one_stored(
     app: &TestApp,
     customer: &str,
     text: &str,
-) -> (firstline_tests::WorkerProcess, String, Option<String>) {
+) -> (crate::helpers::WorkerProcess, String, Option<String>) {
     use firstline_shared::subjects;
-    let ingest = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+    let ingest = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
     app.customer_says("t1", "mail", customer, text).await;
     wait_for_count(
         &app.pg,
@@ -459,7 +459,7 @@ async fn a_delivery_still_out_when_the_pin_moves_is_waited_for_by_a_fresh_instan
     for text in ["1", "2", "3"] {
         app.customer_says("t1", "mail", "U1", text).await;
     }
-    let mut fresh = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+    let mut fresh = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
 
     u1_stored_in_order(&app, 5).await;
     fresh.kill();

@@ -2,6 +2,8 @@
 //! crate again; here they link once. A test is named `<module>::<function>`, so
 //! `cargo nextest run -p firstline-tests -E 'test(/^dispatch::/)'` runs one file's tests.
 
+mod helpers;
+
 mod api;
 mod bot;
 mod bus;

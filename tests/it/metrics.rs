@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{next_matching, TestApp};
+use crate::helpers::{next_matching, TestApp};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, wait_for_count, TestApp, WorkerProcess};
+use crate::helpers::{count, eventually, wait_for_count, TestApp, WorkerProcess};
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;

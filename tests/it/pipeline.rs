@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, next_json, next_matching, wait_for_count, TestApp};
+use crate::helpers::{count, eventually, next_json, next_matching, wait_for_count, TestApp};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -495,7 +495,7 @@ async fn offers_respect_readiness_and_limits() {
 /// conversation, and an offer above an agent's D1 limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_refuses_double_offers_and_offers_beyond_d1() {
-    let db = firstline_tests::TestDb::create().await;
+    let db = crate::helpers::TestDb::create().await;
     let file = firstline::setup::SetupFile::parse(
         r#"{"tenants":[{"id":"t1","offer_limit":3,"channels":[{"id":"mail","bot_enabled":false}],
             "agents":[{"id":"amy","capacity":2},{"id":"ben","capacity":5}]}]}"#,
