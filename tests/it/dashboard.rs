@@ -231,6 +231,7 @@ async fn wait_shown(page: &mut Page, what: &str, ok: impl Fn(&Value) -> bool) ->
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}; the page shows {v}"
         );
+        // The poll interval of this wait, which reports what the page last showed.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -76,6 +76,7 @@ async fn hook(
             body,
         });
     if path == "slow" {
+        // The hanging endpoint (the scenario), not a wait for state.
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
     let status = {

@@ -9,6 +9,6 @@ mod postgres;
 pub use app::TestApp;
 pub use firstline_tests::db::{count, TestDb};
 pub use firstline_tests::nats::TestNats;
-pub use firstline_tests::wait::{eventually, next_json, next_matching, wait_for_count};
+pub use firstline_tests::wait::{eventually, holds_for, next_json, next_matching, wait_for_count};
 pub use firstline_tests::workers::WorkerProcess;
 pub use postgres::TestPostgres;
