@@ -27,7 +27,8 @@ use firstline_bot_router::keywords::{KeywordMatcher, KeywordRule, MatchKind, Rul
 use firstline_bot_router::setup::BotFile;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::domain::ChannelId;
-use firstline_tests::{TestDb, TestNats};
+use firstline_tests::db::TestDb;
+use firstline_tests::nats::TestNats;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use firstline::load::{self, LoadOptions, LoadReport};
 use firstline_shared::config::CommonConfig;
-use firstline_tests::{TestDb, TestNats, WorkerProcess};
+use firstline_tests::db::TestDb;
+use firstline_tests::nats::TestNats;
+use firstline_tests::workers::WorkerProcess;
 use futures::StreamExt;
 use serde_json::json;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use firstline_tests::{next_matching, TestApp};
+use crate::helpers::{next_matching, TestApp};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -79,6 +79,7 @@ async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters
             tokio::time::Instant::now() < deadline,
             "missing {missing:?} in:\n{body}"
         );
+        // The poll interval of this wait, which reports the series still missing.
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(value(&body, r#"fl_offers_total{tenant="t1"}"#), Some(1.0));

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use firstline_tests::api::TestApi;
-use firstline_tests::{eventually, next_matching, TestApp};
+use crate::helpers::api::TestApi;
+use crate::helpers::{eventually, next_matching, TestApp};
 use serde_json::{json, Value};
 use uuid::Uuid;
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::Value;
 
-use crate::TestApp;
+use super::TestApp;
 
 /// A running API and an HTTP client for it.
 pub struct TestApi {
@@ -43,7 +43,7 @@ impl TestApp {
             base,
             http: reqwest::Client::new(),
         };
-        crate::eventually("the API to answer", Duration::from_secs(20), || async {
+        firstline_tests::wait::eventually("the API to answer", Duration::from_secs(20), || async {
             let r = api
                 .http
                 .get(format!("{}/healthz", api.base))

@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
+use crate::helpers::TestNats;
 use firstline_shared::bus::{self, Outgoing};
-use firstline_tests::TestNats;
 
 /// More messages than the client's 5,000 in-flight publish permits: sending them all before
 /// reading any ack would wait forever. They are all stored, once each.

@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, next_json, next_matching, wait_for_count, TestApp};
+use crate::helpers::{
+    count, eventually, holds_for, next_json, next_matching, wait_for_count, TestApp,
+};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -400,8 +402,12 @@ async fn offers_respect_readiness_and_limits() {
         2,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(open_offers().await, 0);
+    holds_for(
+        "no offer while nobody is ready",
+        Duration::from_millis(300),
+        || async { open_offers().await == 0 },
+    )
+    .await;
 
     // D1/D2: amy ready with 10 remaining -> 3; ben ready with capacity 1 -> 1. Cap 4.
     app.presence("t1", "amy", "ready", 10, &[]).await;
@@ -410,8 +416,12 @@ async fn offers_respect_readiness_and_limits() {
         (open_offers().await == 4).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(open_offers().await, 4, "never above the D2 cap");
+    holds_for(
+        "never above the D2 cap",
+        Duration::from_millis(300),
+        || async { open_offers().await == 4 },
+    )
+    .await;
     let per_agent: Vec<(String, i64)> = app
         .pg
         .query("SELECT agent_id, count(*) FROM offers WHERE status = 'open' GROUP BY agent_id ORDER BY agent_id", &[])
@@ -450,8 +460,12 @@ async fn offers_respect_readiness_and_limits() {
         1,
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(open_offers().await, 3);
+    holds_for(
+        "amy's three offers, none to ben",
+        Duration::from_millis(300),
+        || async { open_offers().await == 3 },
+    )
+    .await;
 
     // An accept without an offer is refused with a reason, and changes nothing.
     let mut ben_notes = app.client.subscribe("fl.t1.notify.ben").await.unwrap();
@@ -495,7 +509,7 @@ async fn offers_respect_readiness_and_limits() {
 /// conversation, and an offer above an agent's D1 limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_database_refuses_double_offers_and_offers_beyond_d1() {
-    let db = firstline_tests::TestDb::create().await;
+    let db = crate::helpers::TestDb::create().await;
     let file = firstline::setup::SetupFile::parse(
         r#"{"tenants":[{"id":"t1","offer_limit":3,"channels":[{"id":"mail","bot_enabled":false}],
             "agents":[{"id":"amy","capacity":2},{"id":"ben","capacity":5}]}]}"#,

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use crate::helpers::{count, next_json, next_matching, TestApp};
 use chrono::{Timelike, Utc};
-use firstline_tests::{count, next_json, next_matching, TestApp};
 use serde_json::{json, Value};
 
 const SETUP: &str = r#"{"tenants":[{

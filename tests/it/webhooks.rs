@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::helpers::{count, eventually, TestApp};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use firstline_tests::{count, eventually, TestApp};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -76,6 +76,7 @@ async fn hook(
             body,
         });
     if path == "slow" {
+        // The hanging endpoint (the scenario), not a wait for state.
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
     let status = {

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use firstline_tests::api::TestApi;
-use firstline_tests::TestApp;
+use crate::helpers::api::TestApi;
+use crate::helpers::TestApp;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -104,8 +104,8 @@ async fn an_agent_gets_an_offer_accepts_it_over_the_api_then_the_customers_next_
     drop(socket);
     app.customer_says("acme", "mail", "C1", "還在嗎？").await;
     app.customer_says("acme", "mail", "C1", "hello?").await;
-    firstline_tests::eventually("both stored", Duration::from_secs(10), || async {
-        let n = firstline_tests::count(
+    crate::helpers::eventually("both stored", Duration::from_secs(10), || async {
+        let n = crate::helpers::count(
             &app.pg,
             "SELECT count(*) FROM messages WHERE author = 'customer'",
             &[],
@@ -132,8 +132,8 @@ async fn a_desktop_connecting_later_learns_of_its_open_offers_from_the_snapshot(
     let amy = app.token("acme", "agent", Some("amy")).await;
     api.presence(&amy, "amy", "ready").await;
     app.customer_says("acme", "mail", "S1", "hi").await;
-    let offered = firstline_tests::eventually("an open offer", Duration::from_secs(20), || async {
-        let n = firstline_tests::count(
+    let offered = crate::helpers::eventually("an open offer", Duration::from_secs(20), || async {
+        let n = crate::helpers::count(
             &app.pg,
             "SELECT count(*) FROM offers WHERE status = 'open'",
             &[],

@@ -5,10 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::helpers::{eventually, next_matching, TestApp};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::routing::post;
-use firstline_tests::{eventually, next_matching, TestApp};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -60,7 +60,7 @@ async fn one_trace_runs_from_the_gateway_to_the_agents_notification() {
     // Amy is ready before the message arrives, so the pass that offers it is the one the
     // message's queue signal starts (and not a presence pass, in another trace).
     eventually("amy ready", Duration::from_secs(20), || async {
-        let ready = firstline_tests::count(
+        let ready = crate::helpers::count(
             &app.pg,
             "SELECT count(*) FROM agents WHERE status = 'ready'",
             &[],

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use firstline_tests::{count, eventually, wait_for_count, TestApp, WorkerProcess};
+use crate::helpers::{count, eventually, wait_for_count, TestApp, WorkerProcess};
 use futures::StreamExt;
 use serde_json::json;
 use uuid::Uuid;
@@ -120,6 +120,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
                 let client = client.clone();
                 let delay = rng.below(300);
                 tokio::spawn(async move {
+                    // The agent's think time (the scenario), not a wait for state.
                     tokio::time::sleep(Duration::from_millis(delay)).await;
                     let action_id = Uuid::new_v4();
                     let body = json!({"version": 1, "action_id": action_id, "type": kind, "conversation_id": conversation});
@@ -160,6 +161,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
                         body.to_string().into(),
                     )
                     .await;
+                // The churn's pace (the scenario), not a wait for state.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -174,6 +176,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
                 .await;
         }
         if i.is_multiple_of(25) {
+            // The arrivals' pace (the scenario), not a wait for state.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if i == 375 {
@@ -185,6 +188,7 @@ async fn three_dispatchers_two_tenants_one_killed_keep_every_rule() {
     }
 
     // Drain: presence settles with everyone ready; agents accept everything.
+    // The churn goes on for 3 s more over the restarted dispatcher (the scenario), not a wait.
     tokio::time::sleep(Duration::from_secs(3)).await;
     churning.store(false, Ordering::Relaxed);
     churn_task.await.unwrap();

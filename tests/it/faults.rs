@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
-use firstline_shared::bus;
-use firstline_tests::{
+use crate::helpers::{
     count, eventually, wait_for_count, TestApp, TestDb, TestNats, TestPostgres, WorkerProcess,
 };
+use firstline_shared::bus;
 use serde_json::json;
 
 const SETUP: &str = r#"{"tenants":[{"id":"t1","dispatch_cycle_seconds":30,"channels":[
@@ -38,7 +38,8 @@ async fn every_message_is_stored_once_through_worker_crashes_and_a_nats_restart(
     // The gateway: 600 messages, 30 customers, about 100 per second.
     let gateway = tokio::spawn(gateway_load(app.js.clone(), Duration::from_millis(10)));
 
-    // Kill each kind of worker mid-load, and restart it; then the NATS server.
+    // Kill each kind of worker mid-load, and restart it; then the NATS server. The sleeps are
+    // the fault schedule over the gateway's ~6 s of load (the scenario), not waits for state.
     for worker in workers.iter_mut() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         worker.kill();
@@ -194,6 +195,7 @@ async fn two_ingest_instances_one_killed_keep_each_conversations_order() {
                 }
             }
         }
+        // The gateway's pace (the scenario), not a wait for state.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -258,8 +260,10 @@ async fn gateway_load(js: async_nats::jetstream::Context, pause: Duration) {
             .await
             .is_err()
             {
+                // The gateway's retry back-off while NATS is down, not a wait for state.
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
+            // The gateway's pace (the scenario), not a wait for state.
             tokio::time::sleep(pause).await;
         }
     }
@@ -315,6 +319,7 @@ async fn every_message_is_stored_once_and_in_order_through_a_postgres_crash() {
         app.presence("t1", &format!("a{a}"), "ready", 10, &[]).await;
     }
     let gateway = tokio::spawn(gateway_load(app.js.clone(), Duration::from_millis(5)));
+    // The crash 1 s into the load and a 2 s outage (the scenario), not waits for state.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     postgres.crash();
     tokio::time::sleep(Duration::from_millis(2000)).await;

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::helpers::{eventually, next_matching, TestApp};
 use base64::Engine as _;
-use firstline_tests::{eventually, next_matching, TestApp};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -231,6 +231,7 @@ async fn wait_shown(page: &mut Page, what: &str, ok: impl Fn(&Value) -> bool) ->
             tokio::time::Instant::now() < deadline,
             "timed out waiting for {what}; the page shows {v}"
         );
+        // The poll interval of this wait, which reports what the page last showed.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::helpers::{count, eventually, holds_for, wait_for_count, TestApp};
 use firstline::load::{self, LoadOptions};
-use firstline_tests::{count, wait_for_count, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_the_load_generator_sends_is_handled() {
@@ -232,14 +232,13 @@ async fn a_malformed_message_in_a_batch_is_dead_lettered_alone() {
     .await;
     let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
     assert_eq!(texts_in_order(&app, "U1").await, expected);
-    let letters =
-        firstline_tests::eventually("two dead letters", Duration::from_secs(10), || async {
-            let l = app
-                .stored("FL_DEADLETTER", "fl.*.deadletter.FL_INBOUND")
-                .await;
-            (l.len() == 2).then_some(l)
-        })
-        .await;
+    let letters = eventually("two dead letters", Duration::from_secs(10), || async {
+        let l = app
+            .stored("FL_DEADLETTER", "fl.*.deadletter.FL_INBOUND")
+            .await;
+        (l.len() == 2).then_some(l)
+    })
+    .await;
     assert!(letters
         .iter()
         .any(|l| l["payload"] == "{not json" && l["deliveries"] == 1));
@@ -280,11 +279,10 @@ async fn duplicates_in_a_batch_are_stored_once() {
     )
     .await;
     // Give a wrongly stored copy the time to appear.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        texts_in_order(&app, "U1").await,
-        vec!["first", "second", "third"]
-    );
+    holds_for("each stored once", Duration::from_millis(500), || async {
+        texts_in_order(&app, "U1").await == ["first", "second", "third"]
+    })
+    .await;
     let conversations = count(&app.pg, "SELECT count(*) FROM conversations", &[]).await;
     assert_eq!(conversations, 1);
 }
@@ -339,9 +337,9 @@ async fn ingest_with_one_stored(
     app: &TestApp,
     customer: &str,
     text: &str,
-) -> (firstline_tests::WorkerProcess, String, Option<String>) {
+) -> (crate::helpers::WorkerProcess, String, Option<String>) {
     use firstline_shared::subjects;
-    let ingest = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+    let ingest = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
     app.customer_says("t1", "mail", customer, text).await;
     wait_for_count(
         &app.pg,
@@ -426,7 +424,16 @@ async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
         assert!(status.success(), "kill {sig}");
     };
     signal("-STOP");
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
+    eventually(
+        "the frozen worker's pull request expired",
+        Duration::from_secs(20),
+        || async {
+            let info = stream.consumer_info(&durable).await.unwrap();
+            (info.num_waiting == 0).then_some(())
+        },
+    )
+    .await;
     for text in ["1", "2", "3"] {
         app.customer_says("t1", "mail", "U1", text).await;
     }
@@ -459,7 +466,7 @@ async fn a_delivery_still_out_when_the_pin_moves_is_waited_for_by_a_fresh_instan
     for text in ["1", "2", "3"] {
         app.customer_says("t1", "mail", "U1", text).await;
     }
-    let mut fresh = firstline_tests::WorkerProcess::start("firstline-ingest", &app.config);
+    let mut fresh = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
 
     u1_stored_in_order(&app, 5).await;
     fresh.kill();

@@ -1,0 +1,21 @@
+//! The end-to-end tests, as one binary: each module was its own test binary, linking every
+//! crate again; here they link once. A test is named `<module>::<function>`, so
+//! `cargo nextest run -p firstline-tests -E 'test(/^dispatch::/)'` runs one file's tests.
+
+mod helpers;
+
+mod api;
+mod bot;
+mod bus;
+mod dashboard;
+mod dispatch;
+mod faults;
+mod fencing;
+mod live;
+mod load;
+mod metrics;
+mod multi_instance;
+mod pipeline;
+mod schemas;
+mod tracing;
+mod webhooks;

@@ -1,0 +1,113 @@
+//! A NATS JetStream server of the test's own: the pinned `nats-server` binary
+//! (`NATS_SERVER_BIN`, 2.10 or later) on a free port with a temporary store, which the test
+//! can kill and start again.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::wait::eventually;
+
+/// A NATS server of this test's own, killed when dropped.
+pub struct TestNats {
+    child: Child,
+    dir: PathBuf,
+    pub port: u16,
+    pub url: String,
+}
+
+impl TestNats {
+    pub async fn start() -> Self {
+        Self::start_with_config("", None).await
+    }
+
+    /// A server with this configuration text (users, permissions...) added; `login` is the
+    /// user and password put in [`TestNats::url`] for the workers and the test's client.
+    pub async fn start_with_config(config: &str, login: Option<(&str, &str)>) -> Self {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        let version = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {bin}: {e}; run scripts/test, which installs NATS")
+            });
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        assert!(
+            !version.contains("v2.9.") && !version.contains("v2.8."),
+            "{bin} is {version}: the tests need NATS 2.10 or later (scripts/test installs the pinned release)"
+        );
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("fl-test-nats-{}", Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("nats-server.conf");
+        std::fs::write(&conf, config).unwrap();
+        let child = Self::spawn_server(&bin, &dir, port);
+        let url = match login {
+            Some((user, password)) => format!("nats://{user}:{password}@127.0.0.1:{port}"),
+            None => format!("nats://127.0.0.1:{port}"),
+        };
+        let nats = TestNats {
+            child,
+            dir,
+            port,
+            url,
+        };
+        // A TCP check: a server with users refuses anonymous clients.
+        eventually("NATS listens", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", nats.port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
+        nats
+    }
+
+    fn spawn_server(bin: &str, dir: &std::path::Path, port: u16) -> Child {
+        Command::new(bin)
+            .arg("-c")
+            .arg(dir.join("nats-server.conf"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server")
+    }
+
+    /// The server's process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts the server again on the same port with the same store (after [`TestNats::kill`]).
+    pub fn restart(&mut self) {
+        let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+        self.child = Self::spawn_server(&bin, &self.dir, self.port);
+    }
+
+    /// Stops the server (as a crash would: SIGKILL), keeping its store.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for TestNats {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A port nobody listens on now (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
