@@ -16,6 +16,7 @@ mod load;
 mod metrics;
 mod multi_instance;
 mod pipeline;
+mod readme;
 mod schemas;
 mod tracing;
 mod webhooks;
