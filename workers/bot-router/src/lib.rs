@@ -13,12 +13,15 @@
 
 pub mod decide;
 pub mod flow;
-pub mod hours;
 pub mod kb;
 pub mod keywords;
 pub mod setup;
 mod store;
 pub mod text;
+
+/// Business hours moved to the shared crate (the API checks them too); kept under this path
+/// for the benchmarks and tests that import it.
+pub use firstline_shared::hours;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,12 +13,12 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use firstline_shared::domain::{ChannelId, SkillSet, TenantId};
+use firstline_shared::hours::BusinessHours;
 use firstline_shared::survey::Survey;
 use serde::{Deserialize, Deserializer};
 use tokio_postgres::GenericClient;
 
 use crate::flow::{FlowDef, Step};
-use crate::hours::BusinessHours;
 use crate::kb::Article;
 use crate::keywords::{KeywordMatcher, KeywordRule};
 
