@@ -253,6 +253,7 @@ mod tests {
     /// 10 s): the shutdown gives up after [`FLUSH_TIMEOUT`].
     #[test]
     fn a_collector_that_never_answers_does_not_hang_the_shutdown() {
+        crate::install_crypto_provider();
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", silent.local_addr().unwrap());
         let provider = build_provider("firstline-test", Some(endpoint)).unwrap();
