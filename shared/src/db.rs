@@ -143,6 +143,62 @@ pub async fn tenant_settings(
     }))
 }
 
+/// SPEC D8: the dispatch cycles a tenant may set, in seconds.
+pub const DISPATCH_CYCLE_SECONDS: std::ops::RangeInclusive<i32> = 5..=86_400;
+/// SPEC D1: the offer limits a tenant may set.
+pub const OFFER_LIMIT: std::ops::RangeInclusive<i32> = 1..=50;
+
+/// A change of a tenant's settings: a field left `None` keeps its stored value. Callers check
+/// the values first (each names the problem its own way).
+#[derive(Clone, Debug, Default)]
+pub struct TenantSettingsPatch {
+    pub name: Option<String>,
+    /// SPEC D8, in [`DISPATCH_CYCLE_SECONDS`].
+    pub dispatch_cycle_seconds: Option<i32>,
+    /// SPEC D1, in [`OFFER_LIMIT`].
+    pub offer_limit: Option<i32>,
+    /// SPEC L4: whole messages that hand over to an agent.
+    pub handover_keywords: Option<Vec<String>>,
+    /// What the bot says when nothing matches.
+    pub bot_reply: Option<String>,
+    pub handover_reply: Option<String>,
+    /// A knowledge-base article answers when its score reaches this (0..1].
+    pub kb_min_score: Option<f32>,
+}
+
+/// The one writer of a tenant's settings (the API's `PATCH /api/v1/settings`,
+/// `firstline configure` and `firstline bot load` all call it). Returns the rows changed:
+/// 0 when the tenant does not exist.
+pub async fn update_tenant_settings(
+    client: &impl tokio_postgres::GenericClient,
+    tenant: &TenantId,
+    patch: &TenantSettingsPatch,
+) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE tenants SET
+                 name = coalesce($2, name),
+                 dispatch_cycle_seconds = coalesce($3, dispatch_cycle_seconds),
+                 offer_limit = coalesce($4, offer_limit),
+                 handover_keywords = coalesce($5, handover_keywords),
+                 bot_reply = coalesce($6, bot_reply),
+                 handover_reply = coalesce($7, handover_reply),
+                 kb_min_score = coalesce($8, kb_min_score)
+             WHERE id = $1",
+            &[
+                &tenant.as_str(),
+                &patch.name,
+                &patch.dispatch_cycle_seconds,
+                &patch.offer_limit,
+                &patch.handover_keywords,
+                &patch.bot_reply,
+                &patch.handover_reply,
+                &patch.kb_min_score,
+            ],
+        )
+        .await
+}
+
 /// A conversation with what events and notifications need to say about it.
 #[derive(Clone, Debug)]
 pub struct Conversation {

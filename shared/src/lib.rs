@@ -6,11 +6,15 @@
 //! - [`config`]: the settings every worker reads (flags or `FL_*` variables).
 //! - [`telemetry`]: tracing and OpenTelemetry set-up, trace context in NATS headers.
 //! - [`bus`]: NATS JetStream set-up, publishing, and the consume loop that decides acks and dead letters.
-//! - [`db`]: the Postgres pool, migrations and the queries shared by several workers.
+//! - [`db`]: the Postgres pool, migrations and the queries shared by several workers (the one
+//!   writer of tenant settings among them).
+//! - [`hours`]: a channel's business hours (營業時間): the configured form, its checks, and
+//!   whether the channel is open (the API checks them, the bot-router applies them).
 //! - [`metrics`]: the Prometheus metrics every worker reports.
 //! - [`outbox`]: messages written in the same transaction as the state change, published after commit.
-//! - [`shutdown`]: one cancellation token for SIGINT/SIGTERM.
-//! - [`worker`]: start-up and the `main` shared by the worker binaries.
+//! - [`shutdown`]: one cancellation token for SIGINT/SIGTERM; a second signal exits at once.
+//! - [`worker`]: start-up, the background tasks waited for at the end, and the `main` shared
+//!   by the worker binaries.
 
 pub mod batch;
 pub mod bus;
@@ -18,6 +22,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod error;
+pub mod hours;
 pub mod metrics;
 pub mod outbox;
 pub mod shutdown;

@@ -4,6 +4,7 @@
 //! so one trace runs from a gateway's publish to the agent's notification (DESIGN.md).
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector};
@@ -17,24 +18,63 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps the tracer provider; call [`Telemetry::shutdown`] on exit to flush spans.
+/// How long the exit waits for the span export to finish: a collector that is down or does
+/// not answer must not hang the process (STYLE: flush telemetry under a timeout).
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Keeps the tracer provider; call [`Telemetry::shutdown`] on exit to flush spans. (Metrics
+/// are scraped by Prometheus: nothing of them to flush.)
 pub struct Telemetry {
     provider: SdkTracerProvider,
 }
 
 impl Telemetry {
-    /// Exports the spans finished so far now, instead of at the batch's next tick.
+    /// Exports the spans finished so far now, instead of at the batch's next tick; waits at
+    /// most [`FLUSH_TIMEOUT`].
     pub fn flush(&self) {
-        if let Err(e) = self.provider.force_flush() {
-            tracing::warn!("telemetry flush: {e}");
+        let provider = self.provider.clone();
+        if let Err(e) = bounded("flush", FLUSH_TIMEOUT, move || provider.force_flush()) {
+            tracing::warn!("telemetry {e}");
         }
     }
 
-    /// Flushes and stops span export. Bounded: the SDK's own export timeout applies.
+    /// Flushes and stops span export; waits at most [`FLUSH_TIMEOUT`], then gives up on what
+    /// is not exported (the export thread is left to the process's exit).
     pub fn shutdown(self) {
-        if let Err(e) = self.provider.shutdown() {
+        let provider = self.provider;
+        if let Err(e) = bounded("shutdown", FLUSH_TIMEOUT, move || provider.shutdown()) {
+            eprintln!("telemetry {e}");
+        }
+    }
+
+    /// [`Telemetry::shutdown`] from async code: on a blocking thread, so that the runtime
+    /// keeps running meanwhile (a second signal still exits at once, [`crate::shutdown`]).
+    pub async fn shutdown_async(self) {
+        if let Err(e) = tokio::task::spawn_blocking(move || self.shutdown()).await {
             eprintln!("telemetry shutdown: {e}");
         }
+    }
+}
+
+/// Runs `f` on a thread of its own and waits for it at most `timeout`; the error says what
+/// went wrong (`shutdown: ...`).
+fn bounded<E: std::fmt::Display + Send + 'static>(
+    what: &'static str,
+    timeout: Duration,
+    f: impl FnOnce() -> Result<(), E> + Send + 'static,
+) -> Result<(), String> {
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("telemetry-{what}"))
+        .spawn(move || {
+            let _ = done.send(f().map_err(|e| e.to_string()));
+        })
+        .map_err(|e| format!("{what}: starting its thread: {e}"))?;
+    match result.recv_timeout(timeout) {
+        Ok(outcome) => outcome.map_err(|e| format!("{what}: {e}")),
+        Err(_) => Err(format!(
+            "{what}: not done after {timeout:?}, giving up on the spans not exported"
+        )),
     }
 }
 
@@ -91,13 +131,23 @@ fn tracer_provider(
     endpoint: Option<String>,
 ) -> anyhow::Result<SdkTracerProvider> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let endpoint = endpoint.or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
+    let provider = build_provider(service, endpoint)?;
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    Ok(provider)
+}
+
+/// The tracer provider of `service`, exporting to `endpoint` when there is one.
+fn build_provider(
+    service: &'static str,
+    endpoint: Option<String>,
+) -> anyhow::Result<SdkTracerProvider> {
     let mut builder = SdkTracerProvider::builder()
         .with_resource(Resource::builder().with_service_name(service).build());
     // OTLP over HTTP/protobuf (Jaeger and Tempo take it on :4318). The exporter reads
     // OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_EXPORTER_OTLP_TIMEOUT...; the sampler reads
     // OTEL_TRACES_SAMPLER(_ARG). The batch processor exports from its own thread, which the
     // blocking HTTP client suits.
-    let endpoint = endpoint.or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
     if let Some(endpoint) = endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -105,9 +155,7 @@ fn tracer_provider(
             .build()?;
         builder = builder.with_batch_exporter(exporter);
     }
-    let provider = builder.build();
-    opentelemetry::global::set_tracer_provider(provider.clone());
-    Ok(provider)
+    Ok(builder.build())
 }
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);
@@ -178,4 +226,42 @@ pub fn current_traceparent() -> Option<String> {
     let mut headers = HeaderMap::new();
     inject_current(&mut headers);
     headers.get("traceparent").map(|v| v.as_str().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::Tracer as _;
+    use std::time::Instant;
+
+    #[test]
+    fn a_slow_step_is_given_up_after_the_timeout() {
+        let started = Instant::now();
+        let outcome = bounded("shutdown", Duration::from_millis(100), || {
+            std::thread::sleep(Duration::from_secs(30));
+            Ok::<(), String>(())
+        });
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(outcome.unwrap_err().starts_with("shutdown: not done after"));
+        assert_eq!(
+            bounded("flush", Duration::from_secs(5), || Err("refused")),
+            Err("flush: refused".to_owned())
+        );
+    }
+
+    /// A collector that takes the connection and never answers (the exporter's own timeout is
+    /// 10 s): the shutdown gives up after [`FLUSH_TIMEOUT`].
+    #[test]
+    fn a_collector_that_never_answers_does_not_hang_the_shutdown() {
+        crate::install_crypto_provider();
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        let provider = build_provider("firstline-test", Some(endpoint)).unwrap();
+        provider.tracer("test").in_span("never exported", |_| {});
+        let started = Instant::now();
+        Telemetry { provider }.shutdown();
+        let took = started.elapsed();
+        assert!(took < FLUSH_TIMEOUT + Duration::from_secs(2), "{took:?}");
+        drop(silent);
+    }
 }

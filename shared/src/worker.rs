@@ -1,23 +1,30 @@
 //! What every worker does at start and stop: connect to NATS and Postgres, create the
-//! streams, apply migrations, sweep the outbox; and a `main` shared by the worker binaries
-//! (parse settings, set up telemetry, run until SIGINT/SIGTERM, flush telemetry).
+//! streams, apply migrations, sweep the outbox, and at the end wait for its background tasks;
+//! and a `main` shared by the worker binaries (parse settings, set up telemetry, run until
+//! SIGINT/SIGTERM, flush telemetry under a timeout).
 
 use std::future::Future;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::bus::{self, JetStream};
 use crate::config::CommonConfig;
 use crate::{db, outbox, shutdown, telemetry};
 
-/// The connections a worker works with.
+/// The connections a worker works with, and its background tasks.
 #[derive(Clone)]
 pub struct Services {
     pub nats: async_nats::Client,
     pub js: JetStream,
     pub pool: Pool,
+    /// The outbox sweeper and what the worker adds ([`Services::spawn`], [`Services::tasks`]);
+    /// [`Services::close`] waits for them.
+    tasks: TaskTracker,
+    /// Cancelled at shutdown or by [`Services::close`]: background tasks stop on it.
+    stopping: CancellationToken,
 }
 
 impl Services {
@@ -33,17 +40,49 @@ impl Services {
         bus::ensure_streams(&js).await?;
         db::migrate(&config.database_url).await?;
         let pool = db::pool(config)?;
-        tokio::spawn(outbox::sweep(
-            js.clone(),
-            pool.clone(),
+        let services = Self {
+            nats,
+            js,
+            pool,
+            tasks: TaskTracker::new(),
+            stopping: shutdown.child_token(),
+        };
+        services.spawn(outbox::sweep(
+            services.js.clone(),
+            services.pool.clone(),
             Duration::from_secs(2),
-            shutdown.clone(),
+            services.stopping(),
         ));
-        Ok(Self { nats, js, pool })
+        Ok(services)
     }
 
-    /// Flushes what the client still buffers before the process exits.
+    /// Runs `task` beside the worker; [`Services::close`] waits for it. It should end when
+    /// [`Services::stopping`] is cancelled.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// The tracker [`Services::close`] waits on: a task that something else spawns (an
+    /// upgraded WebSocket) holds one of its tokens while it runs.
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
+    /// Cancelled at shutdown, or when the worker closes (after a failure too): what
+    /// background tasks stop on.
+    pub fn stopping(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Stops the background tasks and waits for them, then flushes what the NATS client
+    /// still buffers before the process exits.
     pub async fn close(self) {
+        self.stopping.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
         if let Err(e) = self.nats.flush().await {
             tracing::warn!("flushing NATS on shutdown: {e}");
         }
@@ -56,7 +95,9 @@ pub trait WorkerConfig: clap::Parser {
 }
 
 /// The body of every worker binary's `main`: parses the settings, then runs the worker on a
-/// runtime of `FL_WORKER_THREADS` threads ([`runtime`]) until SIGINT/SIGTERM.
+/// runtime of `FL_WORKER_THREADS` threads ([`runtime`]) until SIGINT/SIGTERM (a second one
+/// exits at once, [`shutdown::on_signals`]), then flushes telemetry for at most
+/// [`telemetry::FLUSH_TIMEOUT`].
 pub fn main<C, F, Fut>(service: &'static str, run: F) -> anyhow::Result<()>
 where
     C: WorkerConfig,
@@ -73,7 +114,7 @@ where
         if let Err(e) = &result {
             tracing::error!("{service} failed: {e:#}");
         }
-        telemetry.shutdown();
+        telemetry.shutdown_async().await;
         result
     })
 }

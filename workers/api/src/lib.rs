@@ -32,6 +32,7 @@ use firstline_shared::bus::JetStream;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::worker::Services;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
@@ -76,6 +77,9 @@ pub struct AppState {
     pub nats: async_nats::Client,
     /// Ends WebSocket and event streams when the process stops.
     pub shutdown: CancellationToken,
+    /// The worker's background tasks: a live session is one (a token of it) while it runs,
+    /// so that the worker waits for it to end before it exits.
+    pub tasks: TaskTracker,
     pub doc: Arc<utoipa::openapi::OpenApi>,
 }
 
@@ -125,6 +129,7 @@ pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
         js: services.js.clone(),
         nats: services.nats.clone(),
         shutdown,
+        tasks: services.tasks(),
         doc: Arc::new(doc),
     };
     router
@@ -185,7 +190,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 }
 
 /// Serves on `listener` (tests bind port 0 first) until `shutdown`; runs the webhook consumer
-/// and sender beside it.
+/// and sender beside it. Returns when the HTTP connections, the live sessions and the webhook
+/// deliveries in flight have ended.
 pub async fn serve(
     config: Config,
     listener: tokio::net::TcpListener,
@@ -193,7 +199,8 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     install_crypto();
     let services = Services::start(&config.common, &shutdown).await?;
-    let app = app(&services, shutdown.clone());
+    // Live sessions and event streams end at shutdown, or when the worker closes after a failure.
+    let app = app(&services, services.stopping());
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     let hooks = webhooks::run(&services, &config.common, config.webhooks, shutdown.clone());
     let http = async {

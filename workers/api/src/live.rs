@@ -89,11 +89,14 @@ pub async fn agent_live(
         ))
     })?;
     let tenant = p.tenant;
+    // The worker waits for the session at shutdown (it ends on `state.shutdown`).
+    let running = state.tasks.token();
     Ok(upgrade
         .on_upgrade(move |socket| async move {
             if let Err(e) = session(&state, &tenant, &agent, params.after, socket).await {
                 tracing::info!(%agent, "live session ended: {e:#}");
             }
+            drop(running);
         })
         .into_response())
 }

@@ -31,6 +31,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// Webhook delivery settings.
@@ -195,7 +196,9 @@ pub async fn run(
         config,
         wake: wake.clone(),
     };
-    let sending = tokio::spawn(sender.run(shutdown.clone()));
+    // The sender stops at shutdown, or when the consumer ends (after a failure too).
+    let stop_sending = shutdown.child_token();
+    let sending = tokio::spawn(sender.run(stop_sending.clone()));
     let pool = services.pool.clone();
     let consumed = bus::consume(
         &services.js,
@@ -205,6 +208,7 @@ pub async fn run(
         |m| enqueue(&pool, &wake, m),
     )
     .await;
+    stop_sending.cancel();
     sending.await?;
     consumed
 }
@@ -273,7 +277,16 @@ struct Claimed {
 }
 
 impl Sender {
+    /// Sends due deliveries until `shutdown`, then waits for the tries in flight (each ends
+    /// within the request timeout) so that their outcome is recorded.
     async fn run(self, shutdown: CancellationToken) {
+        let in_flight = TaskTracker::new();
+        self.send_due(&in_flight, shutdown).await;
+        in_flight.close();
+        in_flight.wait().await;
+    }
+
+    async fn send_due(self, in_flight: &TaskTracker, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.config.concurrency.max(1)));
         loop {
@@ -295,7 +308,7 @@ impl Sender {
                     return;
                 };
                 let this = this.clone();
-                tokio::spawn(async move {
+                in_flight.spawn(async move {
                     this.send(delivery).await;
                     drop(permit);
                     this.wake.notify_one();

@@ -6,8 +6,8 @@
 use chrono::{DateTime, Utc};
 use firstline_shared::db::BotSays;
 use firstline_shared::domain::{ChannelId, SkillSet};
+use firstline_shared::hours::{AfterHours, Schedule};
 
-use crate::hours::{AfterHours, Schedule};
 use crate::kb::KnowledgeBase;
 use crate::keywords::KeywordMatcher;
 use crate::text::normalize;
@@ -169,9 +169,9 @@ pub fn handover_skills(skills: Option<SkillSet>) -> Option<SkillSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hours::BusinessHours;
     use crate::kb::Article;
     use crate::keywords::{KeywordRule, MatchKind, RuleReply};
+    use firstline_shared::hours::BusinessHours;
 
     fn bot() -> TenantBot {
         TenantBot {

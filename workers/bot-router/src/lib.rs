@@ -13,12 +13,15 @@
 
 pub mod decide;
 pub mod flow;
-pub mod hours;
 pub mod kb;
 pub mod keywords;
 pub mod setup;
 mod store;
 pub mod text;
+
+/// Business hours moved to the shared crate (the API checks them too); kept under this path
+/// for the benchmarks and tests that import it.
+pub use firstline_shared::hours;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,10 +69,11 @@ impl Config {
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
     let caches = Caches::default();
-    let sweeper = tokio::spawn(sweep_idle(
+    // Awaited by `services.close()`; it stops with the worker, after a failure too.
+    services.spawn(sweep_idle(
         services.clone(),
         Duration::from_secs_f64(config.idle_sweep_secs.max(0.1)),
-        shutdown.clone(),
+        services.stopping(),
     ));
     // A partition's messages in order, up to `partition_batch` at a time in one transaction.
     let result = bus::consume_partitioned_batched(
@@ -82,7 +86,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         |batch| handle_batch(&services, &caches, batch),
     )
     .await;
-    let _ = sweeper.await;
     services.close().await;
     result
 }

@@ -12,13 +12,14 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use anyhow::Context as _;
+use firstline_shared::db::{self, TenantSettingsPatch};
 use firstline_shared::domain::{ChannelId, SkillSet, TenantId};
+use firstline_shared::hours::BusinessHours;
 use firstline_shared::survey::Survey;
 use serde::{Deserialize, Deserializer};
 use tokio_postgres::GenericClient;
 
 use crate::flow::{FlowDef, Step};
-use crate::hours::BusinessHours;
 use crate::kb::Article;
 use crate::keywords::{KeywordMatcher, KeywordRule};
 
@@ -190,23 +191,14 @@ impl BotFile {
     pub async fn apply(&self, client: &mut tokio_postgres::Client) -> anyhow::Result<Applied> {
         let tx = client.transaction().await?;
         let tenant = self.tenant.as_str();
-        let updated = tx
-            .execute(
-                "UPDATE tenants SET
-                     handover_keywords = coalesce($2, handover_keywords),
-                     bot_reply = coalesce($3, bot_reply),
-                     handover_reply = coalesce($4, handover_reply),
-                     kb_min_score = coalesce($5::real, kb_min_score)
-                 WHERE id = $1",
-                &[
-                    &tenant,
-                    &self.handover_keywords,
-                    &self.fallback_reply,
-                    &self.handover_reply,
-                    &self.kb_min_score.map(|s| s as f32),
-                ],
-            )
-            .await?;
+        let settings = TenantSettingsPatch {
+            handover_keywords: self.handover_keywords.clone(),
+            bot_reply: self.fallback_reply.clone(),
+            handover_reply: self.handover_reply.clone(),
+            kb_min_score: self.kb_min_score.map(|s| s as f32),
+            ..TenantSettingsPatch::default()
+        };
+        let updated = db::update_tenant_settings(&tx, &self.tenant, &settings).await?;
         anyhow::ensure!(
             updated == 1,
             "tenant {tenant} does not exist: create it first with `firstline configure`"

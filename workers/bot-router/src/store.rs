@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use deadpool_postgres::Transaction;
 use firstline_shared::domain::{ChannelId, TenantId};
+use firstline_shared::hours::{AfterHours, BusinessHours, Schedule};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::decide::TenantBot;
 use crate::flow::FlowDef;
-use crate::hours::{AfterHours, BusinessHours, Schedule};
 use crate::kb::{Article, KnowledgeBase};
 use crate::keywords::{KeywordMatcher, KeywordRule, MatchKind, RuleReply};
 

@@ -412,7 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Schemas { dir } => write_schemas(&dir),
     };
-    telemetry.shutdown();
+    telemetry.shutdown_async().await;
     result
 }
 

@@ -2,6 +2,7 @@
 //! is created or updated; what the file does not mention is left as it is. The whole file is
 //! checked first and applied in one transaction, so a bad file changes nothing.
 
+use firstline_shared::db::{self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT};
 use firstline_shared::domain::{AgentId, ChannelId, SkillSet, TenantId};
 use serde::Deserialize;
 
@@ -84,16 +85,20 @@ impl SetupFile {
         for t in &file.tenants {
             if let Some(c) = t.dispatch_cycle_seconds {
                 anyhow::ensure!(
-                    (5..=86_400).contains(&c),
-                    "tenant {}: dispatch_cycle_seconds must be 5 to 86400, not {c}",
-                    t.id
+                    DISPATCH_CYCLE_SECONDS.contains(&c),
+                    "tenant {}: dispatch_cycle_seconds must be {} to {}, not {c}",
+                    t.id,
+                    DISPATCH_CYCLE_SECONDS.start(),
+                    DISPATCH_CYCLE_SECONDS.end()
                 );
             }
             if let Some(l) = t.offer_limit {
                 anyhow::ensure!(
-                    (1..=50).contains(&l),
-                    "tenant {}: offer_limit must be 1 to 50, not {l}",
-                    t.id
+                    OFFER_LIMIT.contains(&l),
+                    "tenant {}: offer_limit must be {} to {}, not {l}",
+                    t.id,
+                    OFFER_LIMIT.start(),
+                    OFFER_LIMIT.end()
                 );
             }
             for a in &t.agents {
@@ -112,30 +117,24 @@ impl SetupFile {
     pub async fn apply(&self, client: &mut tokio_postgres::Client) -> anyhow::Result<()> {
         let tx = client.transaction().await?;
         for t in &self.tenants {
+            // Created with its id as its name; every setting (the name too) is then written by
+            // the one writer of tenant settings.
             tx.execute(
-                "INSERT INTO tenants AS t (id, name) VALUES ($1, coalesce($2, $1))
-                 ON CONFLICT (id) DO UPDATE SET name = coalesce($2, t.name)",
+                "INSERT INTO tenants (id, name) VALUES ($1, coalesce($2, $1))
+                 ON CONFLICT (id) DO NOTHING",
                 &[&t.id.as_str(), &t.name],
             )
             .await?;
-            tx.execute(
-                "UPDATE tenants SET
-                     dispatch_cycle_seconds = coalesce($2, dispatch_cycle_seconds),
-                     offer_limit = coalesce($3, offer_limit),
-                     handover_keywords = coalesce($4, handover_keywords),
-                     bot_reply = coalesce($5, bot_reply),
-                     handover_reply = coalesce($6, handover_reply)
-                 WHERE id = $1",
-                &[
-                    &t.id.as_str(),
-                    &t.dispatch_cycle_seconds,
-                    &t.offer_limit,
-                    &t.handover_keywords,
-                    &t.bot_reply,
-                    &t.handover_reply,
-                ],
-            )
-            .await?;
+            let settings = TenantSettingsPatch {
+                name: t.name.clone(),
+                dispatch_cycle_seconds: t.dispatch_cycle_seconds,
+                offer_limit: t.offer_limit,
+                handover_keywords: t.handover_keywords.clone(),
+                bot_reply: t.bot_reply.clone(),
+                handover_reply: t.handover_reply.clone(),
+                kb_min_score: None,
+            };
+            db::update_tenant_settings(&tx, &t.id, &settings).await?;
             for c in &t.channels {
                 tx.execute(
                     "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled, priority)

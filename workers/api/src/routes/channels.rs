@@ -4,8 +4,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use firstline_bot_router::hours::BusinessHours;
 use firstline_shared::domain::{ChannelId, SkillSet};
+use firstline_shared::hours::BusinessHours;
 use firstline_shared::survey::Survey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;

@@ -2,6 +2,7 @@
 
 use axum::extract::State;
 use axum::Json;
+use firstline_shared::db::{self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -66,18 +67,34 @@ pub struct SettingsPatch {
 }
 
 impl SettingsPatch {
+    fn to_db(&self) -> TenantSettingsPatch {
+        TenantSettingsPatch {
+            name: self.name.clone(),
+            dispatch_cycle_seconds: self.dispatch_cycle_seconds,
+            offer_limit: self.offer_limit,
+            handover_keywords: self.handover_keywords.clone(),
+            bot_reply: self.bot_reply.clone(),
+            handover_reply: self.handover_reply.clone(),
+            kb_min_score: self.kb_min_score,
+        }
+    }
+
     fn check(&self) -> ApiResult<()> {
         if let Some(c) = self.dispatch_cycle_seconds {
-            if !(5..=86_400).contains(&c) {
+            if !DISPATCH_CYCLE_SECONDS.contains(&c) {
                 return Err(ApiError::invalid(format!(
-                    "dispatch_cycle_seconds must be 5 to 86400, not {c}"
+                    "dispatch_cycle_seconds must be {} to {}, not {c}",
+                    DISPATCH_CYCLE_SECONDS.start(),
+                    DISPATCH_CYCLE_SECONDS.end()
                 )));
             }
         }
         if let Some(l) = self.offer_limit {
-            if !(1..=50).contains(&l) {
+            if !OFFER_LIMIT.contains(&l) {
                 return Err(ApiError::invalid(format!(
-                    "offer_limit must be 1 to 50, not {l}"
+                    "offer_limit must be {} to {}, not {l}",
+                    OFFER_LIMIT.start(),
+                    OFFER_LIMIT.end()
                 )));
             }
         }
@@ -154,29 +171,7 @@ pub async fn patch_settings(
     p.admin()?;
     patch.check()?;
     let client = state.pool.get().await?;
-    client
-        .execute(
-            "UPDATE tenants SET
-                 name = coalesce($2, name),
-                 dispatch_cycle_seconds = coalesce($3, dispatch_cycle_seconds),
-                 offer_limit = coalesce($4, offer_limit),
-                 handover_keywords = coalesce($5, handover_keywords),
-                 bot_reply = coalesce($6, bot_reply),
-                 handover_reply = coalesce($7, handover_reply),
-                 kb_min_score = coalesce($8, kb_min_score)
-             WHERE id = $1",
-            &[
-                &p.tenant.as_str(),
-                &patch.name,
-                &patch.dispatch_cycle_seconds,
-                &patch.offer_limit,
-                &patch.handover_keywords,
-                &patch.bot_reply,
-                &patch.handover_reply,
-                &patch.kb_min_score,
-            ],
-        )
-        .await?;
+    db::update_tenant_settings(&**client, &p.tenant, &patch.to_db()).await?;
     drop(client);
     if patch.offer_limit.is_some() {
         // A higher limit lets waiting conversations be offered now.

@@ -11,6 +11,10 @@
 //! is open when its local time falls in an interval; an opening time that the clock skips
 //! (02:30 on the day New York springs forward) opens when the clock jumps past it, one that
 //! repeats opens at its first occurrence.
+//!
+//! It lives in the shared crate because two workers use it: the API checks the hours when a
+//! channel is written, the bot-router applies them (workers talk over NATS only, and share
+//! code only through this crate).
 
 use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use chrono::{LocalResult, Weekday};
