@@ -11,6 +11,7 @@ mod dashboard;
 mod dispatch;
 mod faults;
 mod fencing;
+mod house;
 mod live;
 mod load;
 mod metrics;
