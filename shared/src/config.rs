@@ -99,7 +99,12 @@ impl CommonConfig {
     }
 }
 
-fn redact_url(url: &str) -> String {
+/// `url` (or a comma-separated list of URLs, as `FL_NATS_URL` takes) with every password
+/// replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    if url.contains("://") && url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     // postgres://user:secret@host -> postgres://user:***@host
     if let Some((scheme, rest)) = url.split_once("://") {
         if let Some((userinfo, host)) = rest.split_once('@') {
@@ -129,6 +134,10 @@ mod tests {
     fn passwords_never_reach_the_log() {
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(
+            redact_url("nats://u:a@h1:4222, nats://u:b@h2:4222,nats://h3:4222"),
+            "nats://u:***@h1:4222, nats://u:***@h2:4222,nats://h3:4222"
+        );
         assert_eq!(
             redact_url("host=h user=u password=pw"),
             "host=h user=u password=***"

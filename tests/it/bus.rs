@@ -31,3 +31,28 @@ async fn publish_all_stores_a_batch_larger_than_the_clients_inflight_limit() {
     let mut stream = js.get_stream("FL_EVENTS").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 12_000);
 }
+
+/// `FL_NATS_URL` may name several servers, comma-separated (a cluster's nodes): the workers'
+/// connect takes the list, and reaches a live node when another in the list is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_url_takes_a_comma_separated_list_of_servers() {
+    let nats = TestNats::start().await;
+    let down = firstline_tests::nats::free_port();
+    let list = format!("nats://127.0.0.1:{down}, {}", nats.url);
+    let config = firstline_shared::config::CommonConfig::new(list, "postgres://127.0.0.1/unused");
+    let client = tokio::time::timeout(Duration::from_secs(30), bus::connect(&config))
+        .await
+        .expect("connected within 30 s")
+        .expect("a list of servers is accepted");
+    let js = async_nats::jetstream::new(client);
+    bus::ensure_streams(&js).await.unwrap();
+    bus::publish(
+        &js,
+        "fl.t1.events.conversation".into(),
+        "list-1",
+        Default::default(),
+        "{}".into(),
+    )
+    .await
+    .expect("published through the live node");
+}
