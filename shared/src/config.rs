@@ -60,13 +60,18 @@ pub struct CommonConfig {
     /// 0 is one thread per core; scale out with more instances first.
     #[arg(long, env = "FL_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
+    /// Replicas of every stream the workers create (1, or 3 on a 3-node JetStream cluster:
+    /// each message is then stored on three nodes, and the loss of any one node loses
+    /// nothing). Existing streams are updated to it where the server allows.
+    #[arg(long, env = "FL_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
 }
 
 impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} worker_threads={}",
+            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} worker_threads={} stream_replicas={}",
             redact_url(&self.nats_url),
             self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
@@ -74,7 +79,8 @@ impl CommonConfig {
             self.ack_wait_secs,
             self.max_deliver,
             self.partition_batch,
-            self.worker_threads
+            self.worker_threads,
+            self.stream_replicas,
         )
     }
 
@@ -95,6 +101,7 @@ impl CommonConfig {
             max_deliver: 20,
             partition_batch: 64,
             worker_threads: 1,
+            stream_replicas: 1,
         }
     }
 }

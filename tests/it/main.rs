@@ -7,6 +7,7 @@ mod helpers;
 mod api;
 mod bot;
 mod bus;
+mod cluster;
 mod dashboard;
 mod dispatch;
 mod faults;

@@ -111,3 +111,57 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A JetStream cluster of `nats-server` processes on loopback, each routed to the others, each
+/// with a store of its own; killed when dropped.
+pub struct TestCluster {
+    pub nodes: Vec<TestNats>,
+    /// Every node's client URL, comma-separated, as `FL_NATS_URL` takes them.
+    pub url: String,
+}
+
+impl TestCluster {
+    /// `size` nodes (3 for R3 streams), started and JetStream answering.
+    pub async fn start(size: usize) -> Self {
+        let cluster_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let mut nodes = Vec::with_capacity(size);
+        for (i, port) in cluster_ports.iter().enumerate() {
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .filter(|p| *p != port)
+                .map(|p| format!("nats-route://127.0.0.1:{p}"))
+                .collect();
+            let config = format!(
+                "server_name: n{i}\ncluster {{\n  name: fl\n  listen: 127.0.0.1:{port}\n  routes: [{}]\n}}\n",
+                routes.join(", ")
+            );
+            nodes.push(TestNats::start_with_config(&config, None).await);
+        }
+        let url = nodes
+            .iter()
+            .map(|n| n.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let cluster = Self { nodes, url };
+        // Up once the JetStream meta group has a leader: the account info answers.
+        eventually(
+            "the cluster's JetStream answers",
+            Duration::from_secs(60),
+            || async {
+                let client = async_nats::connect(cluster.urls()).await.ok()?;
+                async_nats::jetstream::new(client)
+                    .query_account()
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        cluster
+    }
+
+    /// The nodes' client URLs, one each.
+    pub fn urls(&self) -> Vec<&str> {
+        self.nodes.iter().map(|n| n.url.as_str()).collect()
+    }
+}

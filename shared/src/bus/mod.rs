@@ -33,4 +33,4 @@ pub use ordered::{
 };
 pub use publish::{publish, publish_action, publish_all, Outgoing};
 pub use settle::{backoff, settle, Settle};
-pub use streams::ensure_streams;
+pub use streams::{ensure_streams, ensure_streams_with};

@@ -8,23 +8,87 @@ use async_nats::jetstream::stream;
 use super::JetStream;
 use crate::subjects::{StreamSpec, ALL_STREAMS};
 
-/// Creates every stream of [`ALL_STREAMS`], or updates it to this build's configuration.
-/// Safe to run from every instance at every start ([`crate::worker::Services::start`] does).
+/// Creates every stream of [`ALL_STREAMS`] with one replica, or updates it to this build's
+/// configuration. Safe to run from every instance at every start.
 pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
+    ensure_streams_with(js, 1).await
+}
+
+/// Creates every stream of [`ALL_STREAMS`] with `replicas` replicas (`FL_STREAM_REPLICAS`),
+/// or updates it to this build's configuration and that number. Safe to run from every
+/// instance at every start ([`crate::worker::Services::start`] does), at the same moment too:
+/// on a cluster, several workers creating the same replicated stream at once can leave a
+/// request unanswered (NATS 2.12), so each stream is asked again, after a jittered delay,
+/// until it answers.
+pub async fn ensure_streams_with(js: &JetStream, replicas: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        (1..=5).contains(&replicas),
+        "FL_STREAM_REPLICAS is {replicas}: JetStream keeps 1 to 5 replicas of a stream"
+    );
     for spec in ALL_STREAMS {
-        ensure_stream(js, spec).await?;
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            match ensure_stream(js, spec, replicas).await {
+                Ok(()) => break,
+                // A refusal (a single server asked for 3 replicas, say) is final; no answer
+                // (a timeout, a leader being elected) is worth asking again.
+                Err(e) if attempt < CREATE_ATTEMPTS && !refused(&e) => {
+                    let delay = jittered(attempt);
+                    tracing::warn!(
+                        stream = spec.name,
+                        attempt,
+                        ?delay,
+                        "stream not ready, asking again: {e:#}"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "creating stream {} with {replicas} replica(s) (FL_STREAM_REPLICAS; \
+                         more than 1 needs a JetStream cluster of at least that many nodes)",
+                        spec.name
+                    )))
+                }
+            }
+        }
     }
     Ok(())
 }
 
+/// Tries of one stream's creation before giving up (about a minute with the delays).
+const CREATE_ATTEMPTS: u32 = 12;
+
+/// Whether the server answered with a refusal (an API error), rather than not at all.
+fn refused(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let text = cause.to_string();
+        text.contains("replicas > 1 not supported")
+            || text.contains("insufficient resources")
+            || text.contains("err_code")
+    })
+}
+
+/// 0.25 s, 0.5 s, 1 s… up to 8 s, each with up to half of it again at random, so that
+/// workers started together do not ask together again.
+fn jittered(attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let base = Duration::from_millis(250 << attempt.min(5)).min(Duration::from_secs(8));
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    base + base.mul_f64((random % 1000) as f64 / 2000.0)
+}
+
 /// Creates the stream, or updates it to this configuration (a new version may change it).
-async fn ensure_stream(js: &JetStream, spec: StreamSpec) -> anyhow::Result<()> {
+async fn ensure_stream(js: &JetStream, spec: StreamSpec, replicas: usize) -> anyhow::Result<()> {
     let config = stream::Config {
         name: spec.name.to_owned(),
         subjects: vec![spec.subjects.to_owned()],
         storage: stream::StorageType::File,
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(spec.max_age_hours * 3600),
+        num_replicas: replicas,
         duplicate_window: Duration::from_secs(120),
         // Direct gets answer the partition mark's question (`partition_sequences`).
         allow_direct: true,

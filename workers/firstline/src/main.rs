@@ -457,7 +457,7 @@ async fn run_load(
     });
     let client = firstline_shared::bus::connect(common).await?;
     let js = async_nats::jetstream::new(client.clone());
-    firstline_shared::bus::ensure_streams(&js).await?;
+    firstline_shared::bus::ensure_streams_with(&js, common.stream_replicas).await?;
     let report = load::run(client, &options, shutdown).await?;
     load::print_report(&report);
     if let Some((handle, stop)) = workers {

@@ -1,0 +1,62 @@
+//! A NATS JetStream cluster: three `nats-server` processes on loopback. The workers take every
+//! node's URL (`FL_NATS_URL`) and create their streams with `FL_STREAM_REPLICAS` replicas.
+
+use std::time::Duration;
+
+use crate::helpers::TestNats;
+use firstline_shared::bus;
+use firstline_shared::config::CommonConfig;
+use firstline_shared::subjects::ALL_STREAMS;
+use firstline_tests::nats::TestCluster;
+
+async fn connect(url: &str) -> bus::JetStream {
+    let config = CommonConfig::new(url, "postgres://127.0.0.1/unused");
+    let client = tokio::time::timeout(Duration::from_secs(30), bus::connect(&config))
+        .await
+        .expect("connected within 30 s")
+        .expect("connected");
+    async_nats::jetstream::new(client)
+}
+
+/// With `FL_STREAM_REPLICAS=3`, every stream is stored on three nodes: created so by workers
+/// starting together (the create is asked again where a node does not answer), and updated so
+/// where it existed with one replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_has_the_replicas_fl_stream_replicas_asks_for() {
+    let cluster = TestCluster::start(3).await;
+    let js = connect(&cluster.url).await;
+    // An older deployment's streams, one replica each.
+    bus::ensure_streams_with(&js, 1).await.expect("R1 streams");
+    // Four workers start at once, asking for three.
+    let starting = (0..4).map(|_| {
+        let url = cluster.url.clone();
+        async move {
+            let js = connect(&url).await;
+            bus::ensure_streams_with(&js, 3).await
+        }
+    });
+    for result in futures::future::join_all(starting).await {
+        result.expect("every worker's ensure_streams succeeds");
+    }
+    for spec in ALL_STREAMS {
+        let mut stream = js.get_stream(spec.name).await.unwrap();
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.config.num_replicas, 3, "{} asks for three", spec.name);
+        let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len());
+        assert_eq!(peers, 2, "{}: a leader and two replicas", spec.name);
+    }
+}
+
+/// More replicas than a single server can keep is a clear error, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_a_single_server_is_a_clear_error() {
+    let nats = TestNats::start().await;
+    let js = connect(&nats.url).await;
+    let e = tokio::time::timeout(Duration::from_secs(60), bus::ensure_streams_with(&js, 3))
+        .await
+        .expect("answered within a minute")
+        .expect_err("a single server keeps one replica");
+    let text = format!("{e:#}");
+    assert!(text.contains("FL_STREAM_REPLICAS"), "{text}");
+    assert!(text.contains("cluster"), "{text}");
+}
