@@ -60,3 +60,31 @@ async fn three_replicas_on_a_single_server_is_a_clear_error() {
     assert!(text.contains("FL_STREAM_REPLICAS"), "{text}");
     assert!(text.contains("cluster"), "{text}");
 }
+
+/// The cluster of `docker-compose.yml` (profile `cluster`): each node's configuration is valid
+/// for the pinned server (the single server's users and fencing, plus the routes).
+#[test]
+fn the_compose_clusters_node_configuration_is_valid() {
+    let bin = std::env::var("NATS_SERVER_BIN").unwrap_or_else(|_| "nats-server".into());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
+    for node in ["nats-1", "nats-2", "nats-3"] {
+        assert!(
+            compose.contains(&format!("\"--name\", \"{node}\"")),
+            "docker-compose.yml runs {node}"
+        );
+        let out = std::process::Command::new(&bin)
+            .arg("-t")
+            .arg("-c")
+            .arg(root.join("config/nats-cluster.conf"))
+            .args(["--name", node])
+            .output()
+            .expect("run nats-server -t");
+        assert!(
+            out.status.success(),
+            "{node}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
