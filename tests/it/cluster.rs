@@ -88,3 +88,60 @@ fn the_compose_clusters_node_configuration_is_valid() {
         );
     }
 }
+
+/// R3 survives the loss of a node: the node that leads `FL_INBOUND` is SIGKILLed after 200
+/// acknowledged publishes; publishing goes on through the others (after the leader election)
+/// and every acknowledged message is in the stream, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_stream_loses_nothing_when_its_leader_node_dies() {
+    let mut cluster = TestCluster::start(3).await;
+    let js = connect(&cluster.url).await;
+    bus::ensure_streams_with(&js, 3).await.expect("R3 streams");
+    let publish = |i: usize| {
+        let js = js.clone();
+        async move {
+            bus::publish(
+                &js,
+                "fl.t1.inbound.web".to_owned(),
+                &format!("t1:web:m{i}"),
+                Default::default(),
+                format!("{{\"n\":{i}}}").into(),
+            )
+            .await
+        }
+    };
+    for i in 0..200 {
+        publish(i).await.expect("acknowledged before the kill");
+    }
+    let mut stream = js.get_stream("FL_INBOUND").await.unwrap();
+    let leader = stream
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .clone()
+        .unwrap()
+        .leader
+        .unwrap();
+    let index: usize = leader
+        .trim_start_matches('n')
+        .parse()
+        .expect("nodes are n0..n2");
+    cluster.nodes[index].kill();
+    let killed = std::time::Instant::now();
+    for i in 200..300 {
+        tokio::time::timeout(Duration::from_secs(30), publish(i))
+            .await
+            .expect("a publish answered within 30 s of the kill")
+            .expect("acknowledged after the kill");
+    }
+    let resumed = killed.elapsed();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 300, "every acknowledged message, once");
+    assert_ne!(
+        info.cluster.as_ref().and_then(|c| c.leader.as_deref()),
+        Some(leader.as_str()),
+        "a new leader"
+    );
+    println!("publishing went on {resumed:?} after the leader was killed");
+}
