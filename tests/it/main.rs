@@ -5,6 +5,7 @@
 mod helpers;
 
 mod api;
+mod api_fuzz;
 mod api_input;
 mod bot;
 mod bus;
