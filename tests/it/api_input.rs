@@ -438,6 +438,14 @@ async fn decline_and_transfer_check_their_body_before_they_act() {
         405,
         "DELETE",
     );
+    let r = api
+        .http
+        .delete(format!("{}/api/v1/me", api.base))
+        .bearer_auth(&t.admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "GET,HEAD");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -451,3 +451,56 @@ pub async fn no_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiE
         format!("{} has no {method}: see the Allow header", uri.path()),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Input {
+        #[serde(default)]
+        name: Text<5>,
+        #[serde(default)]
+        nested: Option<Value>,
+        #[serde(default)]
+        skills: Skills,
+    }
+
+    fn refusal(body: &str) -> (u16, String) {
+        let e = parse_json::<Input>(body.as_bytes()).unwrap_err();
+        (e.status.as_u16(), e.message)
+    }
+
+    #[test]
+    fn bodies_are_refused_naming_the_field_and_the_limit() {
+        let ok =
+            parse_json::<Input>(br#"{"name": "ab", "skills": [" EN "], "nested": 1}"#).unwrap();
+        assert_eq!(ok.name.as_str(), "ab");
+        assert_eq!(ok.skills.0.to_vec(), ["en"]);
+        assert_eq!(ok.nested, Some(Value::from(1)));
+        assert_eq!(refusal(r#"{"name": "#).0, 400);
+        assert_eq!(
+            refusal("[]"),
+            (422, "the body must be a JSON object, not an array".into())
+        );
+        assert_eq!(
+            refusal(r#"{"name": "abcdef"}"#),
+            (422, "name: at most 5 characters, not 6".into())
+        );
+        let (status, message) = refusal(r#"{"nested": {"a": ["x", "\u0000"]}}"#);
+        assert_eq!(status, 422);
+        assert!(
+            message.starts_with("nested.a[1]: may not contain the NUL"),
+            "{message}"
+        );
+        let (_, message) = refusal(r#"{"name": 5}"#);
+        assert!(message.starts_with("name: invalid type"), "{message}");
+        let many: Vec<String> = (0..51).map(|i| format!("s{i}")).collect();
+        let (_, message) = refusal(&serde_json::json!({ "skills": many }).to_string());
+        assert_eq!(message, "skills: at most 50 skills, not 51");
+        let long = "x".repeat(MAX_STRING_CHARS + 1);
+        let (_, message) = refusal(&serde_json::json!({ "nested": long }).to_string());
+        assert_eq!(message, "nested: at most 5000 characters, not 5001");
+    }
+}
