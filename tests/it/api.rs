@@ -8,7 +8,7 @@ use crate::helpers::{eventually, next_matching, TestApp};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const SETUP: &str = r#"{"tenants":[
+pub(crate) const SETUP: &str = r#"{"tenants":[
   {"id": "acme", "dispatch_cycle_seconds": 30,
    "channels": [{"id": "line", "kind": "line", "bot_enabled": true},
                 {"id": "mail", "kind": "email", "bot_enabled": false, "required_skills": ["en"]}],
@@ -19,15 +19,15 @@ const SETUP: &str = r#"{"tenants":[
    "agents": [{"id": "zoe", "name": "Zoe"}]}
 ]}"#;
 
-struct Tokens {
-    admin: String,
-    supervisor: String,
-    amy: String,
-    ben: String,
-    other_admin: String,
+pub(crate) struct Tokens {
+    pub admin: String,
+    pub supervisor: String,
+    pub amy: String,
+    pub ben: String,
+    pub other_admin: String,
 }
 
-async fn start() -> (TestApp, TestApi, Tokens) {
+pub(crate) async fn start() -> (TestApp, TestApi, Tokens) {
     let mut app = TestApp::spawn(SETUP).await;
     let api = app.start_api().await;
     let tokens = Tokens {
@@ -40,14 +40,14 @@ async fn start() -> (TestApp, TestApi, Tokens) {
     (app, api, tokens)
 }
 
-fn message(body: &Value) -> &str {
+pub(crate) fn message(body: &Value) -> &str {
     body["error"]["message"]
         .as_str()
         .unwrap_or_else(|| panic!("an error body: {body}"))
 }
 
 /// Asserts the status and that the error names `needle`.
-fn refused(got: (u16, Value), status: u16, needle: &str) {
+pub(crate) fn refused(got: (u16, Value), status: u16, needle: &str) {
     assert_eq!(got.0, status, "{}", got.1);
     assert_eq!(got.1["error"]["status"], status);
     assert!(
@@ -58,7 +58,7 @@ fn refused(got: (u16, Value), status: u16, needle: &str) {
 }
 
 /// A conversation of `customer` on `mail` (no bot), queued.
-async fn queued(app: &TestApp, customer: &str) -> Uuid {
+pub(crate) async fn queued(app: &TestApp, customer: &str) -> Uuid {
     let mut events = app
         .client
         .subscribe("fl.acme.events.conversation")
@@ -72,7 +72,7 @@ async fn queued(app: &TestApp, customer: &str) -> Uuid {
     v["conversation_id"].as_str().unwrap().parse().unwrap()
 }
 
-async fn state(app: &TestApp, conversation: Uuid) -> String {
+pub(crate) async fn state(app: &TestApp, conversation: Uuid) -> String {
     app.pg
         .query_one(
             "SELECT state FROM conversations WHERE id = $1",
@@ -83,7 +83,7 @@ async fn state(app: &TestApp, conversation: Uuid) -> String {
         .get(0)
 }
 
-async fn wait_state(app: &TestApp, conversation: Uuid, want: &str) {
+pub(crate) async fn wait_state(app: &TestApp, conversation: Uuid, want: &str) {
     eventually(
         &format!("{conversation} to be {want}"),
         Duration::from_secs(20),
@@ -781,8 +781,9 @@ async fn an_agent_works_a_conversation_through_the_api() {
         "no conversation",
     );
 
-    // Accept (twice with one Idempotency-Key: applied once).
+    // Accept (twice with one Idempotency-Key: applied once, the same answer twice).
     let key = Uuid::new_v4().to_string();
+    let mut action_ids = Vec::new();
     for _ in 0..2 {
         let r = api
             .http
@@ -794,9 +795,10 @@ async fn an_agent_works_a_conversation_through_the_api() {
             .unwrap();
         assert_eq!(r.status(), 202);
         let body: Value = json_of(r).await;
-        assert_eq!(body["action_id"], key.as_str());
+        action_ids.push(body["action_id"].clone());
         assert_eq!(body["type"], "accept");
     }
+    assert_eq!(action_ids[0], action_ids[1]);
     wait_state(&app, c, "processing").await;
     let r = api
         .http

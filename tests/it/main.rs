@@ -5,6 +5,8 @@
 mod helpers;
 
 mod api;
+mod api_fuzz;
+mod api_input;
 mod bot;
 mod bus;
 mod cluster;

@@ -120,10 +120,76 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
+/// Documents on every operation (applied once the routes are registered) the errors any request may get, all with the error body
+/// (`ErrorBody`): 400, 401, 403 and 503 everywhere, 404 where the path names something, and
+/// 413, 415 and 422 where there is a request body. Responses an operation documents itself
+/// (a 409 with its reason...) are kept.
+struct ErrorResponses;
+
+impl utoipa::Modify for ErrorResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let names_something = path.contains('{');
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let has_body = op.request_body.is_some();
+                let mut wanted = vec![
+                    (
+                        "400",
+                        "Malformed JSON, or a bad query parameter, path or header",
+                    ),
+                    ("401", "No token, or an unknown or revoked one"),
+                    ("403", "The token's role may not do this"),
+                    ("503", "The database is unavailable; try again"),
+                ];
+                if names_something {
+                    wanted.push(("404", "Nothing with this id in the token's tenant"));
+                }
+                if has_body {
+                    wanted.push(("413", "The body is larger than 65536 bytes"));
+                    wanted.push(("415", "The body is not sent as application/json"));
+                    wanted.push((
+                        "422",
+                        "A field is missing, unknown, of the wrong type or out of its limits (the message names it)",
+                    ));
+                }
+                for (status, description) in wanted {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| error(description).into());
+                }
+            }
+        }
+    }
+}
+
 /// The whole HTTP application over `services`.
 pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
-    let (router, doc) =
+    let (router, mut doc) =
         routes::register(OpenApiRouter::with_openapi(ApiDoc::openapi())).split_for_parts();
+    // After the routes: their operations are in the document only now.
+    utoipa::Modify::modify(&ErrorResponses, &mut doc);
     let state = AppState {
         pool: services.pool.clone(),
         js: services.js.clone(),
@@ -137,6 +203,9 @@ pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/", get(|| async { Redirect::temporary("/dashboard") }))
         .route("/dashboard", get(dashboard))
+        .method_not_allowed_fallback(error::no_method)
+        .fallback(error::no_route)
+        .layer(axum::extract::DefaultBodyLimit::max(error::MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(trace_request))
         .with_state(state)
 }

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use firstline_shared::domain::{AgentId, AgentStatus, SkillSet, TenantId};
+use firstline_shared::domain::{AgentId, AgentStatus, TenantId};
 use firstline_shared::wire::{self, AgentPresence, Version};
 use firstline_shared::{bus, subjects, telemetry};
 use serde::{Deserialize, Serialize};
@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::wake_dispatcher;
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId, Skills, Text};
 use crate::AppState;
 
 /// An agent with their presence and load.
@@ -109,14 +109,13 @@ pub async fn get_one(
 #[serde(deny_unknown_fields)]
 pub struct AgentInput {
     #[serde(default)]
-    pub display_name: String,
+    pub display_name: Text<200>,
     /// SPEC D4.
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
-    pub skills: SkillSet,
+    pub skills: Skills,
     /// 0 to 1000 (default 10).
     #[serde(default = "default_capacity")]
-    #[schema(default = 10)]
+    #[schema(default = 10, minimum = 0, maximum = 1000)]
     pub capacity: i32,
 }
 
@@ -154,8 +153,8 @@ pub async fn put(
             &[
                 &p.tenant.as_str(),
                 &id.as_str(),
-                &input.display_name,
-                &input.skills.to_vec(),
+                &input.display_name.as_str(),
+                &input.skills.0.to_vec(),
                 &input.capacity,
             ],
         )
@@ -177,11 +176,21 @@ pub async fn put(
 #[serde(deny_unknown_fields)]
 pub struct PresenceInput {
     /// ready, not_ready or offline.
-    #[schema(value_type = String, example = "ready")]
+    #[schema(value_type = PresenceStatus, example = "ready")]
     pub status: AgentStatus,
     /// Why not ready (break, meeting, training...), shown on the dashboard.
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<Text<200>>,
+}
+
+/// The presence an agent can be set to (the schema of [`AgentStatus`] in requests).
+#[derive(ToSchema)]
+#[schema(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub enum PresenceStatus {
+    Ready,
+    NotReady,
+    Offline,
 }
 
 /// A request that was checked and passed on to the workers that apply it.
@@ -208,18 +217,11 @@ pub async fn presence(
 ) -> ApiResult<(StatusCode, Json<Accepted>)> {
     let id = agent_id(&id)?;
     p.may_act_for(&id)?;
-    if input
-        .reason
-        .as_ref()
-        .is_some_and(|r| r.chars().count() > 200)
-    {
-        return Err(ApiError::invalid("reason is longer than 200 characters"));
-    }
     read(&state, &p.tenant, &id).await?;
     let message = AgentPresence {
         version: Version,
         status: input.status,
-        reason: input.reason,
+        reason: input.reason.map(String::from),
         capacity: None,
         skills: None,
         display_name: None,

@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use firstline_shared::domain::{ChannelId, SkillSet};
+use firstline_shared::domain::ChannelId;
 use firstline_shared::hours::BusinessHours;
 use firstline_shared::survey::Survey;
 use serde::{Deserialize, Serialize};
@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::wake_dispatcher;
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId, Skills, Text};
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -39,38 +39,44 @@ pub struct Channel {
     pub survey: Option<serde_json::Value>,
 }
 
-/// A channel as written by PUT: a field left out takes its default.
+/// A channel as written by PUT: the whole channel. A field left out takes its default (it
+/// does not keep its old value): PUT replaces.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelInput {
     #[serde(default = "default_kind")]
     #[schema(default = "webchat")]
-    pub kind: String,
+    pub kind: Text<64>,
     #[serde(default)]
-    pub name: String,
+    pub name: Text<200>,
     #[serde(default)]
-    #[schema(value_type = Vec<String>)]
-    pub required_skills: SkillSet,
+    pub required_skills: Skills,
     #[serde(default = "yes")]
     #[schema(default = true)]
     pub bot_enabled: bool,
     #[serde(default)]
     pub priority: i32,
+    /// The id of a published flow.
     #[serde(default)]
-    pub welcome_flow: Option<String>,
+    pub welcome_flow: Option<Text<64>>,
     /// At least 1; null: never (default 1800).
     #[serde(default = "default_idle")]
+    #[schema(minimum = 1)]
     pub bot_idle_seconds: Option<i32>,
+    /// {timezone, weekly: {mon: [["09:00","18:00"]]...}, closed_dates, closed_message,
+    /// after_hours_handover}; every text in it at most 5000 characters.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub business_hours: Option<BusinessHours>,
+    /// {question, scale (2 to 10), thanks, window_minutes}; every text in it at most 5000
+    /// characters.
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub survey: Option<Survey>,
 }
 
-fn default_kind() -> String {
-    "webchat".into()
+fn default_kind() -> Text<64> {
+    Text("webchat".into())
 }
 fn yes() -> bool {
     true
@@ -185,7 +191,7 @@ pub async fn put(
         let published = tx
             .query_opt(
                 "SELECT 1 FROM flow_versions WHERE tenant_id = $1 AND flow_id = $2 LIMIT 1",
-                &[&p.tenant.as_str(), flow],
+                &[&p.tenant.as_str(), &flow.as_str()],
             )
             .await?;
         if published.is_none() {
@@ -218,12 +224,12 @@ pub async fn put(
             &[
                 &p.tenant.as_str(),
                 &id.as_str(),
-                &input.kind,
-                &input.name,
-                &input.required_skills.to_vec(),
+                &input.kind.as_str(),
+                &input.name.as_str(),
+                &input.required_skills.0.to_vec(),
                 &input.bot_enabled,
                 &input.priority,
-                &input.welcome_flow,
+                &input.welcome_flow.as_deref(),
                 &input.bot_idle_seconds,
                 &hours,
                 &survey,

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap as HttpHeaders, StatusCode};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use firstline_shared::bus;
-use firstline_shared::domain::{AgentId, ConversationState, SkillSet};
+use firstline_shared::domain::{AgentId, ConversationState};
 use firstline_shared::wire::{AgentAction, AgentActionKind, Version};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -17,7 +17,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiResult, Body, ErrorBody, OptionalBody, PathId, Query};
+use crate::error::{
+    ApiError, ApiResult, Body, ErrorBody, OptionalBody, PathId, Query, Skills, Text,
+};
 use crate::AppState;
 
 /// The customer of a conversation.
@@ -91,15 +93,21 @@ pub(crate) fn summary_from_row(row: &tokio_postgres::Row) -> ConversationSummary
 #[into_params(parameter_in = Query)]
 pub struct Filter {
     /// One state or several, comma separated: `waiting,assigning`.
+    #[param(max_length = 200)]
     pub state: Option<String>,
+    #[param(max_length = 200)]
     pub channel: Option<String>,
     /// Conversations this agent serves, served, or is offered now.
+    #[param(max_length = 200)]
     pub agent: Option<String>,
     /// Conversations requiring this skill.
+    #[param(max_length = 200)]
     pub skill: Option<String>,
     /// At most this many (1 to 500, default 50), newest first.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
     /// Skip this many (paging).
+    #[param(minimum = 0)]
     pub offset: Option<i64>,
 }
 
@@ -346,6 +354,17 @@ enum Needs {
     Serving,
 }
 
+/// An agent's `Idempotency-Key` is kept this long: a retry within it answers the first 202.
+const KEY_HOURS: i32 = 24;
+
+/// Checks an action and publishes it; 202.
+///
+/// With an `Idempotency-Key`, the key belongs to the tenant and the agent, and to the first
+/// request made with it (action, conversation and body; a hash is kept for [`KEY_HOURS`]):
+/// the same request again answers the same 202 (even once the action is applied and the
+/// conversation moved on) and is not applied twice; another request with the key is a 422. The
+/// action id comes from the key, the tenant and the agent, so that two tenants' (or agents')
+/// equal keys never make equal message ids for the stream to drop as duplicates.
 async fn act(
     state: &AppState,
     p: &Principal,
@@ -356,15 +375,52 @@ async fn act(
 ) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
     let me = p.agent()?;
     let id = conversation_id(id)?;
-    let action_id = match headers.get("idempotency-key") {
+    let key: Option<Uuid> = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be a UUID"))?,
+        ),
+    };
+    let (kind, name) = kind(id);
+    let action_id = match key {
         None => Uuid::now_v7(),
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| ApiError::bad_request("Idempotency-Key must be a UUID"))?,
+        Some(key) => Uuid::new_v5(&key, format!("{}/{me}", p.tenant).as_bytes()),
+    };
+    let accepted = || {
+        (
+            StatusCode::ACCEPTED,
+            Json(ActionAccepted {
+                action_id,
+                conversation_id: id,
+                kind: name,
+            }),
+        )
+    };
+    let action = AgentAction {
+        version: Version,
+        action_id,
+        kind,
+    };
+    let request_hash = {
+        use sha2::Digest;
+        let request = serde_json::to_vec(&action.kind).map_err(anyhow::Error::from)?;
+        sha2::Sha256::digest(&request).to_vec()
     };
     let client = state.pool.get().await?;
+    if let Some(key) = key {
+        if let Some(published) = used_key(&client, p, me, key, &request_hash).await? {
+            drop(client);
+            if !published {
+                // The first request stored the key but may not have published: publish (the
+                // same message id: the stream drops it if the first one got through).
+                publish(state, p, me, key, &action).await?;
+            }
+            return Ok(accepted());
+        }
+    }
     let row = client
         .query_opt(
             "SELECT c.state, c.agent_id, o.agent_id FROM conversations c
@@ -374,7 +430,6 @@ async fn act(
         )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no conversation {id}")))?;
-    drop(client);
     let (current, serving, offered): (String, Option<String>, Option<String>) =
         (row.get(0), row.get(1), row.get(2));
     match needs {
@@ -390,26 +445,85 @@ async fn act(
         }
         _ => {}
     }
-    let (kind, name) = kind(id);
-    let action = AgentAction {
-        version: Version,
-        action_id,
-        kind,
+    if let Some(key) = key {
+        client
+            .execute(
+                "DELETE FROM api_idempotency_keys WHERE tenant_id = $1 AND agent_id = $2
+                   AND created_at < now() - make_interval(hours => $3)",
+                &[&p.tenant.as_str(), &me.as_str(), &KEY_HOURS],
+            )
+            .await?;
+        let stored = client
+            .execute(
+                "INSERT INTO api_idempotency_keys (tenant_id, agent_id, key, request_hash)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                &[&p.tenant.as_str(), &me.as_str(), &key, &request_hash],
+            )
+            .await?;
+        if stored == 0 {
+            // The same key at the same moment: the first one stored decides.
+            used_key(&client, p, me, key, &request_hash).await?;
+        }
+    }
+    drop(client);
+    match key {
+        Some(key) => publish(state, p, me, key, &action).await?,
+        None => bus::publish_action(&state.js, &p.tenant, me, &action).await?,
+    }
+    Ok(accepted())
+}
+
+/// Whether `key` was used already by this agent: `Some(published)` for the same request,
+/// a 422 for another one, `None` for a new key.
+async fn used_key(
+    client: &deadpool_postgres::Client,
+    p: &Principal,
+    me: &AgentId,
+    key: Uuid,
+    request_hash: &[u8],
+) -> ApiResult<Option<bool>> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT request_hash, published_at IS NOT NULL FROM api_idempotency_keys
+             WHERE tenant_id = $1 AND agent_id = $2 AND key = $3",
+            &[&p.tenant.as_str(), &me.as_str(), &key],
+        )
+        .await?
+    else {
+        return Ok(None);
     };
-    bus::publish_action(&state.js, &p.tenant, me, &action).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(ActionAccepted {
-            action_id,
-            conversation_id: id,
-            kind: name,
-        }),
-    ))
+    if row.get::<_, &[u8]>(0) != request_hash {
+        return Err(ApiError::invalid(format!(
+            "Idempotency-Key {key} was used for another request (another action, conversation or body); \
+             a key makes one request safe to retry: send a new key for a new request"
+        )));
+    }
+    Ok(Some(row.get(1)))
+}
+
+/// Publishes an action made under an Idempotency-Key, then marks the key published.
+async fn publish(
+    state: &AppState,
+    p: &Principal,
+    me: &AgentId,
+    key: Uuid,
+    action: &AgentAction,
+) -> ApiResult<()> {
+    bus::publish_action(&state.js, &p.tenant, me, action).await?;
+    let client = state.pool.get().await?;
+    client
+        .execute(
+            "UPDATE api_idempotency_keys SET published_at = now()
+             WHERE tenant_id = $1 AND agent_id = $2 AND key = $3",
+            &[&p.tenant.as_str(), &me.as_str(), &key],
+        )
+        .await?;
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/api/v1/conversations/{id}/accept", tag = "conversations",
     summary = "Accept the conversation offered to you (agent; SPEC L7)",
-    description = "Send `Idempotency-Key: <uuid>` to make a retry safe. The outcome arrives as an `assigned` (or `action_rejected`) notification.",
+    description = "Send `Idempotency-Key: <uuid>` (on any action) to make a retry safe: the same request again answers the same 202 and is applied once; the key used for another request is a 422. Keys are the agent's own and kept 24 hours. The outcome arrives as an `assigned` (or `action_rejected`) notification.",
     params(("id" = Uuid, Path, description = "The conversation's id")),
     responses((status = 202, body = ActionAccepted), (status = 403, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 409, description = "Not offered to you", body = ErrorBody)))]
@@ -430,7 +544,7 @@ pub async fn accept(
 #[serde(deny_unknown_fields)]
 pub struct DeclineInput {
     #[serde(default)]
-    pub reason: Option<String>,
+    pub reason: Option<Text<500>>,
 }
 
 #[utoipa::path(post, path = "/api/v1/conversations/{id}/decline", tag = "conversations",
@@ -451,7 +565,7 @@ pub async fn decline(
         (
             AgentActionKind::Decline {
                 conversation_id,
-                reason,
+                reason: reason.map(String::from),
             },
             "decline",
         )
@@ -464,7 +578,8 @@ pub async fn decline(
 #[serde(deny_unknown_fields)]
 pub struct ReplyInput {
     /// 1 to 5,000 characters.
-    pub text: String,
+    #[schema(min_length = 1)]
+    pub text: Text<5000>,
 }
 
 #[utoipa::path(post, path = "/api/v1/conversations/{id}/reply", tag = "conversations",
@@ -481,11 +596,10 @@ pub async fn reply(
     id: PathId,
     Body(input): Body<ReplyInput>,
 ) -> ApiResult<(StatusCode, Json<ActionAccepted>)> {
-    let len = input.text.chars().count();
-    if input.text.trim().is_empty() || len > 5000 {
-        return Err(ApiError::invalid(format!(
-            "text must be 1 to 5000 characters, not {len}"
-        )));
+    if input.text.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "text must be 1 to 5000 characters, not only white space",
+        ));
     }
     act(
         &state,
@@ -497,7 +611,7 @@ pub async fn reply(
             (
                 AgentActionKind::Reply {
                     conversation_id,
-                    text: input.text,
+                    text: input.text.into_string(),
                 },
                 "reply",
             )
@@ -534,11 +648,10 @@ pub async fn close(
 #[serde(deny_unknown_fields)]
 pub struct TransferInput {
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub to_agent: Option<AgentId>,
     #[serde(default)]
-    #[schema(value_type = Option<Vec<String>>)]
-    pub skills: Option<SkillSet>,
+    pub skills: Option<Skills>,
 }
 
 #[utoipa::path(post, path = "/api/v1/conversations/{id}/transfer", tag = "conversations",
@@ -583,7 +696,7 @@ pub async fn transfer(
                 AgentActionKind::Transfer {
                     conversation_id,
                     to_agent: input.to_agent,
-                    skills: input.skills,
+                    skills: input.skills.map(|s| s.0),
                 },
                 "transfer",
             )

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use super::wake_dispatcher;
 use crate::auth::{Principal, Role};
-use crate::error::{ApiError, ApiResult, Body, ErrorBody};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody, Text};
 use crate::AppState;
 
 /// The token's identity.
@@ -54,27 +54,38 @@ pub struct Settings {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SettingsPatch {
-    pub name: Option<String>,
+    pub name: Option<Text<200>>,
     /// 5 to 86400.
+    #[schema(minimum = 5, maximum = 86400)]
     pub dispatch_cycle_seconds: Option<i32>,
     /// 1 to 50.
+    #[schema(minimum = 1, maximum = 50)]
     pub offer_limit: Option<i32>,
-    pub handover_keywords: Option<Vec<String>>,
-    pub bot_reply: Option<String>,
-    pub handover_reply: Option<String>,
+    /// At most 100 keywords.
+    #[schema(max_items = 100)]
+    pub handover_keywords: Option<Vec<Text<100>>>,
+    pub bot_reply: Option<Text<5000>>,
+    pub handover_reply: Option<Text<5000>>,
     /// Above 0, at most 1.
+    #[schema(exclusive_minimum = 0, maximum = 1)]
     pub kb_min_score: Option<f32>,
 }
+
+/// The most hand-over keywords a tenant has.
+const MAX_KEYWORDS: usize = 100;
 
 impl SettingsPatch {
     fn to_db(&self) -> TenantSettingsPatch {
         TenantSettingsPatch {
-            name: self.name.clone(),
+            name: self.name.clone().map(String::from),
             dispatch_cycle_seconds: self.dispatch_cycle_seconds,
             offer_limit: self.offer_limit,
-            handover_keywords: self.handover_keywords.clone(),
-            bot_reply: self.bot_reply.clone(),
-            handover_reply: self.handover_reply.clone(),
+            handover_keywords: self
+                .handover_keywords
+                .clone()
+                .map(|k| k.into_iter().map(String::from).collect()),
+            bot_reply: self.bot_reply.clone().map(String::from),
+            handover_reply: self.handover_reply.clone().map(String::from),
             kb_min_score: self.kb_min_score,
         }
     }
@@ -106,6 +117,12 @@ impl SettingsPatch {
             }
         }
         if let Some(k) = &self.handover_keywords {
+            if k.len() > MAX_KEYWORDS {
+                return Err(ApiError::invalid(format!(
+                    "handover_keywords: at most {MAX_KEYWORDS} keywords, not {}",
+                    k.len()
+                )));
+            }
             if k.iter().any(|k| k.trim().is_empty()) {
                 return Err(ApiError::invalid(
                     "handover_keywords may not contain an empty keyword",
@@ -113,11 +130,11 @@ impl SettingsPatch {
             }
         }
         for (field, value) in [
-            ("bot_reply", &self.bot_reply),
-            ("handover_reply", &self.handover_reply),
-            ("name", &self.name),
+            ("bot_reply", self.bot_reply.as_deref()),
+            ("handover_reply", self.handover_reply.as_deref()),
+            ("name", self.name.as_deref()),
         ] {
-            if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+            if value.is_some_and(|v| v.trim().is_empty()) {
                 return Err(ApiError::invalid(format!("{field} may not be empty")));
             }
         }

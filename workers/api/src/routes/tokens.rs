@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{self, Principal, Role};
-use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId, Text};
 use crate::AppState;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -29,11 +29,11 @@ pub struct NewToken {
     pub role: Role,
     /// Required for an agent token: the agent it acts as.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, max_length = 64, pattern = "^[A-Za-z0-9_-]+$")]
     pub agent_id: Option<AgentId>,
     /// What it is for ("Amy's desktop", "wallboard"...).
     #[serde(default)]
-    pub name: String,
+    pub name: Text<200>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -100,7 +100,7 @@ pub async fn create(
             token,
             role: input.role,
             agent_id: input.agent_id.map(String::from),
-            name: input.name,
+            name: input.name.into_string(),
         }),
     ))
 }

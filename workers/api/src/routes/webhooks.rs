@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::auth::Principal;
-use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId, Query};
+use crate::error::{ApiError, ApiResult, Body, ErrorBody, PathId, Query, Text};
 use crate::webhooks::new_secret;
 use crate::AppState;
 
@@ -33,11 +33,13 @@ pub struct Webhook {
 #[serde(deny_unknown_fields)]
 pub struct NewWebhook {
     /// http:// or https:// URL that receives a POST per event.
-    pub url: String,
+    pub url: Text<2048>,
+    /// Conversation states (script, bot, waiting, assigning, processing, completed).
     #[serde(default)]
-    pub states: Vec<String>,
+    #[schema(max_items = 6)]
+    pub states: Vec<Text<20>>,
     #[serde(default)]
-    pub description: String,
+    pub description: Text<500>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -109,7 +111,7 @@ pub async fn create(
         .states
         .iter()
         .map(|s| {
-            ConversationState::from_str(s)
+            ConversationState::from_str(s.as_str())
                 .map(|s| s.as_str().to_string())
                 .map_err(|_| {
                     ApiError::invalid(format!("states: {s:?} is not a conversation state"))
@@ -122,16 +124,16 @@ pub async fn create(
     client
         .execute(
             "INSERT INTO webhooks (id, tenant_id, url, secret, states, description) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&id, &p.tenant.as_str(), &input.url, &secret, &states, &input.description],
+            &[&id, &p.tenant.as_str(), &input.url.as_str(), &secret, &states, &input.description.as_str()],
         )
         .await?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedWebhook {
             id,
-            url: input.url,
+            url: input.url.into_string(),
             states,
-            description: input.description,
+            description: input.description.into_string(),
             secret,
         }),
     ))
@@ -206,8 +208,10 @@ pub struct DeliveryInfo {
 #[into_params(parameter_in = Query)]
 pub struct DeliveryFilter {
     /// pending, delivered or dead.
+    #[param(max_length = 200)]
     pub status: Option<String>,
     /// 1 to 500 (default 100), newest first.
+    #[param(minimum = 1, maximum = 500)]
     pub limit: Option<i64>,
 }
 
