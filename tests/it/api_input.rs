@@ -37,16 +37,7 @@ async fn raw(
     if let Some(b) = body {
         req = req.body(b);
     }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    let value = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-    };
-    (status, value)
+    crate::helpers::api::status_and_json(req.send().await.expect("request")).await
 }
 
 /// An action with an Idempotency-Key and a JSON body.

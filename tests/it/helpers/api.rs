@@ -90,16 +90,7 @@ impl TestApi {
                 .header("content-type", "application/json")
                 .body(b.to_string());
         }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap();
-        let value = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
-        };
-        (status, value)
+        status_and_json(req.send().await.expect("request")).await
     }
 
     pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
@@ -127,4 +118,17 @@ impl TestApi {
         assert_eq!(status, 200, "GET {path}: {body}");
         body
     }
+}
+
+/// A response's status and its body as JSON (`Null` when empty, a string when not JSON).
+pub async fn status_and_json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    let value = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+    };
+    (status, value)
 }
