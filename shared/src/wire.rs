@@ -129,8 +129,10 @@ pub struct CustomerRef {
 
 /// `fl.<tenant>.inbound.<channel>`, published by a gateway: a customer's message.
 ///
-/// The gateway sets the header `Nats-Msg-Id: <channel>:<message_id>`; with or without it the
-/// message is stored once (unique on tenant, channel, message_id). SPEC L1.
+/// The gateway sets the header `Nats-Msg-Id: <tenant>:<channel>:<message_id>`; with or without
+/// it the message is stored once (unique on tenant, channel, message_id). `FL_INBOUND` keeps
+/// ids 100 ms only, so that the old form `<channel>:<message_id>` cannot drop another
+/// tenant's message with the same id sent later (docs/operations.md). SPEC L1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InboundMessage {
     pub version: V1,

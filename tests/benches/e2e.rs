@@ -126,7 +126,8 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
         name: "RAW_CEILING".into(),
         subjects: vec!["raw.>".into()],
         storage: jetstream::stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
+        // As FL_INBOUND's (shared/src/bus/streams.rs).
+        duplicate_window: Duration::from_millis(100),
         ..Default::default()
     })
     .await
@@ -154,7 +155,7 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("raw:{i}").as_str(),
+            format!("raw:b0:{i}").as_str(),
         );
         let ack = js
             .publish_with_headers(format!("raw.{}", i % 16), headers, payload.clone())
