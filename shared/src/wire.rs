@@ -336,7 +336,8 @@ pub struct ConversationEvent {
     /// The agent offered or serving, where there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<AgentId>,
-    /// What caused it: `new_conversation`, `handover_keyword`, `offered`, `accepted`, `closed_by_agent`...
+    /// What caused it: `new_conversation`, `handover` (a hand-over keyword), `handover_after_hours`,
+    /// `bot_idle`, `offered`, `reoffered`, `accepted`, `declined`, `transferred`, `closed_by_agent`...
     pub reason: String,
     pub at: DateTime<Utc>,
 }

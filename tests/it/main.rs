@@ -9,6 +9,7 @@ mod bot;
 mod bus;
 mod dashboard;
 mod dispatch;
+mod docs;
 mod faults;
 mod fencing;
 mod live;
