@@ -129,8 +129,10 @@ pub struct CustomerRef {
 
 /// `fl.<tenant>.inbound.<channel>`, published by a gateway: a customer's message.
 ///
-/// The gateway sets the header `Nats-Msg-Id: <channel>:<message_id>`; with or without it the
-/// message is stored once (unique on tenant, channel, message_id). SPEC L1.
+/// The gateway sets the header `Nats-Msg-Id: <tenant>:<channel>:<message_id>`; with or without
+/// it the message is stored once (unique on tenant, channel, message_id). `FL_INBOUND` keeps
+/// ids 100 ms only, so that the old form `<channel>:<message_id>` cannot drop another
+/// tenant's message with the same id sent later (docs/operations.md). SPEC L1.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct InboundMessage {
     pub version: V1,
@@ -334,7 +336,8 @@ pub struct ConversationEvent {
     /// The agent offered or serving, where there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<AgentId>,
-    /// What caused it: `new_conversation`, `handover_keyword`, `offered`, `accepted`, `closed_by_agent`...
+    /// What caused it: `new_conversation`, `handover` (a hand-over keyword), `handover_after_hours`,
+    /// `bot_idle`, `offered`, `reoffered`, `accepted`, `declined`, `transferred`, `closed_by_agent`...
     pub reason: String,
     pub at: DateTime<Utc>,
 }

@@ -15,7 +15,9 @@
 //!   replies/s until every bot reply is on the outbound subjects.
 //!
 //! Run: `scripts/bench bot` (or `cargo bench -p firstline-tests --bench bot`; `FL_BENCH_QUICK=1`
-//! for a short run). The last line is one JSON object with every figure.
+//! for a short run; `FL_BENCH_MESSAGES` messages for the worker and end-to-end parts, 20,000,
+//! or 3,000 quick, and ten times as many decisions up to 30,000: scripts/test runs 300). The
+//! last line is one JSON object with every figure.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -225,7 +227,10 @@ fn percentile(h: &Histogram<u64>, q: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     firstline_shared::telemetry::init_for_tests();
     let quick = std::env::var_os("FL_BENCH_QUICK").is_some();
-    let n: usize = if quick { 3_000 } else { 20_000 };
+    let n: usize = std::env::var("FL_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick { 3_000 } else { 20_000 });
     let mut figures = serde_json::Map::new();
 
     // 1. The pure decision.
@@ -237,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let build_ms = started.elapsed().as_secs_f64() * 1000.0;
     let arts = articles();
-    let qs = questions(30_000, &arts);
+    let qs = questions((10 * n).min(30_000), &arts);
     let channel = ChannelId::parse("c0")?;
     let keywords = vec!["轉真人".to_owned()];
     let ctx = Context {

@@ -21,6 +21,10 @@
 //! - `FL_BENCH_SOAK` (seconds): instead, a memory soak at `FL_BENCH_SOAK_RATE` (2000/s):
 //!   RSS of every worker sampled every 10 s, then start, end, max and the slope.
 //!
+//! - `FL_BENCH_QUICK=1`: the smallest run that still goes through every step (one rate, 200/s
+//!   for 3 s, a 5,000-message ceiling, a 200-conversation history); scripts/test runs it so
+//!   that the benchmark cannot rot. Its figures mean nothing.
+//!
 //! Run: `scripts/bench e2e` (or `cargo bench -p firstline-tests --bench e2e`).
 
 use std::collections::BTreeMap;
@@ -126,7 +130,8 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
         name: "RAW_CEILING".into(),
         subjects: vec!["raw.>".into()],
         storage: jetstream::stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
+        // As FL_INBOUND's (shared/src/bus/streams.rs).
+        duplicate_window: Duration::from_millis(100),
         ..Default::default()
     })
     .await
@@ -154,7 +159,7 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(
             async_nats::header::NATS_MESSAGE_ID,
-            format!("raw:{i}").as_str(),
+            format!("raw:b0:{i}").as_str(),
         );
         let ack = js
             .publish_with_headers(format!("raw.{}", i % 16), headers, payload.clone())
@@ -326,9 +331,17 @@ fn main() {
 }
 
 async fn run() {
-    let rates = env_f64s("FL_BENCH_RATES", "1000,2500,5000,7500,10000,15000");
-    let duration = env_f64("FL_BENCH_DURATION", 20.0);
-    let raw_n = env_f64("FL_BENCH_RAW_N", 300_000.0) as usize;
+    let quick = std::env::var_os("FL_BENCH_QUICK").is_some();
+    let rates = env_f64s(
+        "FL_BENCH_RATES",
+        if quick {
+            "200"
+        } else {
+            "1000,2500,5000,7500,10000,15000"
+        },
+    );
+    let duration = env_f64("FL_BENCH_DURATION", if quick { 3.0 } else { 20.0 });
+    let raw_n = env_f64("FL_BENCH_RAW_N", if quick { 5_000.0 } else { 300_000.0 }) as usize;
     let soak = env_f64("FL_BENCH_SOAK", 0.0);
 
     let nats = TestNats::start().await;
@@ -356,7 +369,7 @@ async fn run() {
         .await
         .expect("configure the load tenants");
     // A desk that has been running: plans and index sizes of real tables (README).
-    let history = env_f64("FL_BENCH_HISTORY", 20_000.0) as usize;
+    let history = env_f64("FL_BENCH_HISTORY", if quick { 200.0 } else { 20_000.0 }) as usize;
     let h = firstline::history::seed(&db.url, &sample, history)
         .await
         .expect("seed the history");

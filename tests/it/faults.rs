@@ -253,7 +253,7 @@ async fn gateway_load(js: async_nats::jetstream::Context, pause: Duration) {
             while bus::publish(
                 &js,
                 format!("fl.t1.inbound.{channel}"),
-                &format!("{channel}:{id}"),
+                &format!("t1:{channel}:{id}"),
                 Default::default(),
                 body.to_string().into(),
             )

@@ -12,6 +12,7 @@ mod bus;
 mod cluster;
 mod dashboard;
 mod dispatch;
+mod docs;
 mod faults;
 mod fencing;
 mod house;

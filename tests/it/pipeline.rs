@@ -239,13 +239,13 @@ async fn the_same_inbound_published_twice_is_stored_once() {
     let body =
         json!({"version": 1, "message_id": "ext-42", "customer": {"id": "U3"}, "text": "hello"})
             .to_string();
-    // The same publish retried: JetStream drops the second within its duplicate window.
+    // The same publish retried at once: JetStream drops the second within its duplicate window.
     assert!(
-        !app.publish_json("fl.t1.inbound.line", Some("line:ext-42"), &body)
+        !app.publish_json("fl.t1.inbound.line", Some("t1:line:ext-42"), &body)
             .await
     );
     assert!(
-        app.publish_json("fl.t1.inbound.line", Some("line:ext-42"), &body)
+        app.publish_json("fl.t1.inbound.line", Some("t1:line:ext-42"), &body)
             .await
     );
     // A gateway that lost its id, or republished after the window: Postgres's unique key.
@@ -288,6 +288,96 @@ async fn the_same_inbound_published_twice_is_stored_once() {
         2,
     )
     .await;
+}
+
+/// Issue 20: `FL_INBOUND`'s de-duplication is keyed by `Nats-Msg-Id` alone, across the whole
+/// stream, so two tenants' messages with the same old-form id (`<channel>:<message id>`) must
+/// not be taken for one (docs/operations.md): both are stored, each tenant gets its
+/// conversation; a gateway's retry of the same message is still stored once (Postgres's key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_with_the_same_old_form_message_id_are_both_stored() {
+    let app = TestApp::spawn(
+        r#"{"tenants":[
+            {"id": "t1", "channels": [{"id": "web", "kind": "webchat", "bot_enabled": false}]},
+            {"id": "t2", "channels": [{"id": "web", "kind": "webchat", "bot_enabled": false}]}
+        ]}"#,
+    )
+    .await;
+    let body = |customer: &str| {
+        json!({"version": 1, "message_id": "m-1001", "customer": {"id": customer}, "text": "hi"})
+            .to_string()
+    };
+    // Two gateways, a moment apart. (Within 100 ms, JetStream's shortest duplicate window, the
+    // stream would still drop t2's: the residual risk of the old form, docs/operations.md.)
+    let t1 = app
+        .publish_json("fl.t1.inbound.web", Some("web:m-1001"), &body("U1"))
+        .await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let t2 = app
+        .publish_json("fl.t2.inbound.web", Some("web:m-1001"), &body("U2"))
+        .await;
+    // t1's gateway retries its message (an ack it did not see), old form and new form.
+    app.publish_json("fl.t1.inbound.web", Some("web:m-1001"), &body("U1"))
+        .await;
+    app.publish_json("fl.t1.inbound.web", Some("t1:web:m-1001"), &body("U1"))
+        .await;
+    assert!(
+        !t1 && !t2,
+        "the stream took t2's message for t1's (t1 duplicate: {t1}, t2 duplicate: {t2})"
+    );
+    // The new form, twice per tenant: each tenant's message once.
+    for tenant in ["t1", "t2"] {
+        let b =
+            json!({"version": 1, "message_id": "m-1002", "customer": {"id": "U9"}, "text": "x"})
+                .to_string();
+        for _ in 0..2 {
+            app.publish_json(
+                &format!("fl.{tenant}.inbound.web"),
+                Some(&format!("{tenant}:web:m-1002")),
+                &b,
+            )
+            .await;
+        }
+    }
+    wait_for_count(
+        &app.pg,
+        "t2's m-1001 stored",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM messages WHERE tenant_id = 't2' AND external_id = 'm-1001'",
+        1,
+    )
+    .await;
+    wait_for_count(
+        &app.pg,
+        "each tenant's m-1002 stored",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM messages WHERE external_id = 'm-1002'",
+        2,
+    )
+    .await;
+    // The retries and repeats are all handled by now (each partition in order) and stored once.
+    for (tenant, id) in [("t1", "m-1001"), ("t1", "m-1002"), ("t2", "m-1002")] {
+        assert_eq!(
+            count(
+                &app.pg,
+                "SELECT count(*) FROM messages WHERE tenant_id = $1 AND external_id = $2",
+                &[&tenant, &id]
+            )
+            .await,
+            1,
+            "{tenant}'s {id}"
+        );
+    }
+    assert_eq!(
+        count(
+            &app.pg,
+            "SELECT count(DISTINCT tenant_id) FROM conversations",
+            &[]
+        )
+        .await,
+        2,
+        "each tenant has its conversation"
+    );
 }
 
 /// A body that can never be handled is dead-lettered with the reason; the stream flows on.

@@ -6,7 +6,20 @@ use anyhow::Context as _;
 use async_nats::jetstream::stream;
 
 use super::JetStream;
-use crate::subjects::{StreamSpec, ALL_STREAMS};
+use crate::subjects::{StreamSpec, ALL_STREAMS, INBOUND};
+
+/// How long a stream remembers a `Nats-Msg-Id` to drop a second publish of it: JetStream's
+/// usual two minutes.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// `FL_INBOUND`'s window: the shortest JetStream keeps (it treats 0 as "the default").
+/// The window is keyed by the header alone, across the whole stream, before ingest sees
+/// anything; a gateway that still sends the old `<channel>:<message id>` (without the tenant)
+/// would have one tenant's message dropped as a "duplicate" of another's. So the stream does
+/// not de-duplicate inbound messages and ingest does, by the unique key (tenant, channel,
+/// message id) in Postgres: a retry is stored once, two tenants' same ids are two messages
+/// (docs/operations.md).
+const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
 
 /// Creates every stream of [`ALL_STREAMS`] with one replica, or updates it to this build's
 /// configuration. Safe to run from every instance at every start.
@@ -89,7 +102,11 @@ async fn ensure_stream(js: &JetStream, spec: StreamSpec, replicas: usize) -> any
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(spec.max_age_hours * 3600),
         num_replicas: replicas,
-        duplicate_window: Duration::from_secs(120),
+        duplicate_window: if spec.name == INBOUND.name {
+            INBOUND_DUPLICATE_WINDOW
+        } else {
+            DUPLICATE_WINDOW
+        },
         // Direct gets answer the partition mark's question (`partition_sequences`).
         allow_direct: true,
         subject_transform: spec

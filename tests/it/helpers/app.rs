@@ -163,7 +163,7 @@ impl TestApp {
         let body = body.to_string();
         self.publish_json(
             &format!("fl.{tenant}.inbound.{channel}"),
-            Some(&format!("{channel}:{message_id}")),
+            Some(&format!("{tenant}:{channel}:{message_id}")),
             &body,
         )
         .await;

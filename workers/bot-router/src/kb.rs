@@ -24,6 +24,8 @@ use crate::text::{self, Piece};
 use std::collections::HashMap;
 
 /// The score from which the bot answers with the article; a per-tenant setting may override it.
+/// It is also the database's default for `tenants.kb_min_score` (migration V7; the test
+/// `docs::kb_min_score_has_one_default` keeps them equal).
 /// With the scoring above, questions worded differently from a relevant article typically
 /// score 0.5..1 and off-topic questions 0..0.3 (see the tests).
 pub const DEFAULT_MIN_SCORE: f64 = 0.45;

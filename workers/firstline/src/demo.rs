@@ -222,7 +222,7 @@ async fn send_inbound(
     bus::publish(
         js,
         subjects::inbound(tenant, channel),
-        &format!("{channel}:{message_id}"),
+        &format!("{tenant}:{channel}:{message_id}"),
         Default::default(),
         wire::encode(&body),
     )

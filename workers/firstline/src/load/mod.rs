@@ -432,7 +432,7 @@ pub async fn run(
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                format!("{channel}:{message_id}").as_str(),
+                format!("{tenant}:{channel}:{message_id}").as_str(),
             );
             let key = format!("{tenant}/{channel}/{customer}");
             let sent = Instant::now();

@@ -1,0 +1,106 @@
+//! Values the README and the schemas state, checked against what the code does (issue 20:
+//! docs that disagreed with the code): the hand-over event's reason, the knowledge-base
+//! threshold's default, the dispatch cycle's range.
+
+use std::time::Duration;
+
+use crate::helpers::{next_matching, TestApp};
+use firstline_tests::db::TestDb;
+
+const README: &str = include_str!("../../README.md");
+const CONVERSATION_EVENT_SCHEMA: &str =
+    include_str!("../../schemas/conversation-event.schema.json");
+
+/// The README's settings-table cell `column` (0-based) of the row of `setting`.
+fn readme_setting(setting: &str, column: usize) -> String {
+    let row = README
+        .lines()
+        .find(|l| l.starts_with(&format!("| `{setting}` |")))
+        .unwrap_or_else(|| panic!("the README's settings table has no row for {setting}"));
+    row.split('|').nth(column + 1).unwrap().trim().to_owned()
+}
+
+/// The hand-over keyword's event carries a reason the `conversation-event` schema lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hand_over_reason_is_the_one_the_schema_describes() {
+    let app = TestApp::spawn(
+        r#"{"tenants":[{"id": "t1",
+            "channels": [{"id": "line", "kind": "line", "bot_enabled": true}]}]}"#,
+    )
+    .await;
+    let mut events = app
+        .client
+        .subscribe("fl.t1.events.conversation")
+        .await
+        .unwrap();
+    app.customer_says("t1", "line", "U1", "你好").await;
+    app.customer_says("t1", "line", "U1", "轉真人").await;
+    let handed_over = tokio::time::timeout(
+        Duration::from_secs(20),
+        next_matching(&mut events, "the hand-over event", |v| {
+            v["from"] == "bot" && v["to"] == "waiting"
+        }),
+    )
+    .await
+    .expect("a hand-over event");
+    let reason = handed_over["reason"].as_str().unwrap().to_owned();
+    let schema: serde_json::Value = serde_json::from_str(CONVERSATION_EVENT_SCHEMA).unwrap();
+    let described = schema["properties"]["reason"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        described.contains(&format!("`{reason}`")),
+        "the hand-over event's reason is {reason:?}; the schema says: {described}"
+    );
+}
+
+/// One default for `kb_min_score`: the database's (a tenant that sets none), the bot's
+/// [`DEFAULT_MIN_SCORE`](firstline_bot_router::kb::DEFAULT_MIN_SCORE) (what its scoring is
+/// tuned and tested against) and the README's settings table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kb_min_score_has_one_default() {
+    let db = TestDb::create().await;
+    let file = firstline::setup::SetupFile::parse(r#"{"tenants":[{"id": "t1", "channels": []}]}"#)
+        .unwrap();
+    firstline::setup::configure(&db.url, &file).await.unwrap();
+    let pg = db.connect().await;
+    let stored: f32 = pg
+        .query_one("SELECT kb_min_score FROM tenants WHERE id = 't1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let code = firstline_bot_router::kb::DEFAULT_MIN_SCORE;
+    assert!(
+        (f64::from(stored) - code).abs() < 1e-6,
+        "a new tenant's kb_min_score is {stored}, the bot's DEFAULT_MIN_SCORE {code}"
+    );
+    let readme = readme_setting("kb_min_score", 2);
+    assert_eq!(readme.parse::<f64>().ok(), Some(code), "README: {readme}");
+}
+
+/// The README states the range `PATCH /api/v1/settings` and the database accept.
+#[test]
+fn the_readme_states_the_dispatch_cycle_range() {
+    let range = firstline_shared::db::DISPATCH_CYCLE_SECONDS;
+    let thousands = |n: i32| {
+        let s = n.to_string();
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i).is_multiple_of(3) {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    };
+    let cell = readme_setting("dispatch_cycle_seconds", 2);
+    let stated = format!(
+        "{} to {}",
+        thousands(*range.start()),
+        thousands(*range.end())
+    );
+    assert!(
+        cell.contains(&stated),
+        "README says {cell:?}, the code {stated}"
+    );
+}
