@@ -11,8 +11,9 @@ use crate::subjects;
 use crate::wire;
 
 /// Publishes `payload` to `subject` with `Nats-Msg-Id: msg_id` and waits for the stream's ack.
-/// An ack that does not come is "unknown": it publishes again with the same id, which the
-/// stream drops if the first one was stored. Returns whether the stream saw a duplicate.
+/// An ack that does not come is "unknown": it publishes again with the same id (for up to
+/// [`PUBLISH_PATIENCE`]), which the stream drops if the first one was stored. Returns whether
+/// the stream saw a duplicate.
 pub async fn publish(
     js: &JetStream,
     subject: String,
@@ -23,6 +24,7 @@ pub async fn publish(
     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
     let mut delay = Duration::from_millis(50);
     let mut attempt = 0;
+    let give_up = tokio::time::Instant::now() + PUBLISH_PATIENCE;
     loop {
         attempt += 1;
         let result = match js
@@ -34,7 +36,7 @@ pub async fn publish(
         };
         match result {
             Ok(ack) => return Ok(ack.duplicate),
-            Err(e) if attempt < 8 => {
+            Err(e) if tokio::time::Instant::now() + delay < give_up => {
                 tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -45,6 +47,11 @@ pub async fn publish(
         }
     }
 }
+
+/// How long [`publish`] tries again before it gives up: longer than a JetStream leader
+/// election after a node of a cluster dies (5-7 s here; `tests/it/cluster.rs`), during which a
+/// stream answers "no stream found" or nothing at all.
+pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Publishes an agent's action on `fl.<tenant>.agent.<agent>.action`, as a desktop does: with
 /// `Nats-Msg-Id` = its `action_id` (so it is applied once) and the current trace context.
