@@ -90,10 +90,12 @@ const PUBLISH_WINDOW: usize = 256;
 
 /// Publishes `messages` pipelined: sends a window of them, in order, then collects the
 /// stream's acks (one round trip per window instead of one per message). A message whose ack
-/// does not come is published again on its own, with the same id, as [`publish`] does.
+/// does not come is published again on its own, with the same id, as [`publish`] does; once one
+/// of those is given up, the others whose ack did not come are not tried again here.
 /// Returns, per message, whether it is stored.
 pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::Result<()>> {
     let mut results = Vec::with_capacity(messages.len());
+    let mut gave_up = false;
     for window in messages.chunks(PUBLISH_WINDOW) {
         let mut pending = Vec::with_capacity(window.len());
         for m in window {
@@ -111,15 +113,21 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
             };
             results.push(match acked {
                 Ok(()) => Ok(()),
-                Err(_) => publish(
-                    js,
-                    m.subject.clone(),
-                    &m.msg_id,
-                    m.headers.clone(),
-                    m.payload.clone(),
-                )
-                .await
-                .map(|_| ()),
+                // The server did not take one in [`PUBLISH_PATIENCE`]: the rest are not
+                // tried one by one for as long each (the caller keeps them, as the outbox does).
+                Err(e) if gave_up => Err(e.context("not published: NATS did not answer")),
+                Err(_) => {
+                    let again = publish(
+                        js,
+                        m.subject.clone(),
+                        &m.msg_id,
+                        m.headers.clone(),
+                        m.payload.clone(),
+                    )
+                    .await;
+                    gave_up = again.is_err();
+                    again.map(|_| ())
+                }
             });
         }
     }
