@@ -72,12 +72,54 @@ pub struct DecodeError {
     pub reason: String,
 }
 
-/// Decodes a body, naming the message and the serde error (field, line and column).
+/// Decodes a body, naming the message and the serde error (field, line and column). A text
+/// with a NUL character (`\u0000`) is refused too, naming its field: Postgres cannot store
+/// one, so the message could never be handled (except in [`DeadLetter`], which keeps any bytes).
 pub fn decode<T: WireMessage>(payload: &[u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(payload).map_err(|e| DecodeError {
+    let message = serde_json::from_slice(payload).map_err(|e| DecodeError {
         message: T::NAME,
         reason: e.to_string(),
-    })
+    })?;
+    // JSON can carry a NUL only escaped: the cheap scan finds every candidate, and the field
+    // is looked for only then (`\\u0000`, an escaped backslash, is no NUL).
+    if T::REFUSES_NUL && payload.windows(6).any(|w| w == b"\\u0000") {
+        if let Some(field) = field_with_nul(payload) {
+            return Err(DecodeError {
+                message: T::NAME,
+                reason: format!(
+                    "field `{field}` contains a NUL character (\\u0000), which no text may hold"
+                ),
+            });
+        }
+    }
+    Ok(message)
+}
+
+/// The path (`customer.name`, `buttons[0].label`) of the first string of a JSON body that
+/// holds a NUL character, if any.
+fn field_with_nul(payload: &[u8]) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0').then(|| path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+                let path = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if k.contains('\0') {
+                    return Some(path);
+                }
+                walk(v, &path)
+            }),
+            _ => None,
+        }
+    }
+    walk(&serde_json::from_slice(payload).ok()?, "")
 }
 
 /// Encodes a body. Our types always serialize.
@@ -91,11 +133,16 @@ pub fn encode<T: WireMessage>(message: &T) -> bytes::Bytes {
 pub trait WireMessage: Serialize + DeserializeOwned + JsonSchema {
     /// The schema's file stem in `schemas/`.
     const NAME: &'static str;
+    /// Whether [`decode`] refuses a text holding a NUL character.
+    const REFUSES_NUL: bool = true;
 }
 
 macro_rules! wire_messages {
-    ($($ty:ty => $name:literal),* $(,)?) => {
-        $(impl WireMessage for $ty { const NAME: &'static str = $name; })*
+    ($($ty:ty => $name:literal $([refuses_nul: $nul:expr])?),* $(,)?) => {
+        $(impl WireMessage for $ty {
+            const NAME: &'static str = $name;
+            $(const REFUSES_NUL: bool = $nul;)?
+        })*
         /// Every message's schema, by file stem: the source of `schemas/*.schema.json`.
         pub fn all_schemas() -> Vec<(&'static str, Schema)> {
             vec![$(($name, schemars::schema_for!($ty))),*]
@@ -113,7 +160,8 @@ wire_messages! {
     BotWork => "bot-work",
     QueueSignal => "queue-signal",
     Delivery => "delivery",
-    DeadLetter => "dead-letter",
+    // A dead letter keeps the original's bytes, whatever they are.
+    DeadLetter => "dead-letter" [refuses_nul: false],
     WebhookDelivery => "webhook-delivery",
 }
 
@@ -469,5 +517,30 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("unknown variant `dance`"));
+    }
+
+    #[test]
+    fn a_nul_character_is_refused_naming_its_field() {
+        let inbound =
+            br#"{"version":1,"message_id":"m1","customer":{"id":"U1"},"text":"a\u0000b"}"#;
+        let e = decode::<InboundMessage>(inbound).unwrap_err();
+        assert_eq!(e.message, "inbound-message");
+        assert!(e.reason.contains("field `text`"), "{e}");
+        assert!(e.reason.contains("NUL"), "{e}");
+        let name = br#"{"version":1,"message_id":"m1","customer":{"id":"U1","name":"\u0000"}}"#;
+        let e = decode::<InboundMessage>(name).unwrap_err();
+        assert!(e.reason.contains("field `customer.name`"), "{e}");
+        let id = Uuid::nil();
+        let reply = format!(
+            r#"{{"version":1,"action_id":"{id}","type":"reply","conversation_id":"{id}","text":"x\u0000"}}"#
+        );
+        let e = decode::<AgentAction>(reply.as_bytes()).unwrap_err();
+        assert!(e.reason.contains("field `text`"), "{e}");
+        let presence = br#"{"version":1,"status":"not_ready","reason":"lunch\u0000"}"#;
+        let e = decode::<AgentPresence>(presence).unwrap_err();
+        assert!(e.reason.contains("field `reason`"), "{e}");
+        // An escaped backslash followed by "u0000" is text, not a NUL.
+        let text = br#"{"version":1,"message_id":"m1","customer":{"id":"U1"},"text":"C:\\u0000"}"#;
+        assert_eq!(decode::<InboundMessage>(text).unwrap().text, "C:\\u0000");
     }
 }

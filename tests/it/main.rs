@@ -16,6 +16,7 @@ mod load;
 mod metrics;
 mod multi_instance;
 mod pipeline;
+mod poison;
 mod readme;
 mod schemas;
 mod tracing;

@@ -1,0 +1,152 @@
+//! What can never be handled, whatever a publisher sends: NUL characters, values the
+//! database refuses. Each is dead-lettered at once with
+//! the reason, nothing the streams accept vanishes, and the channel flows on.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{eventually, next_matching, TestApp};
+
+const SETUP: &str = r#"{"tenants":[{
+    "id": "t1", "dispatch_cycle_seconds": 60,
+    "channels": [
+        {"id": "line", "kind": "line", "bot_enabled": true},
+        {"id": "mail", "kind": "email", "bot_enabled": false}
+    ]
+}]}"#;
+
+fn inbound(message_id: &str, customer: &str, text: &str) -> String {
+    json!({"version": 1, "message_id": message_id, "customer": {"id": customer}, "text": text})
+        .to_string()
+}
+
+/// The dead letter of `subject` whose payload contains `marker`.
+async fn letter_with(app: &TestApp, subject: &str, marker: &str) -> Value {
+    eventually(
+        &format!("the dead letter of {marker} on {subject}"),
+        Duration::from_secs(20),
+        || async {
+            app.stored("FL_DEADLETTER", "fl.*.deadletter.*")
+                .await
+                .into_iter()
+                .find(|l| {
+                    l["subject"].as_str().unwrap().starts_with(subject)
+                        && l["payload"].as_str().unwrap().contains(marker)
+                })
+        },
+    )
+    .await
+}
+
+/// A NUL character can never be stored: a customer's message, an agent's reply or a presence
+/// reason holding one is dead-lettered at once (no retries) naming the field, and the
+/// customer's next message right behind it is handled without waiting for retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_character_is_dead_lettered_at_once_naming_the_field() {
+    let app =
+        TestApp::spawn_configured(firstline_tests::nats::TestNats::start().await, SETUP, |c| {
+            c.max_deliver = 20
+        })
+        .await;
+    let started = Instant::now();
+    app.publish_json(
+        "fl.t1.inbound.line",
+        None,
+        &inbound("nul-1", "U1", "a\u{0}b"),
+    )
+    .await;
+    app.customer_says("t1", "line", "U1", "right behind it")
+        .await;
+    app.wait_for_state("t1", "line", "U1", "bot").await;
+    let letter = letter_with(&app, "fl.t1.inbound.line", "nul-1").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("field `text`") && reason.contains("NUL"),
+        "{letter}"
+    );
+    assert_eq!(letter["deliveries"], 1, "{letter}");
+
+    // A presence reason.
+    app.publish_json(
+        "fl.t1.presence.amy",
+        None,
+        &json!({"version": 1, "status": "not_ready", "reason": "lunch\u{0}"}).to_string(),
+    )
+    .await;
+    let letter = letter_with(&app, "fl.t1.presence.amy", "lunch").await;
+    assert!(
+        letter["reason"]
+            .as_str()
+            .unwrap()
+            .contains("field `reason`"),
+        "{letter}"
+    );
+    assert_eq!(letter["deliveries"], 1, "{letter}");
+
+    // An agent's reply in a conversation she serves.
+    let conversation = served_by_amy(&app, "U2").await;
+    app.agent_does(
+        "t1",
+        "amy",
+        "reply",
+        conversation,
+        json!({"text": "x\u{0}y"}),
+    )
+    .await;
+    let letter = letter_with(&app, "fl.t1.agent.amy.action", "x\\u0000y").await;
+    assert!(
+        letter["reason"].as_str().unwrap().contains("field `text`"),
+        "{letter}"
+    );
+    assert_eq!(letter["deliveries"], 1, "{letter}");
+}
+
+/// A conversation of `customer` on `mail`, accepted by amy.
+async fn served_by_amy(app: &TestApp, customer: &str) -> Uuid {
+    let mut notify = app.client.subscribe("fl.t1.notify.amy").await.unwrap();
+    app.presence("t1", "amy", "ready", 5, &[]).await;
+    app.customer_says("t1", "mail", customer, "help").await;
+    let offer = next_matching(&mut notify, "the offer", |v| v["type"] == "offer").await;
+    let conversation: Uuid = offer["conversation_id"].as_str().unwrap().parse().unwrap();
+    app.agent_does("t1", "amy", "accept", conversation, json!({}))
+        .await;
+    app.wait_for_state("t1", "mail", customer, "processing")
+        .await;
+    conversation
+}
+
+/// A value the database refuses for what it is (SQLSTATE class 22 or 54: here a customer id
+/// too large for its index) is poison: dead-lettered on its first try with the database's
+/// reason, not retried to the end while the partition waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_database_refuses_is_dead_lettered_on_the_first_try() {
+    let app =
+        TestApp::spawn_configured(firstline_tests::nats::TestNats::start().await, SETUP, |c| {
+            c.max_deliver = 20
+        })
+        .await;
+    // Incompressible, so that the index entry stays beyond a btree page's third.
+    let huge_id: String = (0..3000)
+        .map(|_| Uuid::new_v4().simple().to_string())
+        .collect();
+    app.publish_json(
+        "fl.t1.inbound.line",
+        None,
+        &inbound("big-id", &huge_id, "hi"),
+    )
+    .await;
+    app.customer_says("t1", "line", "U1", "right behind it")
+        .await;
+    app.wait_for_state("t1", "line", "U1", "bot").await;
+    let letter = letter_with(&app, "fl.t1.inbound.line", "big-id").await;
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(reason.contains("SQLSTATE 54000"), "{reason}");
+    assert_eq!(letter["deliveries"], 1, "{letter}");
+}
