@@ -48,6 +48,16 @@ impl HandleError {
         }
     }
 
+    /// A publish that failed: poison when the message exceeds the server's `max_payload`
+    /// (the same bytes never fit), transient otherwise.
+    pub fn publish_failed(e: anyhow::Error) -> Self {
+        if crate::bus::is_too_large(&e) {
+            Self::Poison(format!("{e:#}"))
+        } else {
+            e.into()
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient(_))
     }

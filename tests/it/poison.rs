@@ -1,5 +1,5 @@
 //! What can never be handled, whatever a publisher sends: NUL characters, values the
-//! database refuses. Each is dead-lettered at once with
+//! database refuses, messages that outgrow the server's payload limit. Each is dead-lettered at once with
 //! the reason, nothing the streams accept vanishes, and the channel flows on.
 
 use std::time::{Duration, Instant};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{eventually, next_matching, TestApp};
+use crate::helpers::{count, eventually, next_matching, TestApp};
 
 const SETUP: &str = r#"{"tenants":[{
     "id": "t1", "dispatch_cycle_seconds": 60,
@@ -120,6 +120,69 @@ async fn served_by_amy(app: &TestApp, customer: &str) -> Uuid {
     app.wait_for_state("t1", "mail", customer, "processing")
         .await;
     conversation
+}
+
+/// A message the workers build can outgrow the server's `max_payload` although what it was
+/// built from fit (an agent's reply as large as an action may be, to a customer with a long
+/// id): it never goes out, so it is dead-lettered (cut to fit, saying how large it was)
+/// rather than kept in the outbox and tried again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_to_publish_is_dead_lettered_not_retried_forever() {
+    let app = TestApp::spawn(SETUP).await;
+    let customer = format!("U{}", "u".repeat(2000));
+    let conversation = served_by_amy(&app, &customer).await;
+    let max = app.client.server_info().max_payload;
+    let action_overhead = json!({
+        "version": 1, "action_id": Uuid::nil(), "type": "reply",
+        "conversation_id": conversation, "text": "",
+    })
+    .to_string()
+    .len();
+    // The action fits, with room for its headers; the outbound message, which also names
+    // the customer, does not.
+    let text = "x".repeat(max - action_overhead - 200);
+    app.agent_does("t1", "amy", "reply", conversation, json!({ "text": text }))
+        .await;
+    let letter = eventually(
+        "the outbox's dead letter",
+        Duration::from_secs(20),
+        || async {
+            app.stored("FL_DEADLETTER", "fl.t1.deadletter.outbox")
+                .await
+                .into_iter()
+                .next()
+        },
+    )
+    .await;
+    assert_eq!(letter["subject"], "fl.t1.outbound.mail");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("max payload"),
+        "{}",
+        letter["reason"]
+    );
+    let size = letter["payload_bytes"]
+        .as_u64()
+        .expect("cut, with its size");
+    assert!(size as usize > max, "{size}");
+    // What is left of it cannot be replayed: it would be another message.
+    let filter = firstline::dead_letters::Filter {
+        tenant: Some("t1".into()),
+        stream: Some("outbox".into()),
+    };
+    let listed = firstline::dead_letters::list(&app.js, &filter, 10)
+        .await
+        .unwrap();
+    let refused = firstline::dead_letters::replay(&app.js, &[listed[0].0])
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("cannot be replayed"),
+        "{refused}"
+    );
+    eventually("the outbox emptied", Duration::from_secs(20), || async {
+        (count(&app.pg, "SELECT count(*) FROM outbox", &[]).await == 0).then_some(())
+    })
+    .await;
 }
 
 /// A value the database refuses for what it is (SQLSTATE class 22 or 54: here a customer id

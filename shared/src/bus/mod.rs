@@ -8,7 +8,8 @@
 //! - [`ordered`]: the partitioned streams (`FL_INBOUND`, `FL_BOT`), consumed in order per
 //!   partition (docs/ordering.md), and [`pauses`], why a partition stops pulling for a while.
 //! - [`settle`]: the ONE decision that turns a handler's outcome into the ack.
-//! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the reason.
+//! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the
+//!   reason, cut to fit the server's `max_payload` when it must be.
 //!
 //! DESIGN.md facts applied here: publish with `Nats-Msg-Id` and treat an ack timeout as
 //! "unknown" (republish with the same id); explicit acks; a message that can never be handled
@@ -31,6 +32,6 @@ pub use consume::{
 pub use ordered::{
     ack_floor, consume_partitioned, consume_partitioned_batched, partition_sequences, Partition,
 };
-pub use publish::{publish, publish_action, publish_all, Outgoing};
+pub use publish::{is_too_large, publish, publish_action, publish_all, Outgoing};
 pub use settle::{backoff, settle, Settle};
 pub use streams::ensure_streams;

@@ -34,6 +34,10 @@ pub async fn publish(
         };
         match result {
             Ok(ack) => return Ok(ack.duplicate),
+            // The same bytes never fit: no second try (a caller dead-letters it).
+            Err(e) if is_too_large(&e) => {
+                return Err(e.context(format!("publishing {msg_id} to {subject}")));
+            }
             Err(e) if attempt < 8 => {
                 tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
                 tokio::time::sleep(delay).await;
@@ -44,6 +48,18 @@ pub async fn publish(
             }
         }
     }
+}
+
+/// Whether `e` is a publish refused for exceeding the server's `max_payload`: the same
+/// message never goes through, so it is no transient failure.
+pub fn is_too_large(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<async_nats::jetstream::context::PublishError>()
+            .is_some_and(|p| {
+                p.kind() == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            })
+    })
 }
 
 /// Publishes an agent's action on `fl.<tenant>.agent.<agent>.action`, as a desktop does: with
@@ -104,6 +120,9 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
             };
             results.push(match acked {
                 Ok(()) => Ok(()),
+                Err(e) if is_too_large(&e) => {
+                    Err(e.context(format!("publishing {} to {}", m.msg_id, m.subject)))
+                }
                 Err(_) => publish(
                     js,
                     m.subject.clone(),
