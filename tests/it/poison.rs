@@ -1,9 +1,10 @@
-//! What can never be handled, whatever a publisher sends: NUL characters, values the
-//! database refuses, messages that outgrow the server's payload limit. Each is dead-lettered at once with
+//! What can never be handled, whatever a publisher sends: subjects with literal wildcard
+//! tokens, NUL characters, values the database refuses. Each is dead-lettered at once with
 //! the reason, nothing the streams accept vanishes, and the channel flows on.
 
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -20,6 +21,89 @@ const SETUP: &str = r#"{"tenants":[{
 fn inbound(message_id: &str, customer: &str, text: &str) -> String {
     json!({"version": 1, "message_id": message_id, "customer": {"id": customer}, "text": text})
         .to_string()
+}
+
+/// The dead letters stored so far, by the subject of their message.
+async fn letters_of(app: &TestApp, subject: &str) -> Vec<Value> {
+    app.stored("FL_DEADLETTER", "fl.*.deadletter.*")
+        .await
+        .into_iter()
+        .filter(|l| l["subject"] == subject)
+        .collect()
+}
+
+/// A publisher may choose any token: one the partitioned streams store untransformed (a
+/// literal `*` or `>`) is taken by no partition's consumer, so it is found and dead-lettered,
+/// and removed; the other streams' consumers take it and dead-letter it themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn literal_wildcard_subjects_are_dead_lettered_not_lost() {
+    let app = TestApp::spawn(SETUP).await;
+    let body = inbound("m1", "U1", "hi");
+    let subjects = [
+        "fl.t1.inbound.*",
+        "fl.t1.inbound.>",
+        "fl.t1.bot.*",
+        "fl.t1.bot.>",
+        "fl.t1.presence.*",
+        "fl.t1.presence.>",
+        "fl.t1.agent.*.action",
+        "fl.t1.agent.>.action",
+    ];
+    for subject in subjects {
+        app.publish_json(subject, None, &body).await;
+    }
+    // A second on the same subject: every message is dead-lettered, not one per subject.
+    app.publish_json("fl.t1.inbound.>", None, &inbound("m2", "U1", "again"))
+        .await;
+    app.customer_says("t1", "line", "U5", "good message").await;
+    app.wait_for_state("t1", "line", "U5", "bot").await;
+
+    for subject in subjects {
+        let letters = eventually(
+            &format!("the dead letter of {subject}"),
+            Duration::from_secs(20),
+            || async {
+                let l = letters_of(&app, subject).await;
+                (!l.is_empty()).then_some(l)
+            },
+        )
+        .await;
+        let letter = letters
+            .iter()
+            .find(|l| l["payload"].as_str().unwrap().contains("\"m1\""))
+            .unwrap_or_else(|| panic!("{letters:?}"));
+        let reason = letter["reason"].as_str().unwrap();
+        assert!(
+            reason.contains(subject) || reason.contains("invalid"),
+            "{letter}"
+        );
+    }
+    eventually(
+        "both letters of fl.t1.inbound.>",
+        Duration::from_secs(20),
+        || async { (letters_of(&app, "fl.t1.inbound.>").await.len() == 2).then_some(()) },
+    )
+    .await;
+    // Dead-lettered strays leave the stream: nothing stays stored that nobody takes.
+    for (stream, pattern) in [("FL_INBOUND", "fl.*.inbound.*"), ("FL_BOT", "fl.*.bot.*")] {
+        let stream = app.js.get_stream(stream).await.unwrap();
+        let left: Vec<_> = stream
+            .info_with_subjects(pattern)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert!(left.is_empty(), "{pattern}: {left:?}");
+    }
+    assert_eq!(
+        count(
+            &app.pg,
+            "SELECT count(*) FROM messages WHERE author = 'customer'",
+            &[]
+        )
+        .await,
+        1
+    );
 }
 
 /// The dead letter of `subject` whose payload contains `marker`.

@@ -10,6 +10,8 @@
 //! - [`settle`]: the ONE decision that turns a handler's outcome into the ack.
 //! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the
 //!   reason, cut to fit the server's `max_payload` when it must be.
+//! - [`strays`]: what a partitioned stream stores under a subject no partition takes (a literal
+//!   wildcard token) is found and dead-lettered too: nothing the streams accept vanishes.
 //!
 //! DESIGN.md facts applied here: publish with `Nats-Msg-Id` and treat an ack timeout as
 //! "unknown" (republish with the same id); explicit acks; a message that can never be handled
@@ -22,6 +24,7 @@ pub mod ordered;
 mod pauses;
 pub mod publish;
 pub mod settle;
+pub mod strays;
 pub mod streams;
 
 pub use async_nats::jetstream::Context as JetStream;
