@@ -146,28 +146,7 @@ async fn last_strays(js: &JetStream, stream: StreamSpec) -> anyhow::Result<Vec<S
             .context("direct get: an answer without Nats-Sequence")?;
         let subject =
             header("Nats-Subject").context("direct get: an answer without Nats-Subject")?;
-        // The publisher's headers, without the direct get's own.
-        let headers = answer.headers.as_ref().map(|h| {
-            let mut kept = async_nats::HeaderMap::new();
-            for (k, values) in h.iter() {
-                let k = k.to_string();
-                if matches!(
-                    k.as_str(),
-                    "Nats-Sequence"
-                        | "Nats-Subject"
-                        | "Nats-Stream"
-                        | "Nats-Time-Stamp"
-                        | "Nats-Num-Pending"
-                        | "Nats-Last-Sequence"
-                ) {
-                    continue;
-                }
-                for v in values {
-                    kept.append(k.as_str(), v.as_str());
-                }
-            }
-            kept
-        });
+        let headers = answer.headers.as_ref().map(publisher_headers);
         strays.push(Stray {
             subject,
             headers,
@@ -179,4 +158,51 @@ async fn last_strays(js: &JetStream, stream: StreamSpec) -> anyhow::Result<Vec<S
         }
     }
     Ok(strays)
+}
+
+/// The headers a direct get answers with (`Nats-Sequence`, `Nats-Subject`...), which the
+/// stream adds: what is left is what the publisher sent.
+const DIRECT_GET_HEADERS: [&str; 7] = [
+    "Nats-Stream",
+    "Nats-Sequence",
+    "Nats-Subject",
+    "Nats-Time-Stamp",
+    "Nats-Num-Pending",
+    "Nats-Last-Sequence",
+    "Nats-UpTo-Sequence",
+];
+
+/// The publisher's headers of a direct get's answer.
+fn publisher_headers(answer: &async_nats::HeaderMap) -> async_nats::HeaderMap {
+    let mut kept = async_nats::HeaderMap::new();
+    for (name, values) in answer.iter() {
+        let name = name.to_string();
+        if DIRECT_GET_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        for v in values {
+            kept.append(name.as_str(), v.as_str());
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_strays_headers_are_the_publishers_not_the_direct_gets() {
+        let mut answer = async_nats::HeaderMap::new();
+        for name in DIRECT_GET_HEADERS {
+            answer.insert(name, "1");
+        }
+        answer.insert("Nats-Msg-Id", "line:m1");
+        answer.insert("traceparent", "00-abc-def-01");
+        let kept = publisher_headers(&answer);
+        let names: Vec<String> = kept.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert_eq!(kept.get("Nats-Msg-Id").unwrap().as_str(), "line:m1");
+        assert_eq!(kept.get("traceparent").unwrap().as_str(), "00-abc-def-01");
+    }
 }
