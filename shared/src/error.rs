@@ -48,6 +48,16 @@ impl HandleError {
         }
     }
 
+    /// A publish that failed: poison when the message exceeds the server's `max_payload`
+    /// (the same bytes never fit), transient otherwise.
+    pub fn publish_failed(e: anyhow::Error) -> Self {
+        if crate::bus::is_too_large(&e) {
+            Self::Poison(format!("{e:#}"))
+        } else {
+            e.into()
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, Self::Transient(_))
     }
@@ -65,14 +75,58 @@ impl From<crate::wire::DecodeError> for HandleError {
     }
 }
 
+/// A database error is transient (the database away, a deadlock, a serialization failure...)
+/// unless its SQLSTATE says the same statement on the same data can never succeed
+/// ([`never_succeeds`]): then it is poison, with the database's reason.
 impl From<tokio_postgres::Error> for HandleError {
     fn from(e: tokio_postgres::Error) -> Self {
-        anyhow::Error::from(e).into()
+        match e.as_db_error() {
+            Some(db) if never_succeeds(db.code()) => Self::Poison(format!(
+                "the database refuses it (SQLSTATE {}): {}",
+                db.code().code(),
+                db.message()
+            )),
+            _ => anyhow::Error::from(e).into(),
+        }
     }
+}
+
+/// SQLSTATE classes of errors that the data itself causes, so that a retry fails alike:
+/// `22` data exception (a NUL character in a text, a value out of range, bad encoding...) and
+/// `54` program limit exceeded (a value too large to index...).
+pub fn never_succeeds(code: &tokio_postgres::error::SqlState) -> bool {
+    matches!(code.code().get(..2), Some("22" | "54"))
 }
 
 impl From<deadpool_postgres::PoolError> for HandleError {
     fn from(e: deadpool_postgres::PoolError) -> Self {
         anyhow::Error::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_postgres::error::SqlState;
+
+    use super::never_succeeds;
+
+    #[test]
+    fn data_exceptions_never_succeed_and_the_rest_is_retried() {
+        // 22021: "invalid byte sequence for encoding "UTF8": 0x00", a NUL in a text.
+        assert!(never_succeeds(&SqlState::CHARACTER_NOT_IN_REPERTOIRE));
+        assert!(never_succeeds(&SqlState::from_code("22021")));
+        assert!(never_succeeds(&SqlState::NUMERIC_VALUE_OUT_OF_RANGE));
+        assert!(never_succeeds(&SqlState::PROGRAM_LIMIT_EXCEEDED));
+        for transient in [
+            SqlState::T_R_SERIALIZATION_FAILURE,
+            SqlState::T_R_DEADLOCK_DETECTED,
+            SqlState::ADMIN_SHUTDOWN,
+            SqlState::CONNECTION_FAILURE,
+            SqlState::LOCK_NOT_AVAILABLE,
+            SqlState::QUERY_CANCELED,
+            SqlState::UNIQUE_VIOLATION,
+        ] {
+            assert!(!never_succeeds(&transient), "{}", transient.code());
+        }
     }
 }

@@ -107,6 +107,7 @@ impl Staged {
         for ((id, pending), result) in self.rows.iter().zip(results) {
             match result {
                 Ok(()) => done.push(*id),
+                Err(e) if unpublishable(js, *id, pending, &e).await => done.push(*id),
                 Err(e) => tracing::warn!(
                     msg_id = pending.msg_id,
                     "outbox publish deferred to the sweeper: {e:#}"
@@ -130,6 +131,36 @@ impl Pending {
             msg_id: self.msg_id.clone(),
             headers,
             payload: self.payload.clone(),
+        }
+    }
+}
+
+/// A staged message the server refuses for its size (beyond `max_payload`: a reply built
+/// from a huge text, say) never goes out, however often it is tried: it is dead-lettered
+/// (`fl.<tenant>.deadletter.outbox`, cut to fit) instead, so that the row can go. True when
+/// that is done; false for any other failure, which is tried again.
+async fn unpublishable(js: &JetStream, id: i64, pending: &Pending, e: &anyhow::Error) -> bool {
+    if !bus::is_too_large(e) {
+        return false;
+    }
+    let original = bus::dead_letter::Original {
+        subject: &pending.subject,
+        headers: None,
+        payload: &pending.payload,
+        stream_sequence: id as u64,
+    };
+    let reason = format!("too large to publish: {e:#}");
+    match bus::dead_letter::dead_letter_of(js, "outbox", "outbox", original, 1, &reason).await {
+        Ok(()) => {
+            tracing::warn!(msg_id = pending.msg_id, "{reason}; dead-lettered");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(
+                msg_id = pending.msg_id,
+                "dead-lettering an outbox message: {e:#}"
+            );
+            false
         }
     }
 }
@@ -182,9 +213,21 @@ pub async fn sweep_once(js: &JetStream, pool: &Pool, min_age: Duration) -> anyho
         })
         .collect();
     let mut done = Vec::new();
-    for (row, result) in rows.iter().zip(bus::publish_all(js, &outgoing).await) {
+    for ((row, m), result) in rows
+        .iter()
+        .zip(&outgoing)
+        .zip(bus::publish_all(js, &outgoing).await)
+    {
+        let id = row.get::<_, i64>(0);
+        let pending = Pending {
+            subject: m.subject.clone(),
+            msg_id: m.msg_id.clone(),
+            payload: m.payload.clone(),
+            traceparent: None,
+        };
         match result {
-            Ok(()) => done.push(row.get::<_, i64>(0)),
+            Ok(()) => done.push(id),
+            Err(e) if unpublishable(js, id, &pending, &e).await => done.push(id),
             Err(e) => tracing::warn!("outbox sweep: {e:#}"),
         }
     }

@@ -72,12 +72,54 @@ pub struct DecodeError {
     pub reason: String,
 }
 
-/// Decodes a body, naming the message and the serde error (field, line and column).
+/// Decodes a body, naming the message and the serde error (field, line and column). A text
+/// with a NUL character (`\u0000`) is refused too, naming its field: Postgres cannot store
+/// one, so the message could never be handled (except in [`DeadLetter`], which keeps any bytes).
 pub fn decode<T: WireMessage>(payload: &[u8]) -> Result<T, DecodeError> {
-    serde_json::from_slice(payload).map_err(|e| DecodeError {
+    let message = serde_json::from_slice(payload).map_err(|e| DecodeError {
         message: T::NAME,
         reason: e.to_string(),
-    })
+    })?;
+    // JSON can carry a NUL only escaped: the cheap scan finds every candidate, and the field
+    // is looked for only then (`\\u0000`, an escaped backslash, is no NUL).
+    if T::REFUSES_NUL && payload.windows(6).any(|w| w == b"\\u0000") {
+        if let Some(field) = field_with_nul(payload) {
+            return Err(DecodeError {
+                message: T::NAME,
+                reason: format!(
+                    "field `{field}` contains a NUL character (\\u0000), which no text may hold"
+                ),
+            });
+        }
+    }
+    Ok(message)
+}
+
+/// The path (`customer.name`, `buttons[0].label`) of the first string of a JSON body that
+/// holds a NUL character, if any.
+fn field_with_nul(payload: &[u8]) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0').then(|| path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+                let path = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                if k.contains('\0') {
+                    return Some(path);
+                }
+                walk(v, &path)
+            }),
+            _ => None,
+        }
+    }
+    walk(&serde_json::from_slice(payload).ok()?, "")
 }
 
 /// Encodes a body. Our types always serialize.
@@ -91,11 +133,16 @@ pub fn encode<T: WireMessage>(message: &T) -> bytes::Bytes {
 pub trait WireMessage: Serialize + DeserializeOwned + JsonSchema {
     /// The schema's file stem in `schemas/`.
     const NAME: &'static str;
+    /// Whether [`decode`] refuses a text holding a NUL character.
+    const REFUSES_NUL: bool = true;
 }
 
 macro_rules! wire_messages {
-    ($($ty:ty => $name:literal),* $(,)?) => {
-        $(impl WireMessage for $ty { const NAME: &'static str = $name; })*
+    ($($ty:ty => $name:literal $([refuses_nul: $nul:expr])?),* $(,)?) => {
+        $(impl WireMessage for $ty {
+            const NAME: &'static str = $name;
+            $(const REFUSES_NUL: bool = $nul;)?
+        })*
         /// Every message's schema, by file stem: the source of `schemas/*.schema.json`.
         pub fn all_schemas() -> Vec<(&'static str, Schema)> {
             vec![$(($name, schemars::schema_for!($ty))),*]
@@ -113,7 +160,8 @@ wire_messages! {
     BotWork => "bot-work",
     QueueSignal => "queue-signal",
     Delivery => "delivery",
-    DeadLetter => "dead-letter",
+    // A dead letter keeps the original's bytes, whatever they are.
+    DeadLetter => "dead-letter" [refuses_nul: false],
     WebhookDelivery => "webhook-delivery",
 }
 
@@ -409,10 +457,65 @@ pub struct DeadLetter {
     pub subject: String,
     pub stream_sequence: u64,
     pub deliveries: u64,
-    /// The original body, as text (invalid UTF-8 replaced).
+    /// The original body, as text (invalid UTF-8 replaced); only its beginning when
+    /// `payload_bytes` is set.
     pub payload: String,
+    /// Set when `payload` holds only the beginning of the original body, which was this many
+    /// bytes: the whole letter would not fit in the server's `max_payload`. Such a letter
+    /// tells what arrived but cannot be replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_bytes: Option<u64>,
     pub headers: BTreeMap<String, String>,
     pub at: DateTime<Utc>,
+}
+
+/// Longest header value and reason a [`DeadLetter`] keeps when it must be cut to fit.
+const LETTER_FIELD_MAX: usize = 2048;
+
+impl DeadLetter {
+    /// The letter, encoded in at most `max_payload` bytes (the server's limit, less what its
+    /// headers take): as it is when it fits; else with its reason and header values cut to
+    /// [`LETTER_FIELD_MAX`] characters, then its payload cut to what still fits, the
+    /// original's size in `payload_bytes`. A dead letter must always be publishable.
+    pub fn fit(mut self, max_payload: usize) -> bytes::Bytes {
+        let encoded = encode(&self);
+        if encoded.len() <= max_payload {
+            return encoded;
+        }
+        self.reason = cut(&self.reason, LETTER_FIELD_MAX);
+        for value in self.headers.values_mut() {
+            *value = cut(value, LETTER_FIELD_MAX);
+        }
+        let payload = std::mem::take(&mut self.payload);
+        self.payload_bytes = Some(payload.len() as u64);
+        // What the rest takes, with room for the cut marker and the size's digits.
+        let rest = encode(&self).len() + 32;
+        let mut budget = max_payload.saturating_sub(rest);
+        let mut end = 0;
+        for (i, c) in payload.char_indices() {
+            // An upper bound of what serde_json writes for the character.
+            let escaped = match c {
+                '"' | '\\' => 2,
+                c if (c as u32) < 0x20 => 6,
+                c => c.len_utf8(),
+            };
+            if escaped > budget {
+                break;
+            }
+            budget -= escaped;
+            end = i + c.len_utf8();
+        }
+        self.payload = payload[..end].to_owned();
+        encode(&self)
+    }
+}
+
+/// `text`, or its first `max` characters and a marker saying how long it was.
+fn cut(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}… ({} bytes in all)", &text[..end], text.len()),
+    }
 }
 
 #[cfg(test)]
@@ -472,5 +575,71 @@ mod tests {
             .unwrap_err()
             .reason
             .contains("unknown variant `dance`"));
+    }
+
+    #[test]
+    fn a_nul_character_is_refused_naming_its_field() {
+        let inbound =
+            br#"{"version":1,"message_id":"m1","customer":{"id":"U1"},"text":"a\u0000b"}"#;
+        let e = decode::<InboundMessage>(inbound).unwrap_err();
+        assert_eq!(e.message, "inbound-message");
+        assert!(e.reason.contains("field `text`"), "{e}");
+        assert!(e.reason.contains("NUL"), "{e}");
+        let name = br#"{"version":1,"message_id":"m1","customer":{"id":"U1","name":"\u0000"}}"#;
+        let e = decode::<InboundMessage>(name).unwrap_err();
+        assert!(e.reason.contains("field `customer.name`"), "{e}");
+        let id = Uuid::nil();
+        let reply = format!(
+            r#"{{"version":1,"action_id":"{id}","type":"reply","conversation_id":"{id}","text":"x\u0000"}}"#
+        );
+        let e = decode::<AgentAction>(reply.as_bytes()).unwrap_err();
+        assert!(e.reason.contains("field `text`"), "{e}");
+        let presence = br#"{"version":1,"status":"not_ready","reason":"lunch\u0000"}"#;
+        let e = decode::<AgentPresence>(presence).unwrap_err();
+        assert!(e.reason.contains("field `reason`"), "{e}");
+        // An escaped backslash followed by "u0000" is text, not a NUL.
+        let text = br#"{"version":1,"message_id":"m1","customer":{"id":"U1"},"text":"C:\\u0000"}"#;
+        assert_eq!(decode::<InboundMessage>(text).unwrap().text, "C:\\u0000");
+    }
+
+    fn letter(payload: String) -> DeadLetter {
+        DeadLetter {
+            version: Version,
+            reason: "r".repeat(10_000),
+            stream: "FL_INBOUND".into(),
+            consumer: "ingest-p0".into(),
+            subject: "fl.t.inbound.c.0".into(),
+            stream_sequence: 7,
+            deliveries: 1,
+            payload,
+            payload_bytes: None,
+            headers: BTreeMap::from([("url".to_owned(), "u".repeat(400_000))]),
+            at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_dead_letter_keeps_any_bytes_and_fits_the_limit() {
+        // It keeps what the pipeline refuses.
+        let small = letter("a\u{0}b".into());
+        let kept: DeadLetter = decode(&encode(&small)).unwrap();
+        assert_eq!(kept.payload, "a\u{0}b");
+        // One that fits is left whole.
+        let mut fits = small.clone();
+        fits.headers.clear();
+        assert_eq!(fits.clone().fit(1 << 20), encode(&fits));
+        // Beyond the limit: cut, saying how large the original was. Quotes and control
+        // characters take more room encoded than in the text.
+        for body in ["x".repeat(900_000), "\"\u{1}é".repeat(300_000)] {
+            let max = 64 * 1024;
+            let bytes = letter(body.clone()).fit(max);
+            assert!(bytes.len() <= max, "{} > {max}", bytes.len());
+            let cut: DeadLetter = decode(&bytes).unwrap();
+            assert_eq!(cut.payload_bytes, Some(body.len() as u64));
+            assert!(body.starts_with(&cut.payload));
+            assert!(cut.payload.len() > 10_000, "{}", cut.payload.len());
+            assert!(cut.reason.len() < 3000 && cut.reason.contains("10000 bytes in all"));
+            assert!(cut.headers["url"].contains("400000 bytes in all"));
+        }
     }
 }

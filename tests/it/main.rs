@@ -21,6 +21,7 @@ mod load;
 mod metrics;
 mod multi_instance;
 mod pipeline;
+mod poison;
 mod readme;
 mod schemas;
 mod tracing;

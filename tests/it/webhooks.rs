@@ -357,3 +357,77 @@ async fn a_hanging_endpoint_does_not_hold_the_pipeline() {
         "the pipeline went on (a blocked one would take 20 s): {queued_in:?}"
     );
 }
+
+/// Webhooks whose dead letter would exceed the server's `max_payload` (a 600,000-character
+/// URL, in the letter's reason and headers) still end `dead`, with a letter cut to fit that
+/// says how large it was, and are not claimed again; meanwhile the sender holds no more than
+/// its few database connections, so every tenant's requests are answered at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_too_large_for_their_dead_letter_end_dead_and_the_api_stays_fast() {
+    let mut app = TestApp::spawn(SETUP).await;
+    let api = app.start_api().await; // 3 tries, 100 ms backoff doubling
+    let admin = app.token("acme", "admin", None).await;
+    // Past the API's own checks, as an older row or another writer could be: a port where
+    // nothing listens, and a path no server would take.
+    let port = firstline_tests::nats::free_port();
+    let url = format!("http://127.0.0.1:{port}/{}", "a".repeat(600_000));
+    const HOOKS: usize = 12;
+    for _ in 0..HOOKS {
+        app.pg
+            .execute(
+                "INSERT INTO webhooks (id, tenant_id, url, secret) VALUES ($1, 'acme', $2, 'whsec_x')",
+                &[&uuid::Uuid::new_v4(), &url],
+            )
+            .await
+            .unwrap();
+    }
+    let mut dead_letters = app
+        .client
+        .subscribe("fl.acme.deadletter.webhooks")
+        .await
+        .unwrap();
+    app.customer_says("acme", "mail", "H1", "hello").await;
+
+    // While the deliveries fail and die, the API answers at once.
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(6) {
+        let asked = Instant::now();
+        let (status, body) = api.get("/api/v1/me", &admin).await;
+        assert_eq!(status, 200, "{body}");
+        slowest = slowest.max(asked.elapsed());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(slowest < Duration::from_secs(1), "GET /me took {slowest:?}");
+
+    let letter = tokio::time::timeout(Duration::from_secs(20), dead_letters.next())
+        .await
+        .expect("a dead letter")
+        .unwrap();
+    assert!(letter.payload.len() <= app.client.server_info().max_payload);
+    let letter: Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["consumer"], "webhooks");
+    assert!(
+        letter["reason"].as_str().unwrap().contains("bytes in all"),
+        "{}",
+        &letter["reason"].as_str().unwrap()[..200]
+    );
+    eventually("every delivery dead", Duration::from_secs(30), || async {
+        let dead = count(
+            &app.pg,
+            "SELECT count(*) FROM webhook_deliveries WHERE status = 'dead'",
+            &[],
+        )
+        .await;
+        (dead == HOOKS as i64).then_some(())
+    })
+    .await;
+    // Dead is the end: no further try.
+    let attempts = count(
+        &app.pg,
+        "SELECT coalesce(max(attempts), 0)::bigint FROM webhook_deliveries",
+        &[],
+    )
+    .await;
+    assert_eq!(attempts, 3);
+}

@@ -8,7 +8,10 @@
 //! - [`ordered`]: the partitioned streams (`FL_INBOUND`, `FL_BOT`), consumed in order per
 //!   partition (docs/ordering.md), and [`pauses`], why a partition stops pulling for a while.
 //! - [`settle`]: the ONE decision that turns a handler's outcome into the ack.
-//! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the reason.
+//! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the
+//!   reason, cut to fit the server's `max_payload` when it must be.
+//! - [`strays`]: what a partitioned stream stores under a subject no partition takes (a literal
+//!   wildcard token) is found and dead-lettered too: nothing the streams accept vanishes.
 //!
 //! DESIGN.md facts applied here: publish with `Nats-Msg-Id` and treat an ack timeout as
 //! "unknown" (republish with the same id); explicit acks; a message that can never be handled
@@ -21,6 +24,7 @@ pub mod ordered;
 mod pauses;
 pub mod publish;
 pub mod settle;
+pub mod strays;
 pub mod streams;
 
 pub use async_nats::jetstream::Context as JetStream;
@@ -31,6 +35,6 @@ pub use consume::{
 pub use ordered::{
     ack_floor, consume_partitioned, consume_partitioned_batched, partition_sequences, Partition,
 };
-pub use publish::{publish, publish_action, publish_all, Outgoing};
+pub use publish::{is_too_large, publish, publish_action, publish_all, Outgoing};
 pub use settle::{backoff, settle, Settle};
 pub use streams::{ensure_streams, ensure_streams_with};

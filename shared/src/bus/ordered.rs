@@ -108,7 +108,29 @@ where
         .await
         .into_iter()
         .map(|spec| consume(js, config, spec, shutdown.clone(), &handler));
-    futures::future::try_join_all(partitions).await.map(|_| ())
+    with_strays_swept(js, stream, prefix, &shutdown, async {
+        futures::future::try_join_all(partitions).await.map(|_| ())
+    })
+    .await
+}
+
+/// Runs `partitions` with the stream's strays swept beside it ([`super::strays`]): what the
+/// partitions' filters cannot take is dead-lettered. The sweeper stops when they end.
+async fn with_strays_swept(
+    js: &JetStream,
+    stream: StreamSpec,
+    prefix: &str,
+    shutdown: &CancellationToken,
+    partitions: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let stop = shutdown.child_token();
+    let partitions = async {
+        let out = partitions.await;
+        stop.cancel();
+        out
+    };
+    let sweeping = super::strays::sweep_strays(js, stream, prefix, stop.clone());
+    futures::join!(partitions, sweeping).0
 }
 
 /// The consumers of a partitioned stream, `<prefix>-p0` … `-p15`, each filtered to its
@@ -191,7 +213,10 @@ where
         .await
         .into_iter()
         .map(|spec| consume_in_order(js, config, spec, max_batch, shutdown.clone(), &handler));
-    futures::future::try_join_all(partitions).await.map(|_| ())
+    with_strays_swept(js, stream, prefix, &shutdown, async {
+        futures::future::try_join_all(partitions).await.map(|_| ())
+    })
+    .await
 }
 
 /// The priority group of ordered, batched consumers.

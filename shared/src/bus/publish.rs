@@ -36,6 +36,10 @@ pub async fn publish(
         };
         match result {
             Ok(ack) => return Ok(ack.duplicate),
+            // The same bytes never fit: no second try (a caller dead-letters it).
+            Err(e) if is_too_large(&e) => {
+                return Err(e.context(format!("publishing {msg_id} to {subject}")));
+            }
             Err(e) if tokio::time::Instant::now() + delay < give_up => {
                 tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
                 tokio::time::sleep(delay).await;
@@ -52,6 +56,18 @@ pub async fn publish(
 /// election after a node of a cluster dies (5-7 s here; `tests/it/cluster.rs`), during which a
 /// stream answers "no stream found" or nothing at all.
 pub const PUBLISH_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Whether `e` is a publish refused for exceeding the server's `max_payload`: the same
+/// message never goes through, so it is no transient failure.
+pub fn is_too_large(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<async_nats::jetstream::context::PublishError>()
+            .is_some_and(|p| {
+                p.kind() == async_nats::jetstream::context::PublishErrorKind::MaxPayloadExceeded
+            })
+    })
+}
 
 /// Publishes an agent's action on `fl.<tenant>.agent.<agent>.action`, as a desktop does: with
 /// `Nats-Msg-Id` = its `action_id` (so it is applied once) and the current trace context.
@@ -113,6 +129,9 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
             };
             results.push(match acked {
                 Ok(()) => Ok(()),
+                Err(e) if is_too_large(&e) => {
+                    Err(e.context(format!("publishing {} to {}", m.msg_id, m.subject)))
+                }
                 // The server did not take one in [`PUBLISH_PATIENCE`]: the rest are not
                 // tried one by one for as long each (the caller keeps them, as the outbox does).
                 Err(e) if gave_up => Err(e.context("not published: NATS did not answer")),
@@ -125,7 +144,7 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
                         m.payload.clone(),
                     )
                     .await;
-                    gave_up = again.is_err();
+                    gave_up = again.as_ref().is_err_and(|e| !is_too_large(e));
                     again.map(|_| ())
                 }
             });

@@ -72,6 +72,16 @@ pub struct WebhookConfig {
         default_value_t = 32
     )]
     pub concurrency: usize,
+    /// Database connections the sender uses at once, at most (per API instance): the pool is
+    /// the API's, shared by every tenant's requests, and one tenant's backlog of deliveries
+    /// must not take it. No connection is held while a request is out or a dead letter is
+    /// being published.
+    #[arg(
+        long = "webhook-db-connections",
+        env = "FL_WEBHOOK_DB_CONNECTIONS",
+        default_value_t = 2
+    )]
+    pub db_connections: usize,
 }
 
 impl Default for WebhookConfig {
@@ -82,6 +92,7 @@ impl Default for WebhookConfig {
             backoff_max_secs: 3600,
             timeout_secs: 10,
             concurrency: 32,
+            db_connections: 2,
         }
     }
 }
@@ -190,6 +201,7 @@ pub async fn run(
         .user_agent("FirstLine-Webhooks/1")
         .build()?;
     let sender = Sender {
+        db: Arc::new(Semaphore::new(config.db_connections.max(1))),
         pool: services.pool.clone(),
         js: services.js.clone(),
         http: client,
@@ -257,6 +269,8 @@ async fn enqueue(pool: &Pool, wake: &Notify, m: Delivered) -> Result<(), HandleE
 }
 
 struct Sender {
+    /// One permit per database connection the sender may hold ([`WebhookConfig::db_connections`]).
+    db: Arc<Semaphore>,
     pool: Pool,
     js: JetStream,
     http: reqwest::Client,
@@ -332,6 +346,7 @@ impl Sender {
 
     /// Takes up to `limit` due deliveries, leasing each for longer than a try can take.
     async fn claim(&self, limit: i64) -> anyhow::Result<Vec<Claimed>> {
+        let _permit = self.db.acquire().await?;
         let client = self.pool.get().await?;
         let lease = (self.config.timeout_secs + 30) as f64;
         let stmt = client
@@ -363,6 +378,15 @@ impl Sender {
     }
 
     async fn send(&self, d: Claimed) {
+        if d.attempts > self.config.max_attempts {
+            // Its last try's outcome was not recorded (the dead letter could not be
+            // published, say): it is not sent again, only made dead.
+            let error = "its tries are used up".to_owned();
+            if let Err(e) = self.record(&d, None, Some(error)).await {
+                tracing::warn!(delivery = %d.id, "recording a webhook outcome: {e:#}");
+            }
+            return;
+        }
         let timestamp = Utc::now().timestamp();
         let result = self
             .http
@@ -402,8 +426,9 @@ impl Sender {
         status: Option<i32>,
         error: Option<String>,
     ) -> anyhow::Result<()> {
-        let client = self.pool.get().await?;
         let Some(error) = error else {
+            let _permit = self.db.acquire().await?;
+            let client = self.pool.get().await?;
             client
                 .execute(
                     "UPDATE webhook_deliveries SET status = 'delivered', ended_at = now(), last_status = $2, last_error = NULL
@@ -420,6 +445,8 @@ impl Sender {
                 Duration::from_millis(self.config.backoff_ms),
                 Duration::from_secs(self.config.backoff_max_secs),
             );
+            let _permit = self.db.acquire().await?;
+            let client = self.pool.get().await?;
             client
                 .execute(
                     "UPDATE webhook_deliveries SET next_attempt_at = now() + make_interval(secs => $2),
@@ -432,7 +459,7 @@ impl Sender {
             tracing::info!(delivery = %d.id, url = %d.url, attempts = d.attempts, retry_in_ms = delay.as_millis() as u64, "webhook failed: {error}");
             return Ok(());
         }
-        let reason = format!(
+        let mut reason = format!(
             "webhook {} failed {} times; last: {error}",
             d.url, d.attempts
         );
@@ -448,6 +475,7 @@ impl Sender {
             stream_sequence: 0,
             deliveries: d.attempts as u64,
             payload: d.body.clone(),
+            payload_bytes: None,
             headers: BTreeMap::from([
                 ("FirstLine-Webhook-Id".to_string(), d.webhook.to_string()),
                 ("FirstLine-Delivery-Id".to_string(), d.id.to_string()),
@@ -455,14 +483,26 @@ impl Sender {
             ]),
             at: Utc::now(),
         };
-        bus::publish(
+        // Cut to fit the server's max_payload (a huge URL or body): it always goes out.
+        let published = bus::publish(
             &self.js,
             subjects::dead_letter(tenant.as_str(), "webhooks"),
             &format!("webhook-dead:{}", d.id),
             HeaderMap::new(),
-            wire::encode(&letter),
+            letter.fit(bus::dead_letter::max_body(&self.js)),
         )
-        .await?;
+        .await;
+        match published {
+            Ok(_) => {}
+            // Never sent again: a delivery whose letter cannot go is dead all the same, and
+            // says so, rather than claimed on every lease.
+            Err(e) if bus::is_too_large(&e) || d.attempts > self.config.max_attempts + 3 => {
+                reason = format!("{reason}; its dead letter could not be published: {e:#}");
+            }
+            Err(e) => return Err(e),
+        }
+        let _permit = self.db.acquire().await?;
+        let client = self.pool.get().await?;
         client
             .execute(
                 "UPDATE webhook_deliveries SET status = 'dead', ended_at = now(), last_status = $2, last_error = $3

@@ -87,6 +87,13 @@ pub async fn replay(js: &jetstream::Context, sequences: &[u64]) -> anyhow::Resul
                 letter.headers.get("FirstLine-Delivery-Id").map_or("<delivery>", String::as_str)
             );
         }
+        if let Some(size) = letter.payload_bytes {
+            // Cut to fit the server's max_payload: replaying the beginning would be a new message.
+            anyhow::bail!(
+                "dead letter {seq} keeps only the first {} of its message's {size} bytes: it cannot be replayed",
+                letter.payload.len()
+            );
+        }
         let mut headers = async_nats::HeaderMap::new();
         for (k, v) in &letter.headers {
             if !k.eq_ignore_ascii_case("Nats-Msg-Id") {

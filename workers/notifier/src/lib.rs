@@ -82,7 +82,8 @@ async fn deliver_all(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(
             published
                 .next()
                 .unwrap_or_else(|| Err(anyhow::anyhow!("no publish result")))
-                .map_err(HandleError::from)
+                // One beyond the server's max_payload never goes out: dead-lettered at once.
+                .map_err(HandleError::publish_failed)
         })
         .collect()
 }
