@@ -1,5 +1,6 @@
 //! The `/api/v1` endpoints, each documented in the OpenAPI document by its `#[utoipa::path]`.
 
+mod actions;
 mod agents;
 mod channels;
 mod conversations;
@@ -29,11 +30,11 @@ pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(agents::presence))
         .routes(routes!(conversations::list))
         .routes(routes!(conversations::get_one))
-        .routes(routes!(conversations::accept))
-        .routes(routes!(conversations::decline))
-        .routes(routes!(conversations::reply))
-        .routes(routes!(conversations::close))
-        .routes(routes!(conversations::transfer))
+        .routes(routes!(actions::accept))
+        .routes(routes!(actions::decline))
+        .routes(routes!(actions::reply))
+        .routes(routes!(actions::close))
+        .routes(routes!(actions::transfer))
         .routes(routes!(queue::snapshot))
         .routes(routes!(queue::live))
         .routes(routes!(crate::live::agent_live))
