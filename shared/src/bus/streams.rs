@@ -72,13 +72,18 @@ pub async fn ensure_streams_with(js: &JetStream, replicas: usize) -> anyhow::Res
 /// Tries of one stream's creation before giving up (about a minute with the delays).
 const CREATE_ATTEMPTS: u32 = 12;
 
-/// Whether the server answered with a refusal (an API error), rather than not at all.
+/// Whether the server refused the stream for good (more replicas than it has nodes for),
+/// rather than not answering or being busy electing a leader.
 fn refused(e: &anyhow::Error) -> bool {
+    use async_nats::jetstream::context::{CreateStreamError, CreateStreamErrorKind};
+    use async_nats::jetstream::ErrorCode;
     e.chain().any(|cause| {
-        let text = cause.to_string();
-        text.contains("replicas > 1 not supported")
-            || text.contains("insufficient resources")
-            || text.contains("err_code")
+        matches!(
+            cause.downcast_ref::<CreateStreamError>().map(|c| c.kind()),
+            Some(CreateStreamErrorKind::JetStream(api))
+                if [ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED, ErrorCode::INSUFFICIENT_RESOURCES]
+                    .contains(&api.error_code())
+        )
     })
 }
 
