@@ -10,7 +10,8 @@ use crate::helpers::{
 use serde_json::json;
 use uuid::Uuid;
 
-const SETUP: &str = r#"{"tenants":[{
+/// One tenant with a bot channel (`line`) and a channel without bot (`mail`).
+pub(crate) const SETUP: &str = r#"{"tenants":[{
     "id": "t1", "dispatch_cycle_seconds": 60,
     "channels": [
         {"id": "line", "kind": "line", "bot_enabled": true},

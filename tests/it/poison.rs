@@ -9,14 +9,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{count, eventually, next_matching, TestApp};
-
-const SETUP: &str = r#"{"tenants":[{
-    "id": "t1", "dispatch_cycle_seconds": 60,
-    "channels": [
-        {"id": "line", "kind": "line", "bot_enabled": true},
-        {"id": "mail", "kind": "email", "bot_enabled": false}
-    ]
-}]}"#;
+use crate::pipeline::SETUP;
 
 fn inbound(message_id: &str, customer: &str, text: &str) -> String {
     json!({"version": 1, "message_id": message_id, "customer": {"id": customer}, "text": text})
