@@ -46,13 +46,22 @@ pub struct CommonConfig {
     /// 30 s, so 20 rides out several minutes of a database outage.
     #[arg(long, env = "FL_MAX_DELIVER", default_value_t = 20)]
     pub max_deliver: i64,
-    /// Messages of one partition (`FL_INBOUND`, `FL_BOT`) handled together in one Postgres
-    /// transaction, in the stream's order, which the partition's mark guarantees (README:
-    /// Scaling out). 1 handles them one at a time with one message in flight (about 2.5 times
-    /// slower; a partition then never pauses and fails over after `ack_wait` instead of
-    /// `ack_wait + 10 s`).
+    /// Messages of one partition (`FL_INBOUND`, `FL_INBOUND_KEYED`, `FL_BOT`) handled together
+    /// in one Postgres transaction, in the stream's order (docs/ordering.md). 1 handles them
+    /// one at a time (about 2.5 times slower).
     #[arg(long, env = "FL_PARTITION_BATCH", default_value_t = 64)]
     pub partition_batch: usize,
+    /// Partitions of each partitioned stream (1 to 1024). The unit of order and of sharing:
+    /// each is read by one instance at a time, and the partitions are dealt evenly over the
+    /// live instances. The same on every instance; a change applies to new messages (change
+    /// it with the gateways paused and the streams drained, docs/ordering.md).
+    #[arg(long, env = "FL_PARTITIONS", default_value_t = crate::subjects::DEFAULT_PARTITIONS)]
+    pub partitions: u32,
+    /// How long an instance's hold on its partitions lasts without renewal (renewed every
+    /// quarter of it): a dead instance's partitions are taken over within about this, plus a
+    /// quarter (docs/ordering.md).
+    #[arg(long, env = "FL_PARTITION_LEASE_SECS", default_value_t = 5.0)]
+    pub partition_lease_secs: f64,
     /// Threads of the process's async runtime. 1 (the default) runs everything on the main
     /// thread, with no wake-ups handed between threads: a worker spends most of its time
     /// waiting on NATS and Postgres round trips, and on a small machine the cross-thread
@@ -100,6 +109,8 @@ impl CommonConfig {
             ack_wait_secs: 30,
             max_deliver: 20,
             partition_batch: 64,
+            partitions: crate::subjects::DEFAULT_PARTITIONS,
+            partition_lease_secs: 5.0,
             worker_threads: 1,
             stream_replicas: 1,
         }

@@ -25,6 +25,7 @@ pub mod error;
 pub mod hours;
 pub mod metrics;
 pub mod outbox;
+pub mod partitions;
 pub mod shutdown;
 pub mod subjects;
 pub mod survey;

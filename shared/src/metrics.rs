@@ -6,6 +6,8 @@
 //! | `fl_dead_letters_total` | counter | stream, consumer | messages dead-lettered |
 //! | `fl_consumer_pending` | gauge | consumer | messages in the stream not yet delivered to the consumer (lag) |
 //! | `fl_consumer_ack_pending` | gauge | consumer | delivered, not yet acknowledged |
+//! | `fl_partitions_held` | gauge | worker | partitions this instance holds and reads (docs/ordering.md) |
+//! | `fl_partition_restarts_total` | counter | consumer | a partition's reader started again from the mark |
 //! | `fl_conversations` | gauge | tenant, state | open conversations by state (the dispatcher samples it) |
 //! | `fl_offers_total` | counter | tenant | offers made |
 //! | `fl_offers_expired_total` | counter | tenant | offers not accepted within the dispatch cycle (SPEC D8) |
@@ -40,10 +42,15 @@ pub fn dead_lettered(stream: &'static str, consumer: &'static str) {
     counter!("fl_dead_letters_total", "stream" => stream, "consumer" => consumer).increment(1);
 }
 
-/// A batched partition paused: `reason` is `missed` (a delivery that never arrived) or `outstanding`
-/// (an older delivery still out with another client).
-pub fn delivery_gap(consumer: &'static str, reason: &'static str) {
-    counter!("fl_delivery_gaps_total", "consumer" => consumer, "reason" => reason).increment(1);
+/// A partition's reader made its consumer again from the mark (a delivery lost in transit, a
+/// consumer lost with a server).
+pub fn partition_restarted(partition: &'static str) {
+    counter!("fl_partition_restarts_total", "consumer" => partition).increment(1);
+}
+
+/// How many partitions of `worker` this instance reads now.
+pub fn partitions_held(worker: &'static str, n: usize) {
+    gauge!("fl_partitions_held", "worker" => worker).set(n as f64);
 }
 
 /// A partition's batch committed (ingest, bot-router): `path` is `lanes` (its messages side by

@@ -37,7 +37,7 @@ impl Services {
         tracing::info!(config = %config.redacted(), "starting");
         let nats = bus::connect(config).await?;
         let js = async_nats::jetstream::new(nats.clone());
-        bus::ensure_streams_with(&js, config.stream_replicas).await?;
+        bus::ensure_streams_with(&js, config.stream_replicas, config.partitions).await?;
         db::migrate(&config.database_url).await?;
         let pool = db::pool(config)?;
         let services = Self {

@@ -336,11 +336,11 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for (i, chunk) in ids.chunks(256).enumerate() {
         let mut acks = Vec::with_capacity(chunk.len());
-        for (j, (conv, msg, ch)) in chunk.iter().enumerate() {
+        for (j, (conv, msg, _channel)) in chunk.iter().enumerate() {
             let body = json!({"version": 1, "conversation_id": conv, "message_id": msg, "text": qs[i * 256 + j]});
             sent_at.insert(*conv, Instant::now());
             acks.push(
-                js.publish(format!("fl.bench.bot.c{ch}"), body.to_string().into())
+                js.publish(format!("fl.bench.bot.{conv}"), body.to_string().into())
                     .await?,
             );
         }

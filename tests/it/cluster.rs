@@ -26,13 +26,15 @@ async fn every_stream_has_the_replicas_fl_stream_replicas_asks_for() {
     let cluster = TestCluster::start(3).await;
     let js = connect(&cluster.url).await;
     // An older deployment's streams, one replica each.
-    bus::ensure_streams_with(&js, 1).await.expect("R1 streams");
+    bus::ensure_streams_with(&js, 1, 64)
+        .await
+        .expect("R1 streams");
     // Four workers start at once, asking for three.
     let starting = (0..4).map(|_| {
         let url = cluster.url.clone();
         async move {
             let js = connect(&url).await;
-            bus::ensure_streams_with(&js, 3).await
+            bus::ensure_streams_with(&js, 3, 64).await
         }
     });
     for result in futures::future::join_all(starting).await {
@@ -52,10 +54,13 @@ async fn every_stream_has_the_replicas_fl_stream_replicas_asks_for() {
 async fn three_replicas_on_a_single_server_is_a_clear_error() {
     let nats = TestNats::start().await;
     let js = connect(&nats.url).await;
-    let e = tokio::time::timeout(Duration::from_secs(60), bus::ensure_streams_with(&js, 3))
-        .await
-        .expect("answered within a minute")
-        .expect_err("a single server keeps one replica");
+    let e = tokio::time::timeout(
+        Duration::from_secs(60),
+        bus::ensure_streams_with(&js, 3, 64),
+    )
+    .await
+    .expect("answered within a minute")
+    .expect_err("a single server keeps one replica");
     let text = format!("{e:#}");
     assert!(text.contains("FL_STREAM_REPLICAS"), "{text}");
     assert!(text.contains("cluster"), "{text}");
@@ -96,7 +101,9 @@ fn the_compose_clusters_node_configuration_is_valid() {
 async fn an_r3_stream_loses_nothing_when_its_leader_node_dies() {
     let mut cluster = TestCluster::start(3).await;
     let js = connect(&cluster.url).await;
-    bus::ensure_streams_with(&js, 3).await.expect("R3 streams");
+    bus::ensure_streams_with(&js, 3, 64)
+        .await
+        .expect("R3 streams");
     let publish = |i: usize| {
         let js = js.clone();
         async move {

@@ -204,6 +204,42 @@ async fn a_batch_keeps_each_conversations_order() {
     }
 }
 
+/// The customer key in the subject (`fl.<t>.inbound.<channel>.<key>`): one channel's customers
+/// spread over the partitions of `FL_INBOUND_KEYED`, each customer's messages still in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_customer_key_one_channels_customers_spread_over_the_partitions_in_order() {
+    let mut app = backlog_app().await;
+    for i in 0..20 {
+        for c in 0..8 {
+            app.customer_says_keyed("t1", "mail", &format!("U{c}"), &i.to_string())
+                .await;
+        }
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "all stored",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        160,
+    )
+    .await;
+    for c in 0..8 {
+        let expected: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+        assert_eq!(texts_in_order(&app, &format!("U{c}")).await, expected);
+    }
+    let partitions = count(
+        &app.pg,
+        "SELECT count(*) FROM partition_marks WHERE consumer LIKE 'ingest-k%' AND stream_sequence > 0",
+        &[],
+    )
+    .await;
+    assert!(
+        partitions >= 3,
+        "8 customers of one channel in {partitions} partitions"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_in_a_batch_is_dead_lettered_alone() {
     let mut app = backlog_app().await;
@@ -287,249 +323,92 @@ async fn duplicates_in_a_batch_are_stored_once() {
     assert_eq!(conversations, 1);
 }
 
-/// A store left by a version with one message in flight per partition (no priority group):
-/// the batched consumers take over its consumers, position included.
+/// A store left by a version before leases (durable, pinned consumers per partition): their
+/// ack floors become the marks (what they acknowledged is not handled again) and they are
+/// removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_partition_consumers_of_an_older_version_are_taken_over() {
     use async_nats::jetstream::consumer;
     use firstline_shared::subjects;
+    use futures::StreamExt;
     let mut app = backlog_app().await;
     let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    for p in 0..subjects::PARTITIONS {
-        let durable = format!("ingest-p{p}");
-        stream
-            .create_consumer(consumer::pull::Config {
-                durable_name: Some(durable),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(app.config.ack_wait_secs),
-                max_deliver: app.config.max_deliver,
-                max_ack_pending: 1,
-                filter_subject: subjects::partition_filter(&subjects::INBOUND, p),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-    }
     for i in 0..5 {
         app.customer_says("t1", "mail", "U1", &i.to_string()).await;
     }
-    start_ingest(&mut app);
-    wait_for_count(
-        &app.pg,
-        "stored by the batched consumers",
-        Duration::from_secs(30),
-        "SELECT count(*) FROM messages WHERE author = 'customer'",
-        5,
-    )
-    .await;
-    let expected: Vec<String> = (0..5).map(|i| i.to_string()).collect();
-    assert_eq!(texts_in_order(&app, "U1").await, expected);
-    let info = stream.consumer_info("ingest-p0").await.unwrap();
-    assert_eq!(
-        info.config.max_ack_pending,
-        app.config.partition_batch as i64
-    );
-}
-
-/// Starts an ingest process, has `customer` say `text` on t1/mail and waits until it is
-/// stored; returns the process and the partition consumer that delivered it (its pin, if any).
-async fn ingest_with_one_stored(
-    app: &TestApp,
-    customer: &str,
-    text: &str,
-) -> (crate::helpers::WorkerProcess, String, Option<String>) {
-    use firstline_shared::subjects;
-    let ingest = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
-    app.customer_says("t1", "mail", customer, text).await;
-    wait_for_count(
-        &app.pg,
-        "the first stored",
-        Duration::from_secs(30),
-        "SELECT count(*) FROM messages WHERE author = 'customer'",
-        1,
-    )
-    .await;
-    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    for p in 0..subjects::PARTITIONS {
-        let durable = format!("ingest-p{p}");
-        let info = stream.consumer_info(&durable).await.unwrap();
-        if info.delivered.consumer_sequence > 0 {
-            let pin = info.priority_groups[0].pinned_client_id.clone();
-            return (ingest, durable, pin);
-        }
-    }
-    panic!("no partition delivered the first message");
-}
-
-/// Pulls one delivery of `durable` as another client of the priority group would (with `pin`,
-/// as the pinned one), never to acknowledge it; returns its text.
-async fn take_one_delivery(app: &TestApp, durable: &str, pin: Option<&str>) -> String {
-    use futures::StreamExt;
-    let inbox = app.client.new_inbox();
-    let mut taken = app.client.subscribe(inbox.clone()).await.unwrap();
-    let mut request = serde_json::json!({"batch": 1, "expires": 2_000_000_000u64, "group": "fl"});
-    if let Some(pin) = pin {
-        request["id"] = pin.into();
-    }
-    app.client
-        .publish_with_reply(
-            format!("$JS.API.CONSUMER.MSG.NEXT.FL_INBOUND.{durable}"),
-            inbox,
-            request.to_string().into(),
-        )
-        .await
-        .unwrap();
-    let delivery = tokio::time::timeout(Duration::from_secs(5), taken.next())
-        .await
-        .expect("a delivery for the pull")
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&delivery.payload).unwrap();
-    body["text"].as_str().unwrap().to_owned()
-}
-
-/// Waits until `n` customer messages are stored, then checks U1's four came in order.
-async fn u1_stored_in_order(app: &TestApp, n: i64) {
-    wait_for_count(
-        &app.pg,
-        "all stored",
-        Duration::from_secs(60),
-        "SELECT count(*) FROM messages WHERE author = 'customer'",
-        n,
-    )
-    .await;
-    assert_eq!(
-        texts_in_order(app, "U1").await,
-        vec!["0", "1", "2", "3"],
-        "the delivery that was out first"
-    );
-}
-
-/// A delivery lost in transit (here: taken by another client with the worker's pin, as a
-/// message the server sent while the connection broke) is noticed by the gap in the
-/// consumer's delivery sequence: the partition pauses until the server gives it back, so the
-/// newer messages behind it are not stored first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_lost_in_transit_is_waited_for_before_newer_messages() {
-    let app = backlog_app().await;
-    let (mut ingest, durable, pin) = ingest_with_one_stored(&app, "U1", "0").await;
-    let pin = pin.expect("the worker is pinned");
-
-    // Freeze the worker until its pull request has expired (5 s), the pin still its own.
-    let pid = ingest.pid().unwrap().to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {sig}");
-    };
-    signal("-STOP");
-    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    eventually(
-        "the frozen worker's pull request expired",
-        Duration::from_secs(20),
-        || async {
-            let info = stream.consumer_info(&durable).await.unwrap();
-            (info.num_waiting == 0).then_some(())
-        },
-    )
-    .await;
-    for text in ["1", "2", "3"] {
-        app.customer_says("t1", "mail", "U1", text).await;
-    }
-    // "1" is delivered under the worker's pin, and never reaches it.
-    let taken = take_one_delivery(&app, &durable, Some(&pin)).await;
-    assert_eq!(taken, "1", "the delivery taken is the oldest");
-    signal("-CONT");
-
-    u1_stored_in_order(&app, 4).await;
-    ingest.kill();
-}
-
-/// The pin lost while another client holds a delivery (a restarted server forgets pins; here
-/// the pin is taken away with the unpin API): a freshly started instance is pinned at once and
-/// sent the newer messages, while the older one is still out. It notices from the consumer's
-/// ack floor, pauses, and takes them all again in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_delivery_still_out_when_the_pin_moves_is_waited_for_by_a_fresh_instance() {
-    let app = backlog_app().await;
-    let (mut first, durable, _) = ingest_with_one_stored(&app, "U0", "warm").await;
-    first.kill();
-    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    stream.unpin_consumer(&durable, "fl").await.unwrap();
-
-    // Another client (an instance about to crash) is pinned and holds "0".
-    app.customer_says("t1", "mail", "U1", "0").await;
-    assert_eq!(take_one_delivery(&app, &durable, None).await, "0");
-    // Its pin is lost, the delivery still out.
-    stream.unpin_consumer(&durable, "fl").await.unwrap();
-    for text in ["1", "2", "3"] {
-        app.customer_says("t1", "mail", "U1", text).await;
-    }
-    let mut fresh = crate::helpers::WorkerProcess::start("firstline-ingest", &app.config);
-
-    u1_stored_in_order(&app, 5).await;
-    fresh.kill();
-}
-
-/// The partition mark (shared/src/batch.rs), on its own: whatever a partition's instance is
-/// delivered, its transaction handles a batch only as far as it continues the partition right
-/// after the mark, moves the mark with it, and tells the rest to wait for the missing message.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
-    use async_nats::jetstream::consumer;
-    use firstline_shared::batch;
-    use firstline_shared::bus::{Delivered, Partition};
-    use firstline_shared::subjects;
-    use firstline_shared::worker::Services;
-    use futures::StreamExt;
-    use std::sync::Arc;
-
-    let app = TestApp::without_workers(SETUP).await;
-    let services = Services::start(&app.config, &app.shutdown).await.unwrap();
-    let mut sequences = Vec::new();
-    for text in ["0", "1", "2", "3", "4"] {
-        let ack = app
-            .js
-            .publish("fl.t1.inbound.mail", text.to_owned().into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-        sequences.push(ack.sequence);
-    }
-    let stream = app.js.get_stream("FL_INBOUND").await.unwrap();
-    let subject = stream.get_raw_message(sequences[0]).await.unwrap().subject;
+    // The older version's consumer of the messages' partition handled (and acknowledged)
+    // "0" and "1".
+    let subject = stream.get_raw_message(1).await.unwrap().subject;
     let p: u32 = subject.rsplit('.').next().unwrap().parse().unwrap();
-    let durable: &'static str = Box::leak(format!("ingest-p{p}").into_boxed_str());
-    let filter = subjects::partition_filter(&subjects::INBOUND, p);
-    let raw = stream
+    let durable = format!("ingest-p{p}");
+    let old = stream
         .create_consumer(consumer::pull::Config {
-            durable_name: Some(durable.to_owned()),
-            filter_subject: filter.clone(),
+            durable_name: Some(durable.clone()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            max_ack_pending: 1,
+            filter_subject: subjects::partition_filter(&subjects::INBOUND, p),
             ..Default::default()
         })
         .await
         .unwrap();
-    let partition = Arc::new(Partition {
-        consumer: durable,
-        stream: "FL_INBOUND",
-        filter,
-        last_mark: Default::default(),
-    });
-    // What a batch's transaction committed, message by message.
+    for _ in 0..2 {
+        let mut messages = old.fetch().max_messages(1).messages().await.unwrap();
+        while let Some(m) = messages.next().await {
+            m.unwrap().double_ack().await.unwrap();
+        }
+    }
+    start_ingest(&mut app);
+    wait_for_count(
+        &app.pg,
+        "stored after the older version's floor",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM messages WHERE author = 'customer'",
+        3,
+    )
+    .await;
+    assert_eq!(texts_in_order(&app, "U1").await, vec!["2", "3", "4"]);
+    assert!(
+        stream.consumer_info(&durable).await.is_err(),
+        "{durable} removed"
+    );
+}
+
+/// The fence (shared/src/batch/fence.rs), on its own: a batch commits only while its instance
+/// holds the partition and the mark is where the instance's reader left it, and moves the mark
+/// over what it handled from the first on (a poison message stops it there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_only_while_its_instance_holds_the_partition_where_it_left_it() {
+    use firstline_shared::batch;
+    use firstline_shared::bus::{Delivered, Partition};
+    use firstline_shared::worker::Services;
+    use firstline_shared::HandleError;
+    use std::sync::Arc;
+
+    let app = TestApp::without_workers(SETUP).await;
+    let services = Services::start(&app.config, &app.shutdown).await.unwrap();
     app.pg
-        .batch_execute("CREATE TABLE handled (stream_sequence bigint NOT NULL)")
+        .batch_execute(
+            "INSERT INTO partition_marks (consumer, stream_sequence, holder) VALUES ('ingest-p9', 0, 'me');
+             CREATE TABLE handled (stream_sequence bigint NOT NULL)",
+        )
         .await
         .unwrap();
-    let run = |indexes: &[usize]| {
-        let batch: Vec<Delivered> = indexes
+    let partition = Arc::new(Partition {
+        consumer: "ingest-p9",
+        stream: "FL_INBOUND",
+        filter: "fl.*.inbound.*.9".into(),
+        holder: "me".into(),
+        mark: Default::default(),
+    });
+    // Messages at stream sequences 10, 20, 30…; the one at `poison` is poison.
+    let run = |sequences: &[u64], poison: Option<u64>| {
+        let batch: Vec<Delivered> = sequences
             .iter()
-            .map(|&i| Delivered {
-                subject: subject.to_string(),
+            .map(|&s| Delivered {
+                subject: "fl.t1.inbound.mail.9".into(),
                 payload: Default::default(),
                 headers: None,
-                stream_sequence: sequences[i],
+                stream_sequence: s,
                 delivered: 1,
                 published: chrono::Utc::now(),
                 partition: Some(partition.clone()),
@@ -546,6 +425,9 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
                 |_| None,
                 |_, tx, _, m| {
                     Box::pin(async move {
+                        if Some(m.stream_sequence) == poison {
+                            return Err(HandleError::poison("bad"));
+                        }
                         tx.execute(
                             "INSERT INTO handled VALUES ($1)",
                             &[&(m.stream_sequence as i64)],
@@ -563,56 +445,49 @@ async fn a_batch_is_handled_only_as_far_as_it_continues_its_partition() {
                 .iter()
                 .map(|r| r.get::<_, i64>(0) as u64)
                 .collect();
-            let outcome: Vec<Option<u64>> = results
+            let fenced = results
                 .iter()
-                .map(|r| match r {
-                    Ok(()) => None,
-                    Err(e) => Some(e.waits_for().expect("only waits")),
-                })
-                .collect();
-            (committed, outcome)
+                .filter(|r| matches!(r, Err(e) if e.waits_for().is_some()))
+                .count();
+            (committed, fenced)
         }
     };
     let mark = || async {
         count(
             &app.pg,
-            "SELECT coalesce(max(stream_sequence), 0) FROM partition_marks WHERE consumer = $1",
-            &[&durable],
+            "SELECT stream_sequence FROM partition_marks WHERE consumer = 'ingest-p9'",
+            &[],
         )
         .await as u64
     };
-    let s = sequences.clone();
 
-    // Nothing handled yet: a batch from "1" waits for "0", and nothing of it is handled.
-    assert_eq!(run(&[1, 2]).await, (vec![], vec![Some(s[0]), Some(s[0])]));
-    assert_eq!(mark().await, 0);
-    // "0" continues; "2" after it skips "1" (out with another instance, say): it waits.
-    assert_eq!(run(&[0, 2]).await, (vec![s[0]], vec![None, Some(s[1])]));
-    assert_eq!(mark().await, s[0]);
-    // "0" again (a redelivery) is handled again harmlessly; "1", "2" continue.
-    assert_eq!(
-        run(&[0, 1, 2]).await,
-        (vec![s[0], s[1], s[2]], vec![None, None, None])
-    );
-    assert_eq!(mark().await, s[2]);
-
-    // A mark behind the consumer's ack floor (the partition was consumed one message at a
-    // time, with no mark): everything acknowledged counts as handled.
+    assert_eq!(run(&[10, 20], None).await, (vec![10, 20], 0));
+    assert_eq!((mark().await, partition.mark()), (20, 20));
+    // A poison message stops the mark before it; what comes after it is still handled.
+    assert_eq!(run(&[30, 40, 50], Some(40)).await, (vec![30, 50], 0));
+    assert_eq!((mark().await, partition.mark()), (30, 30));
     app.pg
-        .execute("UPDATE partition_marks SET stream_sequence = 0", &[])
+        .execute("UPDATE partition_marks SET stream_sequence = 50", &[])
         .await
         .unwrap();
-    let mut messages = raw.fetch().max_messages(4).messages().await.unwrap();
-    for _ in 0..4 {
-        messages
-            .next()
-            .await
-            .unwrap()
-            .unwrap()
-            .double_ack()
-            .await
-            .unwrap();
-    }
-    assert_eq!(run(&[4]).await, (vec![s[4]], vec![None]));
-    assert_eq!(mark().await, s[4]);
+    // Another instance moved the mark: this reader's batch is not committed.
+    assert_eq!(run(&[40, 50, 60], None).await, (vec![], 3));
+    assert_eq!(mark().await, 50);
+    partition
+        .mark
+        .store(50, std::sync::atomic::Ordering::Relaxed);
+    // Another instance holds the partition: nothing committed either, one message or many.
+    app.pg
+        .execute("UPDATE partition_marks SET holder = 'other'", &[])
+        .await
+        .unwrap();
+    assert_eq!(run(&[60], None).await, (vec![], 1));
+    assert_eq!(run(&[60, 70], None).await, (vec![], 2));
+    assert_eq!(mark().await, 50);
+    app.pg
+        .execute("UPDATE partition_marks SET holder = 'me'", &[])
+        .await
+        .unwrap();
+    assert_eq!(run(&[60, 70], None).await, (vec![60, 70], 0));
+    assert_eq!(mark().await, 70);
 }

@@ -23,6 +23,7 @@ mod multi_instance;
 mod pipeline;
 mod poison;
 mod readme;
+mod scale_out;
 mod schemas;
 mod tracing;
 mod webhooks;

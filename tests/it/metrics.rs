@@ -4,31 +4,9 @@
 use std::time::Duration;
 
 use crate::helpers::{next_matching, TestApp};
+use firstline_tests::metrics::{scrape, value};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// The sum of the series whose line starts with `prefix` (ingest's consumers are one per
-/// partition: `consumer="ingest-p0"`…), or `None` when there is none.
-fn value(body: &str, prefix: &str) -> Option<f64> {
-    let values: Vec<f64> = body
-        .lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .collect();
-    (!values.is_empty()).then(|| values.iter().sum())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_reports_messages_offers_latencies_and_dead_letters() {

@@ -162,7 +162,7 @@ async fn a_customer_message_in_waiting_triggers_no_bot() {
         .await;
     }
     // Only the two messages sent while in the bot reached the bot, and it answered twice.
-    assert_eq!(app.stored("FL_BOT", "fl.t1.bot.line.*").await.len(), 2);
+    assert_eq!(app.stored("FL_BOT", "fl.t1.bot.*.*").await.len(), 2);
     assert_eq!(
         count(
             &app.pg,

@@ -9,6 +9,7 @@
 //! - `TEST_LOG=1`: show the workers' logs.
 
 pub mod db;
+pub mod metrics;
 pub mod nats;
 pub mod wait;
 pub mod workers;

@@ -80,6 +80,11 @@ impl WorkerProcess {
                 "FL_PARTITION_BATCH".to_owned(),
                 config.partition_batch.to_string(),
             ),
+            ("FL_PARTITIONS".to_owned(), config.partitions.to_string()),
+            (
+                "FL_PARTITION_LEASE_SECS".to_owned(),
+                config.partition_lease_secs.to_string(),
+            ),
             ("FL_DISPATCH_BACKSTOP_SECS".to_owned(), "2".to_owned()),
             (
                 "RUST_LOG".to_owned(),

@@ -13,17 +13,13 @@
 //!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
 //!   failure stops the batch there (what follows is retried after it, in order).
 //! - The outbox of everything kept is staged in the transaction and published after the commit.
-//! - A batch of a batched partition (one with [`Delivered::partition`]) is kept only as far
-//!   as it continues the partition: the transaction locks the partition's mark (the last
-//!   stream sequence handled; its first statement, so the batch's own statements run after
-//!   the lock is granted) and, meanwhile, asks the stream for the partition's next messages
-//!   after it, while the fast path handles the batch. If the batch does not all continue
-//!   them (an older message is still out with another instance, or lost in transit), it is
-//!   rolled back and the slow path handles only the part before the first message that is
-//!   not the next one; the rest fail with [`HandleError::out_of_order`], and the partition
-//!   pauses until the older one comes again. The mark moves in the same transaction. So
-//!   messages are committed in the partition's order whatever the server delivers to whom
-//!   (README: Scaling out).
+//! - A batch of a held partition (one with [`Delivered::partition`]) is committed only if this
+//!   instance still holds the partition and its mark is where the reader left it: the
+//!   transaction's first statement locks the mark's row (so the batch's own statements run
+//!   after the lock is granted) and checks both; the mark moves in the same transaction, over
+//!   the messages handled from the first on (a poison message stops it: the reader moves it
+//!   on once the dead letter is out). A batch that fails the check changes nothing; its
+//!   messages fail with [`HandleError::out_of_order`] and the reader ends (docs/ordering.md).
 
 mod fence;
 mod lanes;
@@ -38,8 +34,7 @@ use crate::bus::{self, Delivered, Partition};
 use crate::outbox::Outbox;
 use crate::worker::Services;
 use crate::HandleError;
-pub use fence::continuing;
-use fence::{prepare_lock, remember, with_cut, Fence};
+use fence::{prepare_lock, remember, Fence};
 pub use lanes::{in_lanes, lanes, Memo};
 
 /// What handling one message gives: `Ok(Some(t))` keeps its work (and `t`, for the caller
@@ -73,21 +68,19 @@ where
         handle: &handle,
     };
     let partition = batch.first().and_then(|m| m.partition.clone());
-    // What the slow path handles: the whole batch, or the part that continues the mark.
-    let (part, fence) = if batch.len() > 1 || partition.is_some() {
-        match run.whole(&mut client, batch, partition, &key).await {
+    let fenced = |mark: u64| all_failed(batch, HandleError::out_of_order(mark + 1));
+    // The fast path for a batch, or any message of a partition (its mark is checked there).
+    let fence = if batch.len() > 1 || partition.is_some() {
+        match run.whole(&mut client, batch, partition.clone(), &key).await {
             Whole::Done(done) => return done,
             Whole::Failed(e) => return all_failed(batch, e),
-            Whole::Cut { continues, fence } => (&batch[..continues], fence),
+            Whole::Fenced(mark) => return fenced(mark),
+            Whole::OneByOne(fence) => fence,
         }
     } else {
-        (batch, None)
+        None
     };
-    if part.is_empty() {
-        return (with_cut(Vec::new(), &fence, batch.len()), Vec::new());
-    }
-    let (results, kept) = run.one_by_one(&mut client, part, &fence).await;
-    (with_cut(results, &fence, batch.len()), kept)
+    run.one_by_one(&mut client, batch, &fence).await
 }
 
 /// Every message of `batch` failed alike (no connection, no commit...).
@@ -109,19 +102,19 @@ enum Whole<T> {
     Done((Vec<Result<(), HandleError>>, Vec<T>)),
     /// Nothing kept, for a reason every message shares.
     Failed(HandleError),
-    /// Rolled back: the first `continues` messages are to be handled one by one (all of them
-    /// when a message failed or was not to be kept); `fence`, the partition's mark as checked.
-    Cut {
-        continues: usize,
-        fence: Option<Fence>,
-    },
+    /// Not committed: this instance no longer holds the partition, or its mark is not at
+    /// this (where the reader left it).
+    Fenced(u64),
+    /// Rolled back (a message failed or was not to be kept): to be handled one by one, with
+    /// the partition's mark as checked.
+    OneByOne(Option<Fence>),
 }
 
 impl<C: ?Sized, H> Run<'_, C, H> {
     /// The fast path: the whole batch in lanes (one per key) on one transaction, while, for a
-    /// batched partition, its mark is locked and the stream asked. The lock is the
-    /// connection's first statement, so Postgres runs the batch's statements after it is
-    /// granted; the batch is kept only if it all continues the mark and every message is kept.
+    /// held partition, its mark is locked and checked. The lock is the connection's first
+    /// statement, so Postgres runs the batch's statements after it is granted; the batch is
+    /// kept only if the check passes and every message is kept.
     async fn whole<T, K>(
         &self,
         client: &mut deadpool_postgres::Object,
@@ -148,7 +141,7 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         let tx_ref = &tx;
         let checking = async {
             match &partition {
-                Some(p) => Some(Fence::check(self.services, tx_ref, p.clone(), batch).await),
+                Some(p) => Some(Fence::check(tx_ref, p.clone()).await),
                 None => None,
             }
         };
@@ -167,12 +160,16 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         // `futures::join!` polls in the order given: the lock is sent before the batch.
         let (checked, done) = futures::join!(checking, handling);
         let fence = match checked {
-            Some(Ok(fence)) => Some(fence),
+            Some(Ok(Some(fence))) => Some(fence),
+            Some(Ok(None)) => {
+                let _ = tx.rollback().await;
+                let mark = partition.as_ref().map_or(0, |p| p.mark());
+                return Whole::Fenced(mark);
+            }
             Some(Err(e)) => return mark_failed(&e),
             None => None,
         };
-        let continues = fence.as_ref().map_or(batch.len(), |f| f.continues);
-        if let (true, Ok(done)) = (continues == batch.len(), done) {
+        if let Ok(done) = done {
             let mut outbox = Outbox::new();
             let mut kept = Vec::with_capacity(batch.len());
             for (own, t) in done {
@@ -195,13 +192,13 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         if let Err(e) = tx.rollback().await {
             return Whole::Failed(e.into());
         }
-        Whole::Cut { continues, fence }
+        Whole::OneByOne(fence)
     }
 
     /// The slow path: each message of `batch` in a savepoint of its own, so that a poison
     /// message is rolled back alone (the consume loop dead-letters it); a transient failure
     /// stops the batch there (what follows is retried after it, in order). The mark, if any,
-    /// is locked again first: the fast path's rollback let it go.
+    /// is locked and checked again first: the fast path's rollback let it go.
     async fn one_by_one<T>(
         &self,
         client: &mut deadpool_postgres::Object,
@@ -217,10 +214,9 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         };
         if let Some(fence) = fence {
             match fence.lock(&tx).await {
-                Ok(mark) if mark == fence.locked => {}
-                Ok(_) => {
-                    let moved = HandleError::transient("the partition's mark moved meanwhile");
-                    return all_failed(batch, moved);
+                Ok(true) => {}
+                Ok(false) => {
+                    return all_failed(batch, HandleError::out_of_order(fence.mark() + 1));
                 }
                 Err(e) => {
                     let e = HandleError::transient(format!("partition mark: {e:#}"));
@@ -251,13 +247,14 @@ impl<C: ?Sized, H> Run<'_, C, H> {
                 Err(e) => Err(e),
             });
         }
-        // Settled: kept, rolled back as a duplicate, or poison (dead-lettered after the commit).
-        let settled = batch
+        // Handled from the first on: kept or rolled back as a duplicate. The mark stops before
+        // a poison message: the reader moves it on once its dead letter is out.
+        let handled = batch
             .iter()
             .zip(&results)
-            .filter(|(_, r)| !r.as_ref().is_err_and(HandleError::is_transient))
+            .take_while(|(_, r)| r.is_ok())
             .map(|(m, _)| m);
-        let mark = fence.as_ref().map(|f| f.moved(settled));
+        let mark = fence.as_ref().map(|f| f.moved(handled));
         match commit(tx, outbox, mark).await {
             Ok(staged) => {
                 remember(fence, mark);

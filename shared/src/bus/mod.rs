@@ -5,9 +5,8 @@
 //! - [`publish`]: publishing with a de-duplication id, one at a time or pipelined.
 //! - [`consume`]: the consume loops of unordered consumers (one message or a batch at a time)
 //!   and what a handler sees of a message ([`Delivered`]).
-//! - [`ordered`]: the partitioned streams (`FL_INBOUND`, `FL_BOT`), consumed in order per
-//!   partition (docs/ordering.md), and [`pauses`], why a partition stops pulling for a while.
-//! - [`settle`]: the ONE decision that turns a handler's outcome into the ack.
+//! - [`settle`]: the ONE decision that turns a handler's outcome into the ack (or, on a
+//!   partition read in order by [`crate::partitions`], into what its reader does next).
 //! - [`dead_letter`]: what cannot be handled goes to `fl.<tenant>.deadletter.<stream>` with the
 //!   reason, cut to fit the server's `max_payload` when it must be.
 //! - [`strays`]: what a partitioned stream stores under a subject no partition takes (a literal
@@ -20,20 +19,16 @@
 pub mod connect;
 pub mod consume;
 pub mod dead_letter;
-pub mod ordered;
-mod pauses;
 pub mod publish;
 pub mod settle;
 pub mod strays;
 pub mod streams;
 
+pub use crate::partitions::Partition;
 pub use async_nats::jetstream::Context as JetStream;
 pub use connect::connect;
 pub use consume::{
     consume, consume_batched, message_span, named_message_span, ConsumerSpec, Delivered,
-};
-pub use ordered::{
-    ack_floor, consume_partitioned, consume_partitioned_batched, partition_sequences, Partition,
 };
 pub use publish::{is_too_large, publish, publish_action, publish_all, Outgoing};
 pub use settle::{backoff, settle, Settle};

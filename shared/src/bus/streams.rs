@@ -6,13 +6,13 @@ use anyhow::Context as _;
 use async_nats::jetstream::stream;
 
 use super::JetStream;
-use crate::subjects::{StreamSpec, ALL_STREAMS, INBOUND};
+use crate::subjects::{StreamSpec, ALL_STREAMS, INBOUND, INBOUND_KEYED};
 
 /// How long a stream remembers a `Nats-Msg-Id` to drop a second publish of it: JetStream's
 /// usual two minutes.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 
-/// `FL_INBOUND`'s window: the shortest JetStream keeps (it treats 0 as "the default").
+/// `FL_INBOUND`'s (and `FL_INBOUND_KEYED`'s) window: the shortest JetStream keeps (it treats 0 as "the default").
 /// The window is keyed by the header alone, across the whole stream, before ingest sees
 /// anything; a gateway that still sends the old `<channel>:<message id>` (without the tenant)
 /// would have one tenant's message dropped as a "duplicate" of another's. So the stream does
@@ -24,25 +24,34 @@ const INBOUND_DUPLICATE_WINDOW: Duration = Duration::from_millis(100);
 /// Creates every stream of [`ALL_STREAMS`] with one replica, or updates it to this build's
 /// configuration. Safe to run from every instance at every start.
 pub async fn ensure_streams(js: &JetStream) -> anyhow::Result<()> {
-    ensure_streams_with(js, 1).await
+    ensure_streams_with(js, 1, crate::subjects::DEFAULT_PARTITIONS).await
 }
 
-/// Creates every stream of [`ALL_STREAMS`] with `replicas` replicas (`FL_STREAM_REPLICAS`),
-/// or updates it to this build's configuration and that number. Safe to run from every
+/// Creates every stream of [`ALL_STREAMS`] with `replicas` replicas (`FL_STREAM_REPLICAS`)
+/// and the partitioned ones with `partitions` partitions (`FL_PARTITIONS`), or updates them
+/// to this build's configuration and those numbers. Safe to run from every
 /// instance at every start ([`crate::worker::Services::start`] does), at the same moment too:
 /// on a cluster, several workers creating the same replicated stream at once can leave a
 /// request unanswered (NATS 2.12), so each stream is asked again, after a jittered delay,
 /// until it answers.
-pub async fn ensure_streams_with(js: &JetStream, replicas: usize) -> anyhow::Result<()> {
+pub async fn ensure_streams_with(
+    js: &JetStream,
+    replicas: usize,
+    partitions: u32,
+) -> anyhow::Result<()> {
     anyhow::ensure!(
         (1..=5).contains(&replicas),
         "FL_STREAM_REPLICAS is {replicas}: JetStream keeps 1 to 5 replicas of a stream"
+    );
+    anyhow::ensure!(
+        (1..=1024).contains(&partitions),
+        "FL_PARTITIONS is {partitions}: 1 to 1024"
     );
     for spec in ALL_STREAMS {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            match ensure_stream(js, spec, replicas).await {
+            match ensure_stream(js, spec, replicas, partitions).await {
                 Ok(()) => break,
                 // A refusal (a single server asked for 3 replicas, say) is final; no answer
                 // (a timeout, a leader being elected) is worth asking again.
@@ -99,7 +108,12 @@ fn jittered(attempt: u32) -> Duration {
 }
 
 /// Creates the stream, or updates it to this configuration (a new version may change it).
-async fn ensure_stream(js: &JetStream, spec: StreamSpec, replicas: usize) -> anyhow::Result<()> {
+async fn ensure_stream(
+    js: &JetStream,
+    spec: StreamSpec,
+    replicas: usize,
+    partitions: u32,
+) -> anyhow::Result<()> {
     let config = stream::Config {
         name: spec.name.to_owned(),
         subjects: vec![spec.subjects.to_owned()],
@@ -107,19 +121,19 @@ async fn ensure_stream(js: &JetStream, spec: StreamSpec, replicas: usize) -> any
         retention: stream::RetentionPolicy::Limits,
         max_age: Duration::from_secs(spec.max_age_hours * 3600),
         num_replicas: replicas,
-        duplicate_window: if spec.name == INBOUND.name {
+        duplicate_window: if [INBOUND.name, INBOUND_KEYED.name].contains(&spec.name) {
             INBOUND_DUPLICATE_WINDOW
         } else {
             DUPLICATE_WINDOW
         },
-        // Direct gets answer the partition mark's question (`partition_sequences`).
+        // Direct gets find the strays of a partitioned stream (`bus::strays`).
         allow_direct: true,
-        subject_transform: spec
-            .transform
-            .map(|(source, destination)| stream::SubjectTransform {
-                source: source.to_owned(),
-                destination: destination.to_owned(),
-            }),
+        subject_transform: spec.transform(partitions).map(|(source, destination)| {
+            stream::SubjectTransform {
+                source,
+                destination,
+            }
+        }),
         ..Default::default()
     };
     js.create_or_update_stream(config)

@@ -125,7 +125,20 @@ impl TestApp {
         customer: &str,
         text: &str,
     ) -> String {
-        self.customer_sends(tenant, channel, customer, text, None)
+        self.customer_sends(tenant, channel, customer, text, None, false)
+            .await
+    }
+
+    /// Like [`TestApp::customer_says`], with the customer key in the subject
+    /// (`fl.<t>.inbound.<channel>.<key>`: ordered per customer, spread over the partitions).
+    pub async fn customer_says_keyed(
+        &self,
+        tenant: &str,
+        channel: &str,
+        customer: &str,
+        text: &str,
+    ) -> String {
+        self.customer_sends(tenant, channel, customer, text, None, true)
             .await
     }
 
@@ -138,7 +151,7 @@ impl TestApp {
         label: &str,
         payload: &str,
     ) -> String {
-        self.customer_sends(tenant, channel, customer, label, Some(payload))
+        self.customer_sends(tenant, channel, customer, label, Some(payload), false)
             .await
     }
 
@@ -149,6 +162,7 @@ impl TestApp {
         customer: &str,
         text: &str,
         postback: Option<&str>,
+        keyed: bool,
     ) -> String {
         let message_id = Uuid::new_v4().to_string();
         let mut body = serde_json::json!({
@@ -161,8 +175,15 @@ impl TestApp {
             body["postback"] = p.into();
         }
         let body = body.to_string();
+        let subject = match keyed {
+            true => format!(
+                "fl.{tenant}.inbound.{channel}.{}",
+                firstline_shared::subjects::customer_key(customer)
+            ),
+            false => format!("fl.{tenant}.inbound.{channel}"),
+        };
         self.publish_json(
-            &format!("fl.{tenant}.inbound.{channel}"),
+            &subject,
             Some(&format!("{tenant}:{channel}:{message_id}")),
             &body,
         )

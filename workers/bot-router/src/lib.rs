@@ -28,11 +28,12 @@ use std::time::Duration;
 
 use deadpool_postgres::Transaction;
 use firstline_shared::batch;
-use firstline_shared::bus::{self, Delivered};
+use firstline_shared::bus::Delivered;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db::{self, BotSays, Conversation, TenantSettings, Transition};
 use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
+use firstline_shared::partitions::{self, PartitionSet};
 use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
 use firstline_shared::{metrics, subjects, telemetry, HandleError};
@@ -76,12 +77,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         services.stopping(),
     ));
     // A partition's messages in order, up to `partition_batch` at a time in one transaction.
-    let result = bus::consume_partitioned_batched(
-        &services.js,
+    let result = partitions::consume(
+        &services,
         &config.common,
-        subjects::BOT,
         "bot-router",
-        config.common.partition_batch,
+        &[PartitionSet {
+            stream: subjects::BOT,
+            prefix: "bot-router-p",
+        }],
         shutdown,
         |batch| handle_batch(&services, &caches, batch),
     )

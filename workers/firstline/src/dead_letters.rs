@@ -103,7 +103,7 @@ pub async fn replay(js: &jetstream::Context, sequences: &[u64]) -> anyhow::Resul
         // An inbound or bot message is stored under its partition; it is replayed as the gateway sent it.
         bus::publish(
             js,
-            firstline_shared::subjects::as_published(&letter.subject),
+            firstline_shared::subjects::as_published(&letter.stream, &letter.subject),
             &format!("replay:{}:{seq}", DEAD_LETTERS.name),
             headers,
             letter.payload.clone().into(),

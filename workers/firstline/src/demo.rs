@@ -221,7 +221,7 @@ async fn send_inbound(
     };
     bus::publish(
         js,
-        subjects::inbound(tenant, channel),
+        subjects::inbound_for_customer(tenant, channel, &customer.id),
         &format!("{tenant}:{channel}:{message_id}"),
         Default::default(),
         wire::encode(&body),

@@ -183,6 +183,10 @@ struct LoadArgs {
     /// Tenant id prefix.
     #[arg(long, default_value = "load")]
     prefix: String,
+    /// Publish on `fl.<t>.inbound.<channel>` (ordered per channel, the slower form) instead of
+    /// with the customer key (`fl.<t>.inbound.<channel>.<customer key>`).
+    #[arg(long)]
+    per_channel: bool,
     /// First write this many completed conversations per tenant (a desk's past: realistic
     /// table sizes and query plans; README, Load generator).
     #[arg(long, default_value_t = 0)]
@@ -437,6 +441,7 @@ async fn run_load(
         progress: (args.progress > 0.0).then(|| Duration::from_secs_f64(args.progress)),
         drain: Duration::from_secs_f64(args.drain),
         prefix: args.prefix,
+        per_channel: args.per_channel,
     };
     firstline_shared::db::create_database_if_missing(&common.database_url).await?;
     firstline_shared::db::migrate(&common.database_url).await?;
@@ -457,7 +462,8 @@ async fn run_load(
     });
     let client = firstline_shared::bus::connect(common).await?;
     let js = async_nats::jetstream::new(client.clone());
-    firstline_shared::bus::ensure_streams_with(&js, common.stream_replicas).await?;
+    firstline_shared::bus::ensure_streams_with(&js, common.stream_replicas, common.partitions)
+        .await?;
     let report = load::run(client, &options, shutdown).await?;
     load::print_report(&report);
     if let Some((handle, stop)) = workers {

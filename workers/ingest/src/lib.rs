@@ -14,11 +14,12 @@
 mod db;
 
 use firstline_shared::batch;
-use firstline_shared::bus::{self, Delivered};
+use firstline_shared::bus::Delivered;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db as shared_db;
 use firstline_shared::domain::ConversationState;
 use firstline_shared::outbox::Outbox;
+use firstline_shared::partitions::{self, PartitionSet};
 use firstline_shared::wire::{
     self, AgentNotification, BotWork, Delivery, InboundMessage, NotificationKind, Version,
 };
@@ -38,18 +39,30 @@ pub struct Config {
     pub common: CommonConfig,
 }
 
-/// Consumes `FL_INBOUND` until `shutdown`.
+/// The inbound partitions: per channel (`fl.<t>.inbound.<channel>`) and per customer
+/// (`fl.<t>.inbound.<channel>.<customer key>`).
+const PARTITIONS: [PartitionSet; 2] = [
+    PartitionSet {
+        stream: subjects::INBOUND,
+        prefix: "ingest-p",
+    },
+    PartitionSet {
+        stream: subjects::INBOUND_KEYED,
+        prefix: "ingest-k",
+    },
+];
+
+/// Consumes `FL_INBOUND` and `FL_INBOUND_KEYED` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    // One consumer per inbound partition; each hands over up to `partition_batch` messages in
-    // the stream's order, handled in one transaction: the messages of a conversation are
-    // handled in order, whichever instance takes them (subjects::PARTITIONS).
-    let result = bus::consume_partitioned_batched(
-        &services.js,
+    // The inbound partitions dealt to this instance, each read in order from its mark, up to
+    // `partition_batch` messages handled in one transaction: a conversation's messages are
+    // handled in order, whichever instance reads them (docs/ordering.md).
+    let result = partitions::consume(
+        &services,
         &config.common,
-        subjects::INBOUND,
         "ingest",
-        config.common.partition_batch,
+        &PARTITIONS,
         shutdown,
         |batch| handle_batch(&services, batch),
     )
@@ -202,7 +215,7 @@ async fn handle(
     }
     match route {
         Route::Bot => outbox.push(
-            subjects::bot(&tenant, &channel),
+            subjects::bot(&tenant, &conversation.id),
             format!("bot:{message_id}"),
             &BotWork {
                 version: Version,

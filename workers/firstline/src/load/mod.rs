@@ -72,6 +72,9 @@ pub struct LoadOptions {
     pub drain: Duration,
     /// Tenant id prefix.
     pub prefix: String,
+    /// Publish on `fl.<t>.inbound.<channel>` (ordered per channel, the slower form) instead of
+    /// `fl.<t>.inbound.<channel>.<customer key>` (ordered per customer).
+    pub per_channel: bool,
 }
 
 impl Default for LoadOptions {
@@ -92,6 +95,7 @@ impl Default for LoadOptions {
             progress: Some(Duration::from_secs(5)),
             drain: Duration::from_secs(15),
             prefix: "load".into(),
+            per_channel: false,
         }
     }
 }
@@ -455,7 +459,14 @@ pub async fn run(
                     }
                 }
             }
-            let subject = format!("fl.{tenant}.inbound.{channel}");
+            let subject = if opts.per_channel {
+                format!("fl.{tenant}.inbound.{channel}")
+            } else {
+                format!(
+                    "fl.{tenant}.inbound.{channel}.{}",
+                    subjects::customer_key(&customer)
+                )
+            };
             match js
                 .publish_with_headers(subject, headers, wire::encode(&body))
                 .await
