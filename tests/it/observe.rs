@@ -555,7 +555,7 @@ async fn every_metric_the_dashboard_and_the_alerts_name_is_served_by_the_running
     app.publish_json("fl.t1.inbound.mail", None, "{not json")
         .await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let (names, labels) = loop {
         let mut names = BTreeSet::new();
         let mut labels = BTreeSet::new();
