@@ -20,6 +20,7 @@ mod live;
 mod load;
 mod metrics;
 mod multi_instance;
+mod observe;
 mod pipeline;
 mod poison;
 mod readme;

@@ -1,6 +1,6 @@
 //! Webhooks against a local HTTP receiver: signed deliveries, a retry after a 500, a dead
 //! letter after the last try, a manual retry, and a hanging endpoint that does not hold the
-//! pipeline.
+//! pipeline; a Standard Webhooks library (Python's, from PyPI) verifying real deliveries.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,6 +23,8 @@ struct Hit {
     signature: String,
     delivery: String,
     attempt: String,
+    /// The Standard Webhooks headers: `webhook-id`, `webhook-timestamp`, `webhook-signature`.
+    standard: [String; 3],
     body: String,
 }
 
@@ -73,6 +75,11 @@ async fn hook(
             signature: header("firstline-signature"),
             delivery: header("firstline-delivery-id"),
             attempt: header("firstline-attempt"),
+            standard: [
+                header("webhook-id"),
+                header("webhook-timestamp"),
+                header("webhook-signature"),
+            ],
             body,
         });
     if path == "slow" {
@@ -430,4 +437,158 @@ async fn webhooks_too_large_for_their_dead_letter_end_dead_and_the_api_stays_fas
     )
     .await;
     assert_eq!(attempts, 3);
+}
+
+/// The directory `standardwebhooks` (PyPI) is installed in (scripts/test puts it in
+/// `.tools/standardwebhooks`), or `None` when it is missing outside CI.
+fn standardwebhooks() -> Option<std::path::PathBuf> {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let dir = std::env::var_os("FL_STANDARDWEBHOOKS_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join(".tools/standardwebhooks"));
+    if dir.join("standardwebhooks").exists() {
+        return Some(dir);
+    }
+    let install = "python3 -m pip install --target .tools/standardwebhooks standardwebhooks==1.1.0";
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "standardwebhooks is not installed at {} (scripts/test installs it: {install})",
+        dir.display()
+    );
+    eprintln!(
+        "SKIPPED: standardwebhooks is not installed at {} and CI is unset; run `{install}`",
+        dir.display()
+    );
+    None
+}
+
+/// Runs the library's `Webhook(secret).verify(body, headers)` on exactly what the receiver
+/// got: `Ok` or the library's error.
+fn library_verifies(
+    dir: &std::path::Path,
+    secret: &str,
+    hit: &Hit,
+    body: &str,
+) -> Result<(), String> {
+    use std::io::Write;
+    const SCRIPT: &str = r#"
+import json, sys
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+given = json.load(sys.stdin)
+try:
+    Webhook(given["secret"]).verify(given["body"], given["headers"])
+except WebhookVerificationError as e:
+    print(e)
+    sys.exit(1)
+"#;
+    let [id, timestamp, signature] = &hit.standard;
+    let input = json!({
+        "secret": secret,
+        "body": body,
+        "headers": {"webhook-id": id, "webhook-timestamp": timestamp, "webhook-signature": signature},
+    });
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", SCRIPT])
+        .env("PYTHONPATH", dir)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    match out.status.code() {
+        Some(0) => Ok(()),
+        Some(1) => Err(String::from_utf8_lossy(&out.stdout).trim().to_string()),
+        _ => panic!(
+            "the verifier failed to run: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standard_webhooks_library_verifies_real_deliveries_and_old_secrets_still_work() {
+    let Some(library) = standardwebhooks() else {
+        return;
+    };
+    let mut app = TestApp::spawn(SETUP).await;
+    let api = app.start_api().await;
+    let admin = app.token("acme", "admin", None).await;
+    let (receiver, base) = start_receiver().await;
+    let mut hooks = Vec::new();
+    for path in ["standard", "old"] {
+        let (status, body) = api
+            .post(
+                "/api/v1/webhooks",
+                &admin,
+                json!({"url": format!("{base}/{path}"), "states": ["waiting"]}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        hooks.push(body);
+    }
+    let secret = hooks[0]["secret"].as_str().unwrap().to_string();
+    // A secret as the API made them before: `whsec_` and 64 hex digits.
+    let old_secret = format!(
+        "whsec_{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let old_id: uuid::Uuid = hooks[1]["id"].as_str().unwrap().parse().unwrap();
+    app.pg
+        .execute(
+            "UPDATE webhooks SET secret = $1 WHERE id = $2",
+            &[&old_secret, &old_id],
+        )
+        .await
+        .unwrap();
+
+    app.customer_says("acme", "mail", "S1", "hello").await;
+    for (path, secret) in [("standard", &secret), ("old", &old_secret)] {
+        let hit = eventually(
+            &format!("a delivery at {path}"),
+            Duration::from_secs(20),
+            || async { receiver.hits(path).into_iter().next() },
+        )
+        .await;
+        assert_eq!(
+            hit.standard[0], hit.delivery,
+            "webhook-id is the delivery's id"
+        );
+        assert!(hit.standard[2].starts_with("v1,"), "{:?}", hit.standard);
+        library_verifies(&library, secret, &hit, &hit.body)
+            .unwrap_or_else(|e| panic!("{path}: the library refused {:?}: {e}", hit.standard));
+        // The library refuses a changed body and another secret.
+        let changed = hit.body.replace("S1", "S2");
+        assert_eq!(
+            library_verifies(&library, secret, &hit, &changed),
+            Err("No matching signature found".into())
+        );
+        let other = firstline_api::webhooks::new_secret();
+        assert!(library_verifies(&library, &other, &hit, &hit.body).is_err());
+        // This version still sends FirstLine-Signature, keyed with the whole secret.
+        let now = chrono::Utc::now().timestamp();
+        firstline_api::webhooks::verify(secret, &hit.signature, hit.body.as_bytes(), now, 300)
+            .unwrap_or_else(|e| panic!("FirstLine-Signature {}: {e}", hit.signature));
+        let [id, timestamp, signatures] = &hit.standard;
+        firstline_api::webhooks::verify_standard(
+            secret,
+            id,
+            timestamp,
+            signatures,
+            hit.body.as_bytes(),
+            now,
+            300,
+        )
+        .unwrap();
+    }
 }

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod error;
 mod live;
 mod routes;
+pub mod signing;
 pub mod webhooks;
 
 use std::net::SocketAddr;
