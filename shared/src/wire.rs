@@ -175,7 +175,10 @@ pub struct CustomerRef {
     pub name: Option<String>,
 }
 
-/// `fl.<tenant>.inbound.<channel>`, published by a gateway: a customer's message.
+/// `fl.<tenant>.inbound.<channel>.<customer key>` (ordered per customer: spread over every
+/// ingest instance) or `fl.<tenant>.inbound.<channel>` (ordered per channel, slower), published
+/// by a gateway: a customer's message. The customer key is the customer id when it is 1-64 of
+/// `A-Z a-z 0-9 _ -`, else `h` and the first 16 hex digits of the SHA-256 of the id.
 ///
 /// The gateway sets the header `Nats-Msg-Id: <tenant>:<channel>:<message_id>`; with or without
 /// it the message is stored once (unique on tenant, channel, message_id). `FL_INBOUND` keeps
@@ -430,8 +433,9 @@ pub enum Delivery {
     },
 }
 
-/// The body the API POSTs to a tenant's webhook URLs for one conversation event, signed in
-/// the `FirstLine-Signature` header (README: Webhooks). The same on every try of the event.
+/// The body the API POSTs to a tenant's webhook URLs for one conversation event, signed as
+/// Standard Webhooks says (`webhook-id`, `webhook-timestamp`, `webhook-signature`) and, for one
+/// more version, in the `FirstLine-Signature` header (docs/api.md). The same on every try.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct WebhookDelivery {
     pub version: V1,

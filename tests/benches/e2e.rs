@@ -18,6 +18,13 @@
 //! - `FL_BENCH_RATES` (default `1000,2500,5000,7500,10000,15000`), `FL_BENCH_DURATION` (s, 20),
 //!   `FL_BENCH_RAW_N` (messages of the ceiling run, 300000), `FL_PARTITION_BATCH` (the
 //!   workers', 64 as in production);
+//! - `FL_BENCH_MIX`: `cold` (default: 3 tenants, 2 channels each, most messages open a new
+//!   conversation) or `one-channel` (ONE tenant's ONE channel with the bot, every customer
+//!   on it: what only the customer key in the subject spreads over instances);
+//! - `FL_BENCH_INSTANCES` (default 1): instances of every worker; the JSON line reports the
+//!   share of its worker's messages each instance handled (from its `/metrics`);
+//! - `FL_BENCH_REPLICAS` (default 1): 3 runs everything, the ceiling and the relay floor
+//!   included, on a 3-node JetStream cluster with streams of 3 replicas;
 //! - `FL_BENCH_SOAK` (seconds): instead, a memory soak at `FL_BENCH_SOAK_RATE` (2000/s):
 //!   RSS of every worker sampled every 10 s, then start, end, max and the slope.
 //!
@@ -34,7 +41,8 @@ use async_nats::jetstream;
 use firstline::load::{self, LoadOptions, LoadReport};
 use firstline_shared::config::CommonConfig;
 use firstline_tests::db::TestDb;
-use firstline_tests::nats::TestNats;
+use firstline_tests::metrics::{free_addr, handled, scrape};
+use firstline_tests::nats::{TestCluster, TestNats};
 use firstline_tests::workers::WorkerProcess;
 use futures::StreamExt;
 use serde_json::json;
@@ -109,14 +117,53 @@ struct Procs {
 }
 
 impl Procs {
+    /// Per name, summed over its instances (and nodes).
     fn ticks(&self) -> BTreeMap<&'static str, u64> {
-        let mut t: BTreeMap<_, _> = self.pids.iter().map(|(n, p)| (*n, cpu_ticks(*p))).collect();
+        let mut t = BTreeMap::new();
+        for (n, p) in &self.pids {
+            *t.entry(*n).or_insert(0) += cpu_ticks(*p);
+        }
         t.insert("postgres", postgres_ticks());
         t
     }
     fn rss(&self) -> BTreeMap<&'static str, u64> {
-        self.pids.iter().map(|(n, p)| (*n, rss_kb(*p))).collect()
+        let mut m = BTreeMap::new();
+        for (n, p) in &self.pids {
+            *m.entry(*n).or_insert(0) += rss_kb(*p);
+        }
+        m
     }
+}
+
+/// The consumers whose messages count as a worker's own (`fl_messages_total{consumer=…}`).
+fn consumer_prefix(worker: &str) -> &'static str {
+    match worker {
+        "firstline-ingest" => "ingest-",
+        "firstline-bot-router" => "bot-router-",
+        "firstline-dispatcher" => "dispatcher-",
+        _ => "notifier",
+    }
+}
+
+/// The share of its worker's messages each instance handled so far, per worker.
+async fn shares(instances: &[(&'static str, std::net::SocketAddr)]) -> serde_json::Value {
+    let mut per_worker: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for (worker, addr) in instances {
+        let n = handled(&scrape(*addr).await, consumer_prefix(worker));
+        per_worker.entry(short(worker)).or_default().push(n);
+    }
+    let out: serde_json::Map<String, serde_json::Value> = per_worker
+        .into_iter()
+        .map(|(w, counts)| {
+            let total: f64 = counts.iter().sum::<f64>().max(1.0);
+            let shares: Vec<f64> = counts
+                .iter()
+                .map(|c| (c / total * 1000.0).round() / 1000.0)
+                .collect();
+            (w.to_owned(), json!({"messages": counts, "shares": shares}))
+        })
+        .collect();
+    serde_json::Value::Object(out)
 }
 
 fn short(name: &str) -> &str {
@@ -124,12 +171,18 @@ fn short(name: &str) -> &str {
 }
 
 /// Raw JetStream publishes with acks: the ceiling.
-async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -> f64 {
+async fn raw_ceiling(
+    js: &jetstream::Context,
+    payload: bytes::Bytes,
+    n: usize,
+    replicas: usize,
+) -> f64 {
     let _ = js.delete_stream("RAW_CEILING").await;
     js.create_stream(jetstream::stream::Config {
         name: "RAW_CEILING".into(),
         subjects: vec!["raw.>".into()],
         storage: jetstream::stream::StorageType::File,
+        num_replicas: replicas,
         // As FL_INBOUND's (shared/src/bus/streams.rs).
         duplicate_window: Duration::from_millis(100),
         ..Default::default()
@@ -182,7 +235,12 @@ async fn raw_ceiling(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
 /// acks and then acks what it consumed (at least once, like the workers' outbox). Returns
 /// messages/s through all four streams: what the fixed shape's NATS side can carry here, with
 /// every message of a stage in one process and no Postgres.
-async fn relay_floor(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -> f64 {
+async fn relay_floor(
+    js: &jetstream::Context,
+    payload: bytes::Bytes,
+    n: usize,
+    replicas: usize,
+) -> f64 {
     const STAGES: [&str; 4] = ["RELAY_IN", "RELAY_BOT", "RELAY_DELIVERY", "RELAY_OUT"];
     for (i, name) in STAGES.iter().enumerate() {
         let _ = js.delete_stream(*name).await;
@@ -190,6 +248,7 @@ async fn relay_floor(js: &jetstream::Context, payload: bytes::Bytes, n: usize) -
             name: (*name).into(),
             subjects: vec![format!("relay.{i}.>")],
             storage: jetstream::stream::StorageType::File,
+            num_replicas: replicas,
             ..Default::default()
         })
         .await
@@ -302,14 +361,17 @@ async fn hops(
     })
 }
 
+/// The load of one step. `one-channel` (`FL_BENCH_MIX`): one tenant, one channel with the bot,
+/// nine in ten messages to the bot and one in ten asking for a human, on the keyed subject.
 fn options(rate: f64, duration: f64) -> LoadOptions {
+    let one_channel = mix() == "one-channel";
     LoadOptions {
+        tenants: if one_channel { 1 } else { 3 },
+        channels: if one_channel { 1 } else { 2 },
+        bot_share: if one_channel { 0.9 } else { 0.8 },
         rate,
         duration: Duration::from_secs_f64(duration),
-        tenants: 3,
-        channels: 2,
         customers: 30_000,
-        bot_share: 0.8,
         handover_share: 0.1,
         agents: 100,
         capacity: 10,
@@ -320,6 +382,10 @@ fn options(rate: f64, duration: f64) -> LoadOptions {
         prefix: "bench".into(),
         ..LoadOptions::default()
     }
+}
+
+fn mix() -> String {
+    std::env::var("FL_BENCH_MIX").unwrap_or_else(|_| "cold".into())
 }
 
 fn main() {
@@ -344,22 +410,52 @@ async fn run() {
     let raw_n = env_f64("FL_BENCH_RAW_N", if quick { 5_000.0 } else { 300_000.0 }) as usize;
     let soak = env_f64("FL_BENCH_SOAK", 0.0);
 
-    let nats = TestNats::start().await;
+    let instances = env_f64("FL_BENCH_INSTANCES", 1.0).max(1.0) as usize;
+    let replicas = env_f64("FL_BENCH_REPLICAS", 1.0) as usize;
+    assert!(
+        ["cold", "one-channel"].contains(&mix().as_str()),
+        "FL_BENCH_MIX is cold or one-channel"
+    );
+    // One server, or a 3-node cluster for R3 (every node on this machine).
+    let (nats, cluster) = if replicas > 1 {
+        let c = TestCluster::start(3).await;
+        (None, Some(c))
+    } else {
+        (Some(TestNats::start().await), None)
+    };
+    let nats_url = match (&nats, &cluster) {
+        (Some(n), _) => n.url.clone(),
+        (_, Some(c)) => c.url.clone(),
+        _ => unreachable!(),
+    };
+    let nats_pids: Vec<u32> = match (&nats, &cluster) {
+        (Some(n), _) => vec![n.pid()],
+        (_, Some(c)) => c.nodes.iter().map(|n| n.pid()).collect(),
+        _ => unreachable!(),
+    };
     let db = TestDb::create().await;
     let pg = db.connect().await;
-    let client = async_nats::connect(&nats.url).await.expect("connect");
+    let client = async_nats::connect(nats_url.split(',').collect::<Vec<_>>())
+        .await
+        .expect("connect");
     let js = jetstream::new(client.clone());
 
     let sample = options(1000.0, duration);
     let payload = sample.sample_payload();
-    println!("machine: {} cores, {}", num_cores(), load_average());
-    let raw = raw_ceiling(&js, payload.clone(), raw_n).await;
+    println!(
+        "machine: {} cores, {}; mix {}, {instances} instance(s) of every worker, {} stream replica(s)",
+        num_cores(),
+        load_average(),
+        mix(),
+        replicas
+    );
+    let raw = raw_ceiling(&js, payload.clone(), raw_n, replicas).await;
     println!(
         "raw JetStream ceiling: {raw:.0} msgs/s ({raw_n} async publishes with acks, {} bytes, file storage, Nats-Msg-Id)",
         payload.len()
     );
     let relay_n = (raw_n / 3).max(1000);
-    let relay = relay_floor(&js, payload.clone(), relay_n).await;
+    let relay = relay_floor(&js, payload.clone(), relay_n, replicas).await;
     println!(
         "relay floor: {relay:.0} msgs/s through 4 JetStream streams with no database ({relay_n} messages: publish, then per stream consume -> publish to the next -> ack)"
     );
@@ -377,20 +473,34 @@ async fn run() {
         "history: {} completed conversations ({history} per tenant), {} messages, {} offers, written in {:.1} s",
         h.conversations, h.messages, h.offers, h.seconds
     );
-    let mut config = CommonConfig::new(&nats.url, &db.url);
+    let mut config = CommonConfig::new(&nats_url, &db.url);
+    config.stream_replicas = replicas;
     // Batched partitions, the default (README: Scaling out); FL_PARTITION_BATCH=1 to compare.
     config.partition_batch = env_f64("FL_PARTITION_BATCH", 64.0) as usize;
     println!("workers: FL_PARTITION_BATCH={}", config.partition_batch);
-    let workers: Vec<WorkerProcess> = WORKERS
-        .iter()
-        .map(|name| WorkerProcess::start(name, &config))
-        .collect();
-    let mut pids: Vec<(&'static str, u32)> = WORKERS
-        .iter()
-        .zip(&workers)
-        .map(|(n, w)| (*n, w.pid().expect("running")))
-        .collect();
-    pids.push(("nats-server", nats.pid()));
+    let replicas_env = replicas.to_string();
+    let mut workers: Vec<WorkerProcess> = Vec::new();
+    let mut pids: Vec<(&'static str, u32)> = Vec::new();
+    let mut metrics: Vec<(&'static str, std::net::SocketAddr)> = Vec::new();
+    for name in WORKERS {
+        for _ in 0..instances {
+            let addr = free_addr();
+            let w = WorkerProcess::start_with(
+                name,
+                &config,
+                &[
+                    ("FL_METRICS_ADDR", &addr.to_string()),
+                    ("FL_STREAM_REPLICAS", &replicas_env),
+                ],
+            );
+            pids.push((name, w.pid().expect("running")));
+            metrics.push((name, addr));
+            workers.push(w);
+        }
+    }
+    for pid in &nats_pids {
+        pids.push(("nats-server", *pid));
+    }
     let procs = Procs { pids };
     // Warm up: consumers created, caches filled, every agent ready.
     let mut warm = options(200.0, 3.0);
@@ -515,6 +625,8 @@ async fn run() {
         pg_cpu_ms_per_msg.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
         at_5000.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "not run".into())
     );
+    let instance_shares = shares(&metrics).await;
+    println!("messages per instance and shares: {instance_shares}");
     let steps: Vec<serde_json::Value> = rows
         .iter()
         .map(|(r, cpu, rss, hop, kept)| {
@@ -530,8 +642,10 @@ async fn run() {
             "ratio": (pipeline / raw * 1000.0).round() / 1000.0,
             "ratio_to_relay_floor": (pipeline / relay * 1000.0).round() / 1000.0,
             "pg_cpu_ms_per_msg": pg_cpu_ms_per_msg,
-            // Today's only mix: most messages open a new conversation (a cold start).
-            "mix": "cold",
+            "mix": mix(),
+            "instances_per_worker": instances,
+            "stream_replicas": replicas,
+            "instance_shares": instance_shares,
             "p99_ms": p99,
             "p99_ms_at_5000": at_5000,
             "most_answered_msgs_per_s": saturated.round(),

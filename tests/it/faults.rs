@@ -137,10 +137,9 @@ async fn sigterm_stops_a_worker_cleanly_mid_load_and_a_new_one_goes_on() {
     let stored_at_stop = count(&app.pg, "SELECT count(*) FROM messages", &[]).await;
 
     ingest.restart();
-    // The new instance takes a partition only after the old one's pin has lapsed (ack_wait +
-    // 10 s, 15 s here) and a partition that finds an older delivery still out pauses for as
-    // long again: 30-45 s alone, more under a loaded CI machine (docs/ordering.md; the
-    // scale-out work makes takeover fast). The bound is for a stall, not for speed.
+    // The old instance released its partitions as it stopped: the new one takes them at its
+    // first round and reads each from its mark (docs/ordering.md). The bound is for a stall,
+    // not for speed.
     wait_for_count(
         &app.pg,
         "all 300 stored",

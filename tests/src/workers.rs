@@ -40,17 +40,19 @@ impl WorkerProcess {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml");
             let mut build = Command::new(cargo);
-            build.args(["build", "--quiet", "--manifest-path", manifest, "--bins"]);
+            // The whole workspace, as scripts/test builds it: the same features for every
+            // crate, so that this is a no-op when that build is fresh (a build of a few
+            // packages unifies features differently and relinks every binary).
+            build.args([
+                "build",
+                "--quiet",
+                "--manifest-path",
+                manifest,
+                "--workspace",
+                "--bins",
+            ]);
             if dir.ends_with("release") {
                 build.arg("--release");
-            }
-            for package in [
-                "firstline-ingest",
-                "firstline-bot-router",
-                "firstline-dispatcher",
-                "firstline-notifier",
-            ] {
-                build.args(["-p", package]);
             }
             let status = build
                 .status()

@@ -91,14 +91,18 @@ where
 {
     let mut filters = HashMap::new();
     let mut streams = HashMap::new();
+    // Each stream's partitions are dealt on their own, so that each stream's load is even.
+    let mut dealt_together = Vec::new();
     for set in sets {
+        let mut names = Vec::new();
         for (name, filter) in set.names(config.partitions) {
             filters.insert(name, filter);
             streams.insert(name, set.stream.name);
+            names.push(name);
         }
+        dealt_together.push(names);
     }
-    let mut names: Vec<&'static str> = filters.keys().copied().collect();
-    names.sort_unstable();
+    let names: Vec<&'static str> = dealt_together.concat();
     let floors = older_consumers(&services.js, sets, config.partitions).await;
     let all: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     lease::ensure_marks(&services.pool, &all, &floors).await?;
@@ -121,7 +125,7 @@ where
         services,
         config,
         member: &member,
-        names: &names,
+        sets: &dealt_together,
         filters: &filters,
         streams: &streams,
         handler: &handler,
@@ -186,7 +190,8 @@ struct Supervisor<'a, F> {
     services: &'a Services,
     config: &'a CommonConfig,
     member: &'a Member,
-    names: &'a [&'static str],
+    /// The partitions of each stream, dealt stream by stream.
+    sets: &'a [Vec<&'static str>],
     filters: &'a HashMap<&'static str, String>,
     streams: &'a HashMap<&'static str, &'static str>,
     handler: &'a F,
@@ -260,8 +265,10 @@ where
         let live = self.member.heartbeat(pool).await?;
         let live: Vec<&str> = live.iter().map(String::as_str).collect();
         let me = self.member.instance.as_str();
-        let dealt: BTreeSet<&'static str> = assign(self.names, &live)
-            .into_iter()
+        let dealt: BTreeSet<&'static str> = self
+            .sets
+            .iter()
+            .flat_map(|names| assign(names, &live))
             .filter(|(_, owner)| *owner == me)
             .map(|(p, _)| p)
             .collect();
