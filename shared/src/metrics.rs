@@ -6,7 +6,7 @@
 //! | `fl_dead_letters_total` | counter | stream, consumer | messages dead-lettered |
 //! | `fl_consumer_pending` | gauge | consumer | messages in the stream not yet delivered to the consumer (lag) |
 //! | `fl_consumer_ack_pending` | gauge | consumer | delivered, not yet acknowledged |
-//! | `fl_partitions_held` | gauge | worker | partitions this instance holds and reads (docs/ordering.md) |
+//! | `fl_partitions_held` | gauge | group | partitions this instance holds and reads (docs/ordering.md) |
 //! | `fl_partition_restarts_total` | counter | consumer | a partition's reader started again from the mark |
 //! | `fl_conversations` | gauge | tenant, state | open conversations by state (the dispatcher samples it) |
 //! | `fl_offers_total` | counter | tenant | offers made |
@@ -50,7 +50,7 @@ pub fn partition_restarted(partition: &'static str) {
 
 /// How many partitions of `worker` this instance reads now.
 pub fn partitions_held(worker: &'static str, n: usize) {
-    gauge!("fl_partitions_held", "worker" => worker).set(n as f64);
+    gauge!("fl_partitions_held", "group" => worker).set(n as f64);
 }
 
 /// A partition's batch committed (ingest, bot-router): `path` is `lanes` (its messages side by

@@ -19,8 +19,9 @@
 //!   `FL_BENCH_RAW_N` (messages of the ceiling run, 300000), `FL_PARTITION_BATCH` (the
 //!   workers', 64 as in production);
 //! - `FL_BENCH_MIX`: `cold` (default: 3 tenants, 2 channels each, most messages open a new
-//!   conversation) or `one-channel` (ONE tenant's ONE channel with the bot, every customer
-//!   on it: what only the customer key in the subject spreads over instances);
+//!   conversation), `steady` (a running desk: about eight messages per conversation, so about
+//!   one in six opens one) or `one-channel` (ONE tenant's ONE channel with the bot, every
+//!   customer on it: what only the customer key in the subject spreads over instances);
 //! - `FL_BENCH_INSTANCES` (default 1): instances of every worker; the JSON line reports the
 //!   share of its worker's messages each instance handled (from its `/metrics`);
 //! - `FL_BENCH_REPLICAS` (default 1): 3 runs everything, the ceiling and the relay floor
@@ -365,14 +366,24 @@ async fn hops(
 /// nine in ten messages to the bot and one in ten asking for a human, on the keyed subject.
 fn options(rate: f64, duration: f64) -> LoadOptions {
     let one_channel = mix() == "one-channel";
+    let steady = mix() == "steady";
     LoadOptions {
         tenants: if one_channel { 1 } else { 3 },
         channels: if one_channel { 1 } else { 2 },
-        bot_share: if one_channel { 0.9 } else { 0.8 },
+        bot_share: match () {
+            _ if one_channel => 0.9,
+            _ if steady => 0.95,
+            _ => 0.8,
+        },
+        // Steady: returning customers, about eight bot messages each over the step.
+        customers: if steady {
+            ((rate * duration * 0.95 / 8.0) as usize).max(200)
+        } else {
+            30_000
+        },
+        handover_share: if steady { 0.02 } else { 0.1 },
         rate,
         duration: Duration::from_secs_f64(duration),
-        customers: 30_000,
-        handover_share: 0.1,
         agents: 100,
         capacity: 10,
         accept_delay: Duration::from_millis(200),
@@ -413,8 +424,8 @@ async fn run() {
     let instances = env_f64("FL_BENCH_INSTANCES", 1.0).max(1.0) as usize;
     let replicas = env_f64("FL_BENCH_REPLICAS", 1.0) as usize;
     assert!(
-        ["cold", "one-channel"].contains(&mix().as_str()),
-        "FL_BENCH_MIX is cold or one-channel"
+        ["cold", "steady", "one-channel"].contains(&mix().as_str()),
+        "FL_BENCH_MIX is cold, steady or one-channel"
     );
     // One server, or a 3-node cluster for R3 (every node on this machine).
     let (nats, cluster) = if replicas > 1 {

@@ -373,11 +373,12 @@ async fn the_partition_consumers_of_an_older_version_are_taken_over() {
     );
 }
 
-/// The fence (shared/src/batch/fence.rs), on its own: a batch commits only while its instance
-/// holds the partition and the mark is where the instance's reader left it, and moves the mark
-/// over what it handled from the first on (a poison message stops it there).
+/// The fence (shared/src/batch/fence.rs), on its own: a batch commits only if the partition's
+/// mark is where its reader left it, and moves the mark over what it handled from the first on
+/// (a poison message stops it there). Two readers of one partition (a lease that lapsed under a
+/// live instance): the first to commit wins, the other commits nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_commits_only_while_its_instance_holds_the_partition_where_it_left_it() {
+async fn a_batch_commits_only_where_its_reader_left_the_partitions_mark() {
     use firstline_shared::batch;
     use firstline_shared::bus::{Delivered, Partition};
     use firstline_shared::worker::Services;
@@ -388,20 +389,24 @@ async fn a_batch_commits_only_while_its_instance_holds_the_partition_where_it_le
     let services = Services::start(&app.config, &app.shutdown).await.unwrap();
     app.pg
         .batch_execute(
-            "INSERT INTO partition_marks (consumer, stream_sequence, holder) VALUES ('ingest-p9', 0, 'me');
+            "INSERT INTO partition_marks (consumer, stream_sequence) VALUES ('ingest-p9', 0);
              CREATE TABLE handled (stream_sequence bigint NOT NULL)",
         )
         .await
         .unwrap();
-    let partition = Arc::new(Partition {
-        consumer: "ingest-p9",
-        stream: "FL_INBOUND",
-        filter: "fl.*.inbound.*.9".into(),
-        holder: "me".into(),
-        mark: Default::default(),
-    });
-    // Messages at stream sequences 10, 20, 30…; the one at `poison` is poison.
-    let run = |sequences: &[u64], poison: Option<u64>| {
+    let reader = |mark: u64| {
+        Arc::new(Partition {
+            consumer: "ingest-p9",
+            stream: "FL_INBOUND",
+            filter: "fl.*.inbound.*.9".into(),
+            mark: mark.into(),
+        })
+    };
+    let partition = reader(0);
+    // Messages at stream sequences 10, 20, 30… read by `partition`; the one at `poison` is
+    // poison.
+    let run = |partition: &Arc<Partition>, sequences: &[u64], poison: Option<u64>| {
+        let partition = partition.clone();
         let batch: Vec<Delivered> = sequences
             .iter()
             .map(|&s| Delivered {
@@ -461,33 +466,23 @@ async fn a_batch_commits_only_while_its_instance_holds_the_partition_where_it_le
         .await as u64
     };
 
-    assert_eq!(run(&[10, 20], None).await, (vec![10, 20], 0));
+    assert_eq!(run(&partition, &[10, 20], None).await, (vec![10, 20], 0));
     assert_eq!((mark().await, partition.mark()), (20, 20));
     // A poison message stops the mark before it; what comes after it is still handled.
-    assert_eq!(run(&[30, 40, 50], Some(40)).await, (vec![30, 50], 0));
+    assert_eq!(
+        run(&partition, &[30, 40, 50], Some(40)).await,
+        (vec![30, 50], 0)
+    );
     assert_eq!((mark().await, partition.mark()), (30, 30));
-    app.pg
-        .execute("UPDATE partition_marks SET stream_sequence = 50", &[])
-        .await
-        .unwrap();
-    // Another instance moved the mark: this reader's batch is not committed.
-    assert_eq!(run(&[40, 50, 60], None).await, (vec![], 3));
+    // Another reader of the partition, from the same mark, commits first: this reader's
+    // batch is not committed, one message or many.
+    let other = reader(30);
+    assert_eq!(run(&other, &[40, 50], None).await, (vec![40, 50], 0));
+    assert_eq!(run(&partition, &[40], None).await, (vec![], 1));
+    assert_eq!(run(&partition, &[40, 50, 60], None).await, (vec![], 3));
     assert_eq!(mark().await, 50);
-    partition
-        .mark
-        .store(50, std::sync::atomic::Ordering::Relaxed);
-    // Another instance holds the partition: nothing committed either, one message or many.
-    app.pg
-        .execute("UPDATE partition_marks SET holder = 'other'", &[])
-        .await
-        .unwrap();
-    assert_eq!(run(&[60], None).await, (vec![], 1));
-    assert_eq!(run(&[60, 70], None).await, (vec![], 2));
-    assert_eq!(mark().await, 50);
-    app.pg
-        .execute("UPDATE partition_marks SET holder = 'me'", &[])
-        .await
-        .unwrap();
-    assert_eq!(run(&[60, 70], None).await, (vec![60, 70], 0));
+    // Its reader starts again after the mark (what the supervisor does): it goes on.
+    let again = reader(50);
+    assert_eq!(run(&again, &[60, 70], None).await, (vec![60, 70], 0));
     assert_eq!(mark().await, 70);
 }

@@ -1,6 +1,6 @@
 //! A batch of a held partition against the partition's mark in Postgres: the fence that keeps
-//! each conversation in order, and each message handled once, whoever held the partition
-//! before (docs/ordering.md).
+//! each conversation in order, and each message handled once, whoever read the partition
+//! before or reads it too (docs/ordering.md).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,9 +15,9 @@ pub(super) struct Fence {
 }
 
 impl Fence {
-    /// Locks the partition's mark for this transaction. `Some` if this instance still holds
-    /// the partition and the mark is where its reader left it, so that the batch (read from
-    /// right after the mark) continues it; `None` if not: the batch must not be committed.
+    /// Locks the partition's mark for this transaction. `Some` if the mark is where this
+    /// reader left it, so that the batch (read from right after the mark) continues it; `None`
+    /// if not (another reader moved it): the batch must not be committed.
     pub(super) async fn check(
         tx: &Transaction<'_>,
         partition: Arc<Partition>,
@@ -26,15 +26,12 @@ impl Fence {
         Ok(fence.lock(tx).await?.then_some(fence))
     }
 
-    /// Locks the mark (again, in a new transaction of the same batch): true while this
-    /// instance holds the partition and the mark is where its reader left it.
+    /// Locks the mark (again, in a new transaction of the same batch): true while it is where
+    /// this reader left it.
     pub(super) async fn lock(&self, tx: &Transaction<'_>) -> anyhow::Result<bool> {
         let stmt = tx.prepare_cached(LOCK_MARK).await?;
         let row = tx.query_opt(&stmt, &[&self.partition.consumer]).await?;
-        let Some(row) = row else { return Ok(false) };
-        let (mark, holder): (i64, Option<String>) = (row.get(0), row.get(1));
-        let p = &self.partition;
-        Ok(mark as u64 == p.mark() && holder.as_deref() == Some(&*p.holder))
+        Ok(row.is_some_and(|r| r.get::<_, i64>(0) as u64 == self.partition.mark()))
     }
 
     /// The mark as this reader left it.
@@ -62,7 +59,7 @@ pub(super) fn remember(fence: &Option<Fence>, mark: Option<(&'static str, u64)>)
 }
 
 const LOCK_MARK: &str =
-    "SELECT stream_sequence, holder FROM partition_marks WHERE consumer = $1 FOR UPDATE";
+    "SELECT stream_sequence FROM partition_marks WHERE consumer = $1 FOR UPDATE";
 
 /// Prepares the mark's lock on the connection, so that, later, it goes out when first polled.
 pub(super) async fn prepare_lock(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {

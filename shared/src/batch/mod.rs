@@ -13,10 +13,9 @@
 //!   poison message is rolled back alone (the consume loop dead-letters it), and a transient
 //!   failure stops the batch there (what follows is retried after it, in order).
 //! - The outbox of everything kept is staged in the transaction and published after the commit.
-//! - A batch of a held partition (one with [`Delivered::partition`]) is committed only if this
-//!   instance still holds the partition and its mark is where the reader left it: the
-//!   transaction's first statement locks the mark's row (so the batch's own statements run
-//!   after the lock is granted) and checks both; the mark moves in the same transaction, over
+//! - A batch of a held partition (one with [`Delivered::partition`]) is committed only if the
+//!   partition's mark is where its reader left it: the transaction's first statement locks the
+//!   mark's row (so the batch's own statements run after the lock is granted) and checks it; the mark moves in the same transaction, over
 //!   the messages handled from the first on (a poison message stops it: the reader moves it
 //!   on once the dead letter is out). A batch that fails the check changes nothing; its
 //!   messages fail with [`HandleError::out_of_order`] and the reader ends (docs/ordering.md).

@@ -1,6 +1,7 @@
 //! The instances of a worker and their holds on partitions, in Postgres next to the marks
-//! (`worker_instances`, `partition_marks.holder`/`lease_until`; migration V9). Times are the
-//! database's `now()`, so the instances' clocks do not matter.
+//! (`worker_instances`, `partition_leases`; migration V9). Times are the database's `now()`,
+//! so the instances' clocks do not matter. A lease is a row apart from its partition's mark, so
+//! that renewing never waits for a batch holding the mark's row, nor a batch for a renewal.
 
 use std::time::Duration;
 
@@ -45,7 +46,9 @@ impl Member {
     }
 
     /// Takes or renews the hold on each of `partitions` that is free, lapsed or this
-    /// instance's already; returns those it now holds, with their marks.
+    /// instance's already; returns those it now holds, with their marks as committed (a batch
+    /// of the previous holder still in flight may move one: the new reader's first batch then
+    /// finds the mark moved and starts again after it).
     pub async fn hold(
         &self,
         pool: &Pool,
@@ -57,11 +60,14 @@ impl Member {
         let client = pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE partition_marks
-                 SET holder = $2, lease_until = now() + make_interval(secs => $3)
-                 WHERE consumer = ANY($1)
-                   AND (holder IS NULL OR holder = $2 OR lease_until < now())
-                 RETURNING consumer, stream_sequence",
+                "WITH held AS (
+                     UPDATE partition_leases
+                     SET holder = $2, lease_until = now() + make_interval(secs => $3)
+                     WHERE partition = ANY($1)
+                       AND (holder IS NULL OR holder = $2 OR lease_until < now())
+                     RETURNING partition)
+                 SELECT h.partition, m.stream_sequence
+                 FROM held h JOIN partition_marks m ON m.consumer = h.partition",
             )
             .await?;
         let rows = client
@@ -79,8 +85,8 @@ impl Member {
         let client = pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE partition_marks SET holder = NULL, lease_until = NULL
-                 WHERE consumer = ANY($1) AND holder = $2",
+                "UPDATE partition_leases SET holder = NULL, lease_until = NULL
+                 WHERE partition = ANY($1) AND holder = $2",
             )
             .await?;
         client
@@ -94,7 +100,7 @@ impl Member {
         let client = pool.get().await?;
         client
             .execute(
-                "UPDATE partition_marks SET holder = NULL, lease_until = NULL WHERE holder = $1",
+                "UPDATE partition_leases SET holder = NULL, lease_until = NULL WHERE holder = $1",
                 &[&self.instance],
             )
             .await?;
@@ -126,6 +132,13 @@ pub async fn ensure_marks(
         .execute(
             "INSERT INTO partition_marks (consumer, stream_sequence)
              SELECT unnest($1::text[]), 0 ON CONFLICT (consumer) DO NOTHING",
+            &[&names],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO partition_leases (partition) SELECT unnest($1::text[])
+             ON CONFLICT (partition) DO NOTHING",
             &[&names],
         )
         .await?;

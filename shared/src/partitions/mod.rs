@@ -3,16 +3,17 @@
 //!
 //! - Every instance says it is alive in Postgres (`worker_instances`) a few times per lease,
 //!   and deals the partitions over the live instances ([`assign`]): all compute the same deal.
-//! - It holds the partitions dealt to it by a lease on their mark's row (`partition_marks`),
-//!   renewed with the heartbeat; one no longer dealt to it is let go (after the batch in
+//! - It holds the partitions dealt to it by a lease (`partition_leases`), renewed with the
+//!   heartbeat; one no longer dealt to it is let go (after the batch in
 //!   hand), and taken by the instance it is dealt to. A dead instance's leases lapse and its
 //!   partitions are taken over within about a lease and a quarter.
 //! - Each held partition is read by a reader of its own ([`reader`]) from its mark on, with
 //!   a consumer that this instance creates for it, in batches. A batch's transaction locks the
-//!   mark's row and commits only if this instance still holds the partition and the mark is
-//!   where this reader left it ([`crate::batch`]), moving it in the same transaction: so a
-//!   partition's messages are committed in the stream's order, each once, whoever held it
-//!   before and however it ended.
+//!   mark's row and commits only if the mark is where this reader left it ([`crate::batch`]),
+//!   moving it in the same transaction: so a partition's messages are committed in the
+//!   stream's order, each once, whoever held it before and however it ended, even if two
+//!   readers ever read it at once (a lease that lapsed under a live instance): the first to
+//!   commit moves the mark, the other finds it moved and stops.
 
 mod assign;
 mod lease;
@@ -47,8 +48,6 @@ pub struct Partition {
     pub stream: &'static str,
     /// The stored subjects of the partition (`fl.*.inbound.*.7`).
     pub filter: String,
-    /// The instance holding it (this one).
-    pub holder: Arc<str>,
     /// Every message up to this stream sequence is handled: the mark as this instance holds
     /// it, checked by each batch's transaction and moved by it.
     pub mark: AtomicU64,
@@ -307,7 +306,6 @@ where
                 consumer: name,
                 stream: self.streams[name],
                 filter: self.filters[name].clone(),
-                holder: self.member.instance.as_str().into(),
                 mark: AtomicU64::new(mark),
             });
             let reader = Reader {

@@ -27,8 +27,8 @@ use crate::worker::Services;
 pub(super) enum End {
     /// Asked to stop (the partition goes to another instance, or shutdown): between batches.
     Stopped,
-    /// The partition's mark is not where this reader left it, or another instance holds it:
-    /// this reader must not go on (the supervisor starts a new one if it still holds it).
+    /// The partition's mark is not where this reader left it (another instance's reader moved
+    /// it): this reader must not go on (the supervisor starts a new one if it still holds it).
     Fenced,
 }
 
@@ -242,7 +242,7 @@ where
 
     /// Moves the mark to `sequence` if the batch's commit did not (messages settled after it:
     /// dead letters, and the handled ones after them). Fenced if the mark is not where this
-    /// reader left it or another instance holds the partition.
+    /// reader left it.
     async fn advance(&self, sequence: u64) -> Result<(), End> {
         let p = &self.partition;
         let mark = p.mark();
@@ -292,8 +292,7 @@ impl Partition {
         self.mark.load(Ordering::Relaxed)
     }
 
-    /// Moves the mark from `from` to `to`, if this instance still holds the partition and the
-    /// mark is still at `from`.
+    /// Moves the mark from `from` to `to`, if it is still at `from`.
     async fn advance(
         &self,
         pool: &deadpool_postgres::Pool,
@@ -303,15 +302,12 @@ impl Partition {
         let client = pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "UPDATE partition_marks SET stream_sequence = $4
-                 WHERE consumer = $1 AND holder = $2 AND stream_sequence = $3",
+                "UPDATE partition_marks SET stream_sequence = $3
+                 WHERE consumer = $1 AND stream_sequence = $2",
             )
             .await?;
         let moved = client
-            .execute(
-                &stmt,
-                &[&self.consumer, &&*self.holder, &(from as i64), &(to as i64)],
-            )
+            .execute(&stmt, &[&self.consumer, &(from as i64), &(to as i64)])
             .await?;
         if moved == 1 {
             self.mark.store(to, Ordering::Relaxed);
