@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod actions;
 mod api;
 mod api_fuzz;
 mod api_input;

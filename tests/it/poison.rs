@@ -215,8 +215,8 @@ async fn a_message_too_large_to_publish_is_dead_lettered_not_retried_forever() {
     })
     .to_string()
     .len();
-    // The action fits, with room for its headers; the outbound message, which also names
-    // the customer, does not.
+    // The action fits, with room for its headers; its delivery to the customer (staged by
+    // the dispatcher, for the notifier), which also names the customer, does not.
     let text = "x".repeat(max - action_overhead - 200);
     app.agent_does("t1", "amy", "reply", conversation, json!({ "text": text }))
         .await;
@@ -231,7 +231,7 @@ async fn a_message_too_large_to_publish_is_dead_lettered_not_retried_forever() {
         },
     )
     .await;
-    assert_eq!(letter["subject"], "fl.t1.outbound.mail");
+    assert_eq!(letter["subject"], "fl.t1.delivery.customer");
     assert!(
         letter["reason"].as_str().unwrap().contains("max payload"),
         "{}",

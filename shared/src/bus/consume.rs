@@ -21,6 +21,11 @@ use crate::config::CommonConfig;
 use crate::error::HandleError;
 use crate::subjects::{self, StreamSpec};
 
+/// How long one pull request of an unordered consumer lasts before the next replaces it.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// The server's heartbeat on an idle pull; missed heartbeats end the pull, and it is made again.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// A durable pull consumer of one stream, as the workers use it.
 #[derive(Clone, Debug)]
 pub struct ConsumerSpec {
@@ -153,7 +158,16 @@ where
     );
     let pulling = async {
         while !shutdown.is_cancelled() {
-            let messages = match consumer.messages().await {
+            // A short expiry and heartbeats: a pull made to a stream leader that died stalls
+            // for at most a few seconds (a missed heartbeat is an error), not for the rest of an
+            // outage, and the next pull goes to the new leader.
+            let messages = match consumer
+                .stream()
+                .expires(PULL_EXPIRES)
+                .heartbeat(PULL_HEARTBEAT)
+                .messages()
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(consumer = spec.durable, "pull failed, retrying: {e:#}");

@@ -1,6 +1,7 @@
-//! The agents' actions, applied under the tenant's lock before the pass: accept (SPEC L7),
-//! decline (README: back to `waiting`, never offered to that agent again), close (SPEC L8),
-//! transfer; a reply is the notifier's and passes through.
+//! The agents' actions, applied under the tenant's lock before the pass, in the order the
+//! agent sent them (their `FL_ACTIONS` order): accept (SPEC L7), decline (README: back to
+//! `waiting`, never offered to that agent again), reply ([`crate::reply`]), close (SPEC L8),
+//! transfer.
 
 use chrono::Utc;
 use deadpool_postgres::Transaction;
@@ -12,6 +13,10 @@ use firstline_shared::wire::{AgentAction, AgentActionKind, NotificationKind};
 use uuid::Uuid;
 
 use crate::db;
+use crate::reply::{apply_reply, record_end};
+
+/// An agent's action and its `FL_ACTIONS` stream sequence.
+pub(crate) type Sent = (AgentId, AgentAction, u64);
 
 /// Applies a run of agent actions: one conversation's in order, different conversations'
 /// side by side on the transaction's connection (tokio-postgres pipelines their statements,
@@ -21,15 +26,16 @@ pub(crate) async fn apply_actions(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
     tenant: &TenantId,
-    actions: Vec<(AgentId, AgentAction)>,
+    actions: Vec<Sent>,
 ) -> anyhow::Result<()> {
-    let lanes =
-        firstline_shared::batch::lanes(&actions, |(_, action)| Some(action.kind.conversation_id()));
+    let lanes = firstline_shared::batch::lanes(&actions, |(_, action, _)| {
+        Some(action.kind.conversation_id())
+    });
     let actions = &actions;
     let staged = firstline_shared::batch::in_lanes(lanes, |i| async move {
-        let (agent, action) = &actions[i];
+        let (agent, action, seq) = &actions[i];
         let mut own = Outbox::new();
-        apply_action(tx, &mut own, tenant, agent, action).await?;
+        apply_action(tx, &mut own, tenant, agent, action, *seq).await?;
         anyhow::Ok(own)
     })
     .await;
@@ -58,13 +64,15 @@ fn aborted_by_another(e: &anyhow::Error) -> bool {
         == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
 }
 
-/// Applies accept (SPEC L7), decline (README), close (SPEC L8) or transfer of `agent`.
+/// Applies accept (SPEC L7), decline (README), reply, close (SPEC L8) or transfer of `agent`,
+/// sent at stream sequence `seq`.
 async fn apply_action(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
     tenant: &TenantId,
     agent: &AgentId,
     action: &AgentAction,
+    seq: u64,
 ) -> anyhow::Result<()> {
     let conversation_id = action.kind.conversation_id();
     let reject = |outbox: &mut Outbox, reason: &str| {
@@ -160,7 +168,10 @@ async fn apply_action(
                 },
             )
             .await?;
-            // 滿意度調查, if the channel asks one.
+            // A reply of this agent handled after the close is judged by its sequence.
+            record_end(tx, conversation_id, agent, seq).await?;
+            // 滿意度調查, if the channel asks one: after every reply sent before the close
+            // (applied before it, in this lane), so after them on `outbound` too.
             firstline_shared::survey::ask(tx, outbox, &conversation).await?;
             outbox.notify_agent(
                 tenant,
@@ -203,6 +214,7 @@ async fn apply_action(
                 },
             )
             .await?;
+            record_end(tx, conversation_id, agent, seq).await?;
             outbox.notify_agent(
                 tenant,
                 agent,
@@ -214,7 +226,18 @@ async fn apply_action(
                 },
             );
         }
-        AgentActionKind::Reply { .. } => {}
+        AgentActionKind::Reply { text, .. } => {
+            apply_reply(
+                tx,
+                outbox,
+                agent,
+                action.action_id,
+                seq,
+                &conversation,
+                text,
+            )
+            .await?;
+        }
     }
     Ok(())
 }

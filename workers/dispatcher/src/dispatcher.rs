@@ -1,6 +1,6 @@
 //! The dispatcher instance: groups each batch by tenant and runs, per tenant, one transaction
 //! holding the tenant's advisory lock that applies the events in order (presence, the agent
-//! actions of SPEC L7 and L8) and then one dispatch pass (SPEC D1-D9, see [`crate::pass()`]).
+//! actions of SPEC L7 and L8, and replies) and then one dispatch pass (SPEC D1-D9, see [`crate::pass()`]).
 //! How a tenant's hand-ins share transactions is in [`crate::combiner`]; the offer-deadline
 //! timer (D8) and the backstop are in [`crate::timers`].
 
@@ -107,6 +107,7 @@ impl Dispatcher {
         let Some(settings) = settings? else {
             return Err(HandleError::poison(format!("unknown tenant {tenant:?}")));
         };
+        let needs_pass = events.is_empty() || events.iter().any(|e| !is_reply(e));
         let mut outbox = Outbox::new();
         let mut actions = Vec::new();
         for event in events {
@@ -122,22 +123,29 @@ impl Dispatcher {
                         tracing::debug!(%agent, "stale presence ignored");
                     }
                 }
-                Event::Action { agent, action } => {
-                    if !matches!(action.kind, AgentActionKind::Reply { .. }) {
-                        actions.push((agent, action));
-                    } // a reply is the notifier's
-                }
+                Event::Action { agent, action, seq } => actions.push((agent, action, seq)),
             }
         }
         apply_actions(&tx, &mut outbox, tenant, actions).await?;
-        let report = PassReport {
-            together,
-            ..pass(&tx, &mut outbox, &settings).await?
+        // Replies change no agent's load nor the queue: a transaction of replies alone needs
+        // no pass (nor a new deadline).
+        let report = if needs_pass {
+            PassReport {
+                together,
+                ..pass(&tx, &mut outbox, &settings).await?
+            }
+        } else {
+            PassReport {
+                together,
+                ..PassReport::default()
+            }
         };
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
         staged.publish(&self.services.js, &client).await;
-        self.arm(tenant, report.next_deadline);
+        if needs_pass {
+            self.arm(tenant, report.next_deadline);
+        }
         Ok(report)
     }
 
@@ -145,4 +153,11 @@ impl Dispatcher {
     pub async fn pass_for(&self, tenant: &TenantId) -> Result<PassReport, HandleError> {
         self.apply_and_pass(tenant, Vec::new()).await
     }
+}
+
+fn is_reply(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Action { action, .. } if matches!(action.kind, AgentActionKind::Reply { .. })
+    )
 }

@@ -21,6 +21,8 @@ pub(crate) enum Event {
     Action {
         agent: AgentId,
         action: AgentAction,
+        /// Its `FL_ACTIONS` stream sequence: the order the agent sent it in.
+        seq: u64,
     },
 }
 
@@ -56,7 +58,8 @@ pub(crate) fn parse_event(source: Source, m: &Delivered) -> Result<(TenantId, Ev
         Source::Actions => {
             let (tenant, agent) = subjects::parse_agent_action(&m.subject).map_err(poison)?;
             let action: AgentAction = wire::decode(&m.payload)?;
-            Ok((tenant, Event::Action { agent, action }))
+            let seq = m.stream_sequence;
+            Ok((tenant, Event::Action { agent, action, seq }))
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The dispatcher worker: offers queued conversations to agents (SPEC D) and applies the
-//! agents' accept, decline and close (SPEC L7, L8).
+//! agents' actions in the order they sent them: accept, decline, reply, close (SPEC L7, L8)
+//! and transfer.
 //!
 //! It consumes the waiting-queue stream (`fl.<tenant>.queue.*`), the agent-presence stream
 //! (`fl.<tenant>.presence.<agent>`) and the agent actions (`fl.<tenant>.agent.<agent>.action`),
@@ -17,6 +18,7 @@
 //! - `dispatcher`: [`Dispatcher`], a batch grouped by tenant, and the tenant's transaction;
 //! - `combiner`: what a tenant's consumers and timers hand in, combined into its transactions;
 //! - `actions`: accept (SPEC L7), decline, close (SPEC L8) and transfer;
+//! - `reply`: an agent's reply, stored and sent to the customer in the actions' order;
 //! - `pass`: the dispatch pass (SPEC D1-D9) around the pure [`plan`];
 //! - `timers`: the offer-deadline timer (SPEC D8), the backstop, the conversation-count sampler;
 //! - [`db`]: the SQL.
@@ -28,6 +30,7 @@ mod dispatcher;
 mod events;
 mod pass;
 pub mod plan;
+mod reply;
 mod timers;
 
 pub use dispatcher::Dispatcher;

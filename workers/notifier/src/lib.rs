@@ -3,9 +3,9 @@
 //! - Deliveries (`fl.<tenant>.delivery.*`, from the other workers): a message for a customer
 //!   goes out on `fl.<tenant>.outbound.<channel>`; a notification for an agent (offer,
 //!   revocation, customer message...) on `fl.<tenant>.notify.<agent>`.
-//! - Agent replies (`fl.<tenant>.agent.<agent>.action` with `type: reply`): stored in the
-//!   transcript and sent to the customer, only from the agent serving the conversation.
-//!   Accept, decline and close belong to the dispatcher, which owns agents' load.
+//! - Agent replies are the dispatcher's, like every agent action: one consumer applies an
+//!   agent's actions in the order sent, so a reply sent before a close is not refused by a
+//!   close applied first (docs/dispatch.md). Their delivery comes here like any other.
 //!
 //! Every publish carries a fixed `Nats-Msg-Id` (the message or notification id), so a
 //! redelivered delivery reaches the gateway or desktop once.
@@ -13,48 +13,53 @@
 use async_nats::HeaderMap;
 use firstline_shared::bus::{self, ConsumerSpec, Delivered};
 use firstline_shared::config::CommonConfig;
-use firstline_shared::db;
 use firstline_shared::domain::TenantId;
-use firstline_shared::outbox::Outbox;
-use firstline_shared::wire::{
-    self, AgentAction, AgentActionKind, Author, Delivery, OutboundMessage, Version,
-};
+use firstline_shared::wire::{self, Delivery};
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, telemetry, HandleError};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 #[derive(Clone, Debug, clap::Parser)]
 #[command(
     name = "firstline-notifier",
-    about = "Delivers to gateways and agent desktops; stores agent replies"
+    about = "Delivers to gateways and agent desktops"
 )]
 pub struct Config {
     #[command(flatten)]
     pub common: CommonConfig,
 }
 
-/// Consumes `FL_DELIVERY` and the replies of `FL_ACTIONS` until `shutdown`.
+/// Consumes `FL_DELIVERY` until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let services = Services::start(&config.common, &shutdown).await?;
-    let deliveries = bus::consume_batched(
+    forget_replies_consumer(&services).await;
+    let result = bus::consume_batched(
         &services.js,
         &config.common,
         ConsumerSpec::new(subjects::DELIVERY, "notifier"),
         DELIVERY_BATCH,
-        shutdown.clone(),
-        |batch| deliver_all(&services, batch),
-    );
-    let replies = bus::consume(
-        &services.js,
-        &config.common,
-        ConsumerSpec::new(subjects::ACTIONS, "notifier-actions"),
         shutdown,
-        |m| reply(&services, m),
-    );
-    let result = tokio::try_join!(deliveries, replies).map(|_| ());
+        |batch| deliver_all(&services, batch),
+    )
+    .await;
     services.close().await;
     result
+}
+
+/// The durable consumer of `FL_ACTIONS` the notifier had for replies, before the dispatcher
+/// took them: deleted, so that it does not keep every action for nobody.
+const OLD_REPLIES_CONSUMER: &str = "notifier-actions";
+
+async fn forget_replies_consumer(services: &Services) {
+    let Ok(stream) = services.js.get_stream(subjects::ACTIONS.name).await else {
+        return;
+    };
+    if stream.consumer_info(OLD_REPLIES_CONSUMER).await.is_ok() {
+        match stream.delete_consumer(OLD_REPLIES_CONSUMER).await {
+            Ok(_) => tracing::info!(consumer = OLD_REPLIES_CONSUMER, "old consumer deleted"),
+            Err(e) => tracing::warn!(consumer = OLD_REPLIES_CONSUMER, "not deleted: {e}"),
+        }
+    }
 }
 
 /// How many deliveries already received are published together, at most.
@@ -140,82 +145,6 @@ fn outgoing(m: &Delivered) -> Result<bus::Outgoing, HandleError> {
         headers,
         payload,
     })
-}
-
-async fn reply(services: &Services, m: Delivered) -> Result<(), HandleError> {
-    let (tenant, agent) = subjects::parse_agent_action(&m.subject).map_err(HandleError::Poison)?;
-    let action: AgentAction = wire::decode(&m.payload)?;
-    telemetry::record_ids(
-        Some(&tenant),
-        None,
-        Some(&action.kind.conversation_id()),
-        Some(&agent),
-    );
-    let AgentActionKind::Reply {
-        conversation_id,
-        text,
-    } = action.kind
-    else {
-        return Ok(()); // the dispatcher's
-    };
-    let mut client = services.pool.get().await?;
-    let tx = client.transaction().await?;
-    let mut outbox = Outbox::new();
-    let conversation = db::conversation_for_update(&tx, &tenant, conversation_id).await?;
-    let Some(conversation) = conversation.filter(|c| c.is_served_by(&agent)) else {
-        outbox.reject_action(
-            &tenant,
-            &agent,
-            conversation_id,
-            action.action_id,
-            "you are not serving this conversation",
-        );
-        let staged = outbox.stage(&tx).await?;
-        tx.commit().await?;
-        staged.publish(&services.js, &client).await;
-        return Ok(());
-    };
-    let id = Uuid::now_v7();
-    let row = tx
-        .query_opt(
-            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, agent_id, body)
-             VALUES ($1, $2, $3, $4, $5, 'agent', $6, $7)
-             ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
-             RETURNING created_at",
-            &[
-                &id,
-                &tenant.as_str(),
-                &conversation.channel.as_str(),
-                &conversation.id,
-                &format!("action:{}", action.action_id),
-                &agent.as_str(),
-                &text,
-            ],
-        )
-        .await?;
-    let Some(row) = row else {
-        return Ok(()); // this action was applied already
-    };
-    outbox.push(
-        subjects::outbound(&tenant, &conversation.channel),
-        id.to_string(),
-        &OutboundMessage {
-            version: Version,
-            message_id: id,
-            conversation_id: conversation.id,
-            customer_id: conversation.customer_external_id.clone(),
-            author: Author::Agent,
-            agent_id: Some(agent),
-            text,
-            buttons: Vec::new(),
-            image_url: None,
-            at: row.get(0),
-        },
-    );
-    let staged = outbox.stage(&tx).await?;
-    tx.commit().await?;
-    staged.publish(&services.js, &client).await;
-    Ok(())
 }
 
 impl firstline_shared::worker::WorkerConfig for Config {

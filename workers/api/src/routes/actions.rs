@@ -1,7 +1,8 @@
 //! An agent's actions on a conversation over HTTP: accept, decline, reply, close, transfer.
 //! Each is checked against the conversation as the agent sees it, then published on
-//! `fl.<tenant>.agent.<agent>.action` for the dispatcher (or the notifier, for a reply),
-//! once per Idempotency-Key.
+//! `fl.<tenant>.agent.<agent>.action`, once per Idempotency-Key, for the dispatcher, which
+//! applies an agent's actions in the order published: a reply POSTed just before a close goes
+//! out before the close completes the conversation (docs/dispatch.md).
 
 use axum::extract::State;
 use axum::http::{HeaderMap as HttpHeaders, StatusCode};
