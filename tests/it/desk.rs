@@ -385,3 +385,48 @@ async fn the_desk_reconnects_its_websocket_and_misses_nothing() {
     .await;
     assert_eq!(v["offers"].as_array().unwrap().len(), 1, "once: {v}");
 }
+
+/// `scripts/up` (the demo) prints the desk's address beside the dashboard's, signed in as the
+/// agent no simulation drives: opened, Ready pressed, she is offered the next conversation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
+    let mut app = TestApp::spawn(firstline::demo::DEMO_SETUP).await;
+    let api = app.start_api().await;
+    let addr = api.base.trim_start_matches("http://").parse().unwrap();
+    let line = firstline::demo::desk_address(&app.pg, addr).await.unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("an address in {line:?}"));
+    assert!(
+        url.starts_with(&format!("{}/desk#token=fl_", api.base)),
+        "{url}"
+    );
+    let token = url.split("#token=").nth(1).unwrap();
+    assert_eq!(
+        api.ok("/api/v1/me", token).await["agent_id"],
+        firstline::demo::DESK_AGENT
+    );
+    let mut events = app
+        .client
+        .subscribe("fl.demo.events.conversation")
+        .await
+        .unwrap();
+
+    let browser = Browser::start();
+    let mut page = browser.page().await;
+    page.navigate(url).await;
+    shown(&mut page, "signed in and live", |v| {
+        v["live"] == "true" && v["presence"] == "offline"
+    })
+    .await;
+    page.click("#go-ready").await;
+    // `webchat` has no bot: the customer queues at once, and Dana (english) is offered it.
+    app.customer_says("demo", "webchat", "U900", "Hello, my order has not arrived")
+        .await;
+    let c = offered(&mut events, "U900").await;
+    shown(&mut page, "the offer in the demo's desk", |v| {
+        offer_for(v, c).is_some()
+    })
+    .await;
+}
