@@ -2,8 +2,8 @@
 //! over the real workers, signs in with an agent token and works as an agent does: away with a
 //! reason, ready, an offer with its countdown, accept, the transcript, a reply that reaches the
 //! gateway's subject, a customer message arriving live, a transfer to a skill, a decline with a
-//! reason and a close, each checked in Postgres or on NATS, in English and Traditional Chinese.
-//! Screenshots of each step go to `target/test-output/desk-*.png`.
+//! reason, a close and a transfer to an agent, each checked in Postgres or on NATS, in English
+//! and Traditional Chinese. Screenshots of each step go to `target/test-output/desk-*.png`.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use uuid::Uuid;
 /// `web` is a web chat without a bot: a customer's first message queues at once.
 const SETUP: &str = r#"{"tenants":[{"id": "acme", "dispatch_cycle_seconds": 120,
    "channels": [{"id": "web", "kind": "webchat", "bot_enabled": false}],
-   "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 3}]}]}"#;
+   "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 3}, {"id": "ben", "name": "Ben Wu"}]}]}"#;
 
 /// What the desk shows, read from the DOM (a JSON string).
 const SHOWN: &str = r##"(() => { try { const $ = id => document.getElementById(id); return JSON.stringify({
@@ -347,6 +347,53 @@ async fn an_agent_works_conversations_in_the_desk() {
     })
     .await;
     page.screenshot("desk-7-closed.png").await;
+
+    // Transfer to an agent: one that does not exist is refused with the API's message, shown;
+    // Ben (offline) is the only one who may take it next.
+    app.customer_says("acme", "web", "C4", "Please ask Ben")
+        .await;
+    let c4 = offered(&mut events, "C4").await;
+    shown(&mut page, "the fourth offer", |v| {
+        offer_for(v, c4).is_some()
+    })
+    .await;
+    page.click(&format!(
+        ".offer[data-conversation-id='{c4}'] button.accept"
+    ))
+    .await;
+    shown(&mut page, "the fourth conversation open", |v| {
+        v["open"] == c4.to_string()
+    })
+    .await;
+    page.eval("document.getElementById('transfer-kind').value = 'agent'")
+        .await;
+    page.type_into("#transfer-target", "nobody").await;
+    page.click("#transfer").await;
+    shown(&mut page, "the refusal shown", |v| {
+        v["notices"].as_array().is_some_and(|n| {
+            n.iter()
+                .any(|n| n.as_str().unwrap().contains("to_agent: no agent nobody"))
+        })
+    })
+    .await;
+    assert_eq!(state_and_skills(&app, c4).await.0, "processing");
+    page.type_into("#transfer-target", "ben").await;
+    page.click("#transfer").await;
+    wait_state(&app, c4, "waiting").await;
+    let target: Option<String> = app
+        .pg
+        .query_one(
+            "SELECT target_agent FROM conversations WHERE id = $1",
+            &[&c4],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(target.as_deref(), Some("ben"));
+    shown(&mut page, "the conversation transferred to Ben gone", |v| {
+        v["serving"].as_array().is_some_and(|s| s.is_empty())
+    })
+    .await;
 }
 
 /// The WebSocket reconnects after a drop, from the last notification it saw (`?after=`): an
