@@ -377,6 +377,9 @@ function renderHeader() {
 
 function renderOffers() {
   const box = $("offers");
+  // A decline reason being typed keeps its focus across the re-render.
+  const typing = document.activeElement && document.activeElement.classList.contains("decline-reason")
+    ? document.activeElement.closest(".offer").dataset.offerId : null;
   box.replaceChildren();
   const offers = [...state.offers.values()].sort((a, b) => Date.parse(a.deadline) - Date.parse(b.deadline));
   for (const o of offers) {
@@ -398,6 +401,7 @@ function renderOffers() {
         reason,
         el("button", { type: "button", class: "plain decline", onclick: () => decline(o, reason.value.trim()), disabled: o.busy ? "" : null }, t("decline")))));
   }
+  if (typing) box.querySelector(`.offer[data-offer-id="${typing}"] .decline-reason`)?.focus();
   $("offers-n").textContent = String(offers.length);
   $("offers-empty").hidden = offers.length > 0;
 }
