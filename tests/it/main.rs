@@ -12,6 +12,7 @@ mod bot;
 mod bus;
 mod cluster;
 mod dashboard;
+mod desk;
 mod dispatch;
 mod docs;
 mod faults;

@@ -4,6 +4,7 @@
 
 pub mod api;
 mod app;
+pub mod browser;
 mod postgres;
 
 pub use app::TestApp;

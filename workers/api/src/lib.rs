@@ -7,6 +7,8 @@
 //!   revocations, customer messages, from `fl.<tenant>.notify.<agent>`, resumable after a
 //!   reconnect.
 //! - The queue dashboard page (`/dashboard`, 交談佇列), updated live over server-sent events.
+//! - The agent desk (`/desk`, 專員工作台, [`desk`]): offers, transcripts, replies, over the
+//!   same public API.
 //! - Webhooks ([`webhooks`]): conversation events POSTed to each tenant's URLs, signed with
 //!   HMAC-SHA256, retried with backoff, dead-lettered after the last try.
 //!
@@ -16,6 +18,7 @@
 //! and notifier apply them. Several API instances can run side by side.
 
 pub mod auth;
+mod desk;
 pub mod error;
 mod live;
 mod routes;
@@ -204,6 +207,7 @@ pub fn app(services: &Services, shutdown: CancellationToken) -> axum::Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/", get(|| async { Redirect::temporary("/dashboard") }))
         .route("/dashboard", get(dashboard))
+        .merge(desk::routes())
         .method_not_allowed_fallback(error::no_method)
         .fallback(error::no_route)
         .layer(axum::extract::DefaultBodyLimit::max(error::MAX_BODY_BYTES))

@@ -3,7 +3,9 @@
 //!
 //! Customers write on `line` (the bot answers; they type 轉真人 to reach a person) and on
 //! `webchat` (no bot, needs the `english` skill). Agents go ready, accept offers after a
-//! moment (now and then one declines), greet the customer, and close the conversation.
+//! moment (now and then one declines), greet the customer, and close the conversation. One
+//! more agent, Dana, is left to a person: the agent desk's address printed at the start signs
+//! in as her.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -34,9 +36,13 @@ pub const DEMO_SETUP: &str = r#"{"tenants":[{
     "agents": [
         {"id": "amy", "name": "Amy", "skills": ["zh", "english"], "capacity": 3},
         {"id": "ben", "name": "Ben", "skills": ["zh"], "capacity": 2},
-        {"id": "chen", "name": "Chen", "skills": ["english"], "capacity": 2}
+        {"id": "chen", "name": "Chen", "skills": ["english"], "capacity": 2},
+        {"id": "dana", "name": "Dana (you, at the desk)", "skills": ["zh", "english"], "capacity": 3}
     ]
 }]}"#;
+
+/// The demo's agent that is not simulated: the desk the demo prints signs in as her.
+pub const DESK_AGENT: &str = "dana";
 
 /// The demo tenant's bot: keyword rules, articles, a flow, the survey.
 pub const DEMO_BOT: &str = include_str!("../../../config/demo-bot.yaml");
@@ -82,6 +88,7 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         println!("queue dashboard (交談佇列): http://{addr}/dashboard#token={token}");
+        println!("{}", desk_address(&pg, addr).await?);
         println!("API: http://{addr}/openapi.json");
     }
 
@@ -201,6 +208,26 @@ pub async fn run(
     done.cancel();
     let count = completed.lock().await.len();
     Ok(count)
+}
+
+/// The agent desk's address with a new token of [`DESK_AGENT`], the agent no simulation
+/// drives: whoever opens it answers as her (scripts/up prints it beside the dashboard's).
+pub async fn desk_address(
+    pg: &tokio_postgres::Client,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<String> {
+    let (_, token) = firstline_api::auth::create_token(
+        pg,
+        &TenantId::parse("demo")?,
+        firstline_api::auth::Role::Agent,
+        Some(&AgentId::parse(DESK_AGENT)?),
+        "demo desk",
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    Ok(format!(
+        "agent desk (專員工作台) as {DESK_AGENT}, press Ready for offers: http://{addr}/desk#token={token}"
+    ))
 }
 
 async fn send_inbound(
