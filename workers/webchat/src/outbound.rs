@@ -1,0 +1,107 @@
+//! What to deliver: the bot's and agents' replies on `fl.<tenant>.outbound.<channel>`, read
+//! with the gateway's durable pull consumer on `FL_OUTBOUND` (named `gateway-<tenant>` by
+//! default: the name the fenced gateway user of `firstline nats-config` may use). Each message
+//! is recorded in its customer's transcript, which sends it to the customer's open widgets,
+//! then acknowledged; one that is not an `outbound-message` is refused (`Term`) with a warning.
+//! A message whose ack was lost comes again and is recorded once (its `message_id`).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::AckKind;
+use firstline_shared::bus::JetStream;
+use firstline_shared::domain::{ChannelId, TenantId};
+use firstline_shared::subjects;
+use firstline_shared::wire::{self, OutboundMessage};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::transcript::{Entry, Hub};
+
+/// The consumer's settings: one durable per gateway, filtered to its channel.
+pub fn consumer_config(name: &str, tenant: &TenantId, channel: &ChannelId) -> pull::Config {
+    pull::Config {
+        durable_name: Some(name.to_owned()),
+        name: Some(name.to_owned()),
+        description: Some(format!("web-chat gateway of {tenant}/{channel}")),
+        filter_subject: subjects::outbound(tenant, channel),
+        ack_policy: AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        // A new gateway delivers what was published since its consumer was made, not a
+        // week of history.
+        deliver_policy: DeliverPolicy::New,
+        max_ack_pending: 1_000,
+        ..Default::default()
+    }
+}
+
+/// Consumes until `shutdown`; a lost connection or a missing stream (the workers create it)
+/// is tried again after a pause.
+pub async fn consume(
+    js: JetStream,
+    consumer_name: String,
+    tenant: TenantId,
+    channel: ChannelId,
+    hub: Hub,
+    shutdown: CancellationToken,
+) {
+    let mut pause = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        match consume_once(&js, &consumer_name, &tenant, &channel, &hub, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(consumer = %consumer_name, "outbound consumer: {e:#}; trying again in {pause:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn consume_once(
+    js: &JetStream,
+    consumer_name: &str,
+    tenant: &TenantId,
+    channel: &ChannelId,
+    hub: &Hub,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    // No stream info: it would show every tenant's subjects, which a gateway may not read.
+    let stream = js.get_stream_no_info(subjects::OUTBOUND.name).await?;
+    let consumer = stream
+        .create_consumer::<pull::Config>(consumer_config(consumer_name, tenant, channel))
+        .await?;
+    let mut messages = consumer.messages().await?;
+    tracing::info!(consumer = %consumer_name, "delivering {}", subjects::outbound(tenant, channel));
+    loop {
+        let message = tokio::select! {
+            m = messages.next() => m,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        let Some(message) = message else {
+            anyhow::bail!("the consumer's message stream ended");
+        };
+        let message = message?;
+        match wire::decode::<OutboundMessage>(&message.payload) {
+            Ok(out) => {
+                let new = hub.record(&out.customer_id, Entry::from(&out));
+                tracing::debug!(message_id = %out.message_id, customer = %out.customer_id, new, "outbound");
+            }
+            Err(e) => {
+                tracing::warn!(subject = %message.subject, "refusing an outbound message: {e}");
+                message
+                    .ack_with(AckKind::Term)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("term: {e}"))?;
+                continue;
+            }
+        }
+        message
+            .ack()
+            .await
+            .map_err(|e| anyhow::anyhow!("ack: {e}"))?;
+    }
+}
