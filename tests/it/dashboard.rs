@@ -3,16 +3,10 @@
 //! every state; the test checks the counts and rows shown, sees a live update arrive without a
 //! reload, switches the language, and saves screenshots under `target/test-output/`.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::{eventually, next_matching, TestApp};
-use base64::Engine as _;
-use futures::{SinkExt, StreamExt};
+use crate::helpers::{next_matching, Browser, Page, TestApp};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
 const SETUP: &str = r#"{"tenants":[{"id": "acme", "dispatch_cycle_seconds": 120,
@@ -40,149 +34,7 @@ const AGENTS_CLIPPED: &str = r#"(() => {
     return JSON.stringify(out);
 })()"#;
 
-/// Debian's chromium (or CHROMIUM_BIN); scripts/test installs it.
-fn chromium_binary() -> PathBuf {
-    if let Ok(bin) = std::env::var("CHROMIUM_BIN") {
-        return bin.into();
-    }
-    for candidate in [
-        "/usr/bin/chromium",
-        "/usr/bin/chromium-browser",
-        "/usr/bin/google-chrome",
-    ] {
-        if std::path::Path::new(candidate).exists() {
-            return candidate.into();
-        }
-    }
-    panic!("no Chromium found: install Debian's `chromium` package (scripts/test does) or set CHROMIUM_BIN");
-}
-
-struct Browser {
-    child: Child,
-    profile: PathBuf,
-    port: u16,
-}
-
-impl Browser {
-    fn start() -> Self {
-        let profile = std::env::temp_dir().join(format!("fl-chromium-{}", Uuid::new_v4().simple()));
-        let mut child = Command::new(chromium_binary())
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-dev-shm-usage",
-                "--no-first-run",
-                "--remote-debugging-port=0",
-                "--window-size=1440,1100",
-                "--lang=en-US",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start chromium");
-        // "DevTools listening on ws://127.0.0.1:<port>/devtools/browser/<id>"
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let port = loop {
-            let line = lines
-                .next()
-                .expect("chromium exited before it listened")
-                .unwrap();
-            if let Some(rest) = line.split("ws://127.0.0.1:").nth(1) {
-                break rest.split('/').next().unwrap().parse().unwrap();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Self {
-            child,
-            profile,
-            port,
-        }
-    }
-
-    /// A DevTools session on the browser's first page.
-    async fn page(&self) -> Page {
-        let targets: Value = eventually("the page target", Duration::from_secs(20), || async {
-            let r = reqwest::get(format!("http://127.0.0.1:{}/json/list", self.port))
-                .await
-                .ok()?;
-            let v: Value = serde_json::from_slice(&r.bytes().await.ok()?).ok()?;
-            v.as_array()?
-                .iter()
-                .any(|t| t["type"] == "page")
-                .then_some(v)
-        })
-        .await;
-        let target = targets
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["type"] == "page")
-            .unwrap();
-        let url = target["webSocketDebuggerUrl"].as_str().unwrap();
-        let (socket, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("devtools");
-        Page { socket, next_id: 0 }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.profile);
-    }
-}
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The few DevTools commands the test needs.
-struct Page {
-    socket: Socket,
-    next_id: u64,
-}
-
 impl Page {
-    async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let request = json!({"id": id, "method": method, "params": params});
-        self.socket
-            .send(Message::Text(request.to_string().into()))
-            .await
-            .unwrap();
-        loop {
-            let m = tokio::time::timeout(Duration::from_secs(30), self.socket.next())
-                .await
-                .unwrap_or_else(|_| panic!("no answer to {method}"))
-                .unwrap()
-                .unwrap();
-            let Message::Text(text) = m else { continue };
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["id"] == id {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
-    }
-
-    /// Evaluates `expression` in the page; its value, as JSON.
-    async fn eval(&mut self, expression: &str) -> Value {
-        let r = self
-            .call(
-                "Runtime.evaluate",
-                json!({"expression": expression, "returnByValue": true, "awaitPromise": true}),
-            )
-            .await;
-        assert!(r.get("exceptionDetails").is_none(), "{expression}: {r}");
-        r["result"]["value"].clone()
-    }
-
     /// What the dashboard shows, read from the DOM.
     async fn shown(&mut self) -> Value {
         self.eval(
@@ -204,28 +56,6 @@ impl Page {
         .as_str()
         .map(|s| serde_json::from_str(s).unwrap())
         .unwrap()
-    }
-
-    async fn screenshot(&mut self, name: &str) -> PathBuf {
-        let r = self
-            .call(
-                "Page.captureScreenshot",
-                json!({"format": "png", "captureBeyondViewport": true}),
-            )
-            .await;
-        let png = base64::engine::general_purpose::STANDARD
-            .decode(r["data"].as_str().unwrap())
-            .unwrap();
-        assert!(png.starts_with(b"\x89PNG"));
-        let dir = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
-            .join("test-output");
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(name);
-        std::fs::write(&path, png).unwrap();
-        println!("screenshot: {}", path.display());
-        path
     }
 }
 

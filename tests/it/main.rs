@@ -25,4 +25,5 @@ mod poison;
 mod readme;
 mod schemas;
 mod tracing;
+mod webchat;
 mod webhooks;

@@ -2,7 +2,13 @@
 //! user may use every subject; each tenant's gateway user may only publish that tenant's
 //! customer messages (`fl.<tenant>.inbound.>`) and subscribe to what to deliver
 //! (`fl.<tenant>.outbound.>`), plus the JetStream publish acks on its own inbox prefix
-//! (`_INBOX_<tenant>`; set it as the client's custom inbox prefix).
+//! (`_INBOX_<tenant>`; set it as the client's custom inbox prefix). To read what it delivers
+//! from `FL_OUTBOUND` (and not miss what was published while it was down), it may use ONE
+//! durable pull consumer, named `gateway-<tenant>` ([`Gateway::consumer`]), filtered to its
+//! tenant's outbound subjects: create it, read its info, pull and ack. Nothing else of the
+//! JetStream API: no stream info (it lists every tenant's subjects), no other consumer (a
+//! consumer's filter is part of the create subject, so it cannot be widened), and no stream
+//! creation (a stream may source or mirror another tenant's, which permissions do not check).
 //!
 //! Passwords in a file are for development; in production give users nkeys or an
 //! operator/JWT set-up (the workers read `FL_NATS_NKEY_SEED` or `FL_NATS_CREDS`) and TLS.
@@ -23,6 +29,22 @@ impl Gateway {
     pub fn inbox_prefix(&self) -> String {
         format!("_INBOX_{}", self.tenant)
     }
+    /// The one durable consumer on `FL_OUTBOUND` the gateway may use.
+    pub fn consumer(&self) -> String {
+        format!("gateway-{}", self.tenant)
+    }
+    /// What the gateway may publish: its customers' messages and its consumer's API calls.
+    pub fn publish_allow(&self) -> Vec<String> {
+        let (t, c) = (&self.tenant, self.consumer());
+        let stream = firstline_shared::subjects::OUTBOUND.name;
+        vec![
+            format!("fl.{t}.inbound.>"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{c}.fl.{t}.outbound.*"),
+            format!("$JS.API.CONSUMER.INFO.{stream}.{c}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}"),
+            format!("$JS.ACK.{stream}.{c}.>"),
+        ]
+    }
 }
 
 fn quote(s: &str) -> String {
@@ -39,11 +61,17 @@ pub fn authorization(workers_user: &str, workers_password: &str, gateways: &[Gat
     ));
     for g in gateways {
         out.push_str(&format!(
-            "    # Tenant {t}'s gateway: its inbound and outbound subjects only.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
+            "    # Tenant {t}'s gateway: its inbound and outbound subjects, and its consumer {c}.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
             t = g.tenant,
+            c = g.consumer(),
             u = quote(&g.user()),
             p = quote(&g.password),
-            inb = quote(&format!("fl.{}.inbound.>", g.tenant)),
+            inb = g
+                .publish_allow()
+                .iter()
+                .map(|s| quote(s))
+                .collect::<Vec<_>>()
+                .join(", "),
             outb = quote(&format!("fl.{}.outbound.>", g.tenant)),
             inbox = quote(&format!("{}.>", g.inbox_prefix())),
         ));
@@ -79,7 +107,9 @@ mod tests {
         };
         let conf = authorization("firstline", "secret", &[g]);
         assert!(
-            conf.contains(r#"publish: { allow: ["fl.acme.inbound.>"] }"#),
+            conf.contains(
+                r#"publish: { allow: ["fl.acme.inbound.>", "$JS.API.CONSUMER.CREATE.FL_OUTBOUND.gateway-acme.fl.acme.outbound.*", "$JS.API.CONSUMER.INFO.FL_OUTBOUND.gateway-acme", "$JS.API.CONSUMER.MSG.NEXT.FL_OUTBOUND.gateway-acme", "$JS.ACK.FL_OUTBOUND.gateway-acme.>"] }"#
+            ),
             "{conf}"
         );
         assert!(

@@ -71,8 +71,12 @@
   css.rel = "stylesheet";
   css.href = new URL("widget.css", base).href;
   document.head.appendChild(css);
+  function toBottom() { log.scrollTop = log.scrollHeight; }
 
   var root = el("div", "flw");
+  // Shown once its style is there (no flash of unstyled content), scrolled to the latest.
+  root.style.visibility = "hidden";
+  css.onload = css.onerror = function () { root.style.visibility = ""; toBottom(); };
   root.setAttribute("lang", lang);
   root.dataset.connected = "false";
   var launcher = el("button", "flw-launcher", t.open);
@@ -124,7 +128,7 @@
       li.appendChild(el("span", "flw-author", author(m)));
       if (m.text) li.appendChild(el("p", "flw-text", m.text));
       var src = m.image_url && safeImage(m.image_url);
-      if (src) { var img = el("img", "flw-image"); img.src = src; img.alt = ""; li.appendChild(img); }
+      if (src) { var img = el("img", "flw-image"); img.onload = toBottom; img.src = src; img.alt = ""; li.appendChild(img); }
       if (m.buttons && m.buttons.length) {
         var row = el("div", "flw-buttons");
         m.buttons.forEach(function (b) {
@@ -146,7 +150,7 @@
       li.appendChild(el("span", "flw-note", p.failed ? t.failed : t.sending));
       log.appendChild(li);
     });
-    log.scrollTop = log.scrollHeight;
+    toBottom();
   }
 
   var socket = null, open = false, retry = 500, refused = false;
