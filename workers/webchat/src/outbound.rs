@@ -46,11 +46,18 @@ pub async fn consume(
     shutdown: CancellationToken,
 ) {
     let mut pause = Duration::from_millis(200);
+    let mut failures = 0;
     while !shutdown.is_cancelled() {
         match consume_once(&js, &consumer_name, &tenant, &channel, &hub, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(consumer = %consumer_name, "outbound consumer: {e:#}; trying again in {pause:?}");
+                failures += 1;
+                // At start the workers may not have made the stream yet: said once it lasts.
+                if failures > 3 {
+                    tracing::warn!(consumer = %consumer_name, "outbound consumer: {e:#}; trying again in {pause:?}");
+                } else {
+                    tracing::info!(consumer = %consumer_name, "outbound consumer: {e:#}; trying again in {pause:?}");
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = shutdown.cancelled() => return,

@@ -42,7 +42,7 @@ pub async fn widget_socket(
     let upgrade = match upgrade {
         Ok(u) => u,
         Err(r) => {
-            let error = serde_json::json!({"error": {"code": "bad_request",
+            let error = serde_json::json!({"error": {"status": 400,
                 "message": format!("this endpoint is a WebSocket (send Upgrade: websocket): {}", r.body_text())}});
             return (StatusCode::BAD_REQUEST, Json(error)).into_response();
         }
