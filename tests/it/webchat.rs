@@ -18,6 +18,7 @@ use firstline_tests::nats::TestNats;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const SETUP: &str = r#"{"tenants":[
@@ -71,6 +72,9 @@ struct System {
     /// `http://127.0.0.1:<port>` of the gateway.
     gateway: String,
     image_url: String,
+    /// Stops the gateway (it also stops with the app).
+    gateway_stop: CancellationToken,
+    gateway_task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 fn gateways() -> Vec<Gateway> {
@@ -86,9 +90,27 @@ fn gateways() -> Vec<Gateway> {
 async fn start() -> System {
     let auth = nats_config::authorization("firstline", "workers-secret", &gateways());
     let nats = TestNats::start_with_config(&auth, Some(("firstline", "workers-secret"))).await;
-    let mut app = TestApp::spawn_on(nats, SETUP).await;
+    let app = TestApp::spawn_on(nats, SETUP).await;
     let image_url = image_server().await;
     app.load_bot(&bot(&image_url)).await.expect("the bot file");
+    let (gateway, gateway_stop, gateway_task) = start_gateway(&app).await;
+    System {
+        app,
+        gateway,
+        image_url,
+        gateway_stop,
+        gateway_task,
+    }
+}
+
+/// The gateway of acme, as its fenced gateway user, on a free port.
+async fn start_gateway(
+    app: &TestApp,
+) -> (
+    String,
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = format!("http://{}", listener.local_addr().unwrap());
     let mut config = firstline_webchat::Config::new(
@@ -99,12 +121,9 @@ async fn start() -> System {
     config.nats_user = Some("gateway-acme".into());
     config.nats_password = Some("acme-gateway-secret".into());
     config.secret = Some(SECRET.into());
-    app.spawn_worker(firstline_webchat::serve(
-        config,
-        listener,
-        app.shutdown.clone(),
-    ));
-    // Its durable consumer exists: the fenced user could make it.
+    let stop = app.shutdown.child_token();
+    let task = tokio::spawn(firstline_webchat::serve(config, listener, stop.clone()));
+    // Its durable consumer exists: the fenced user could make it (after the replay).
     let js = app.js.clone();
     eventually(
         "the gateway's consumer on FL_OUTBOUND",
@@ -115,10 +134,34 @@ async fn start() -> System {
         },
     )
     .await;
-    System {
-        app,
-        gateway,
-        image_url,
+    (gateway, stop, task)
+}
+
+impl System {
+    /// Stops the gateway (it finishes its sessions) and starts a new one, on another port.
+    async fn restart_gateway(&mut self) {
+        self.gateway_stop.cancel();
+        (&mut self.gateway_task)
+            .await
+            .unwrap()
+            .expect("the gateway stops cleanly");
+        let (gateway, stop, task) = start_gateway(&self.app).await;
+        (self.gateway, self.gateway_stop, self.gateway_task) = (gateway, stop, task);
+    }
+
+    /// Waits until the gateway has taken (and acked) every reply published so far.
+    async fn gateway_took_every_reply(&self) {
+        let js = self.app.js.clone();
+        eventually(
+            "the gateway to take the replies",
+            Duration::from_secs(20),
+            || async {
+                let stream = js.get_stream("FL_OUTBOUND").await.ok()?;
+                let info = stream.consumer_info("gateway-acme").await.ok()?;
+                (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+            },
+        )
+        .await;
     }
 }
 
@@ -546,17 +589,7 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
         m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
     })
     .await;
-    let js = sys.app.js.clone();
-    eventually(
-        "the gateway to take the answer",
-        Duration::from_secs(20),
-        || async {
-            let stream = js.get_stream("FL_OUTBOUND").await.ok()?;
-            let info = stream.consumer_info("gateway-acme").await.ok()?;
-            (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
-        },
-    )
-    .await;
+    sys.gateway_took_every_reply().await;
     // Typed while offline: it waits in the widget.
     type_and_send(&mut page, "還在嗎？").await;
     let v = shown(&mut page).await;
@@ -632,4 +665,47 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
         4,
         "each customer message stored once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_restart_loses_no_reply_taken_for_a_closed_widget() {
+    let mut sys = start().await;
+    let visitor = firstline_webchat::identity::new_anonymous();
+    let query = format!("customer_id={visitor}");
+    let (mut w, _) = Widget::connect(&sys.gateway, &query).await;
+    w.says("價格").await;
+    w.entry().await;
+    let first_reply = w.entry().await;
+    let seen = w.last.unwrap();
+    drop(w);
+
+    // While the widget is closed the bot answers a message the customer sent elsewhere, and
+    // the gateway takes (acks) the answer. Then the gateway restarts.
+    let mut outbound = sys
+        .app
+        .client
+        .subscribe("fl.acme.outbound.webchat")
+        .await
+        .unwrap();
+    sys.app
+        .customer_says("acme", "webchat", &visitor, "營業時間")
+        .await;
+    let answer = next_matching(&mut outbound, "the bot's answer", |m| {
+        m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
+    })
+    .await;
+    sys.gateway_took_every_reply().await;
+    sys.restart_gateway().await;
+
+    // The new gateway read the recent replies again from the stream: the widget gets the
+    // answer it missed. Before it, under a new seq, the reply it has (its message_id tells).
+    let (mut w, _) = Widget::connect(&sys.gateway, &format!("{query}&after={seen}")).await;
+    assert_eq!(w.entry().await["message_id"], first_reply["message_id"]);
+    let missed = w.entry().await;
+    assert_eq!(missed["message_id"], answer["message_id"]);
+    assert_eq!(missed["text"], "每天 09:00-18:00 為您服務。");
+    w.stays_quiet().await;
+    // And the replay's consumer is gone.
+    let stream = sys.app.js.get_stream("FL_OUTBOUND").await.unwrap();
+    assert!(stream.consumer_info("replay-acme").await.is_err());
 }

@@ -3,9 +3,11 @@
 //! customer messages (`fl.<tenant>.inbound.>`) and subscribe to what to deliver
 //! (`fl.<tenant>.outbound.>`), plus the JetStream publish acks on its own inbox prefix
 //! (`_INBOX_<tenant>`; set it as the client's custom inbox prefix). To read what it delivers
-//! from `FL_OUTBOUND` (and not miss what was published while it was down), it may use ONE
-//! durable pull consumer, named `gateway-<tenant>` ([`Gateway::consumer`]), filtered to its
-//! tenant's outbound subjects: create it, read its info, pull and ack. Nothing else of the
+//! from `FL_OUTBOUND` (and not miss what was published while it was down), it may use two
+//! pull consumers, named `gateway-<tenant>` ([`Gateway::consumer`], durable) and
+//! `replay-<tenant>` ([`Gateway::replay_consumer`], which re-reads recent replies at
+//! start), filtered to its tenant's outbound subjects: create, read the info of, pull from, ack
+//! and delete them. Nothing else of the
 //! JetStream API: no stream info (it lists every tenant's subjects), no other consumer (a
 //! consumer's filter is part of the create subject, so it cannot be widened), and no stream
 //! creation (a stream may source or mirror another tenant's, which permissions do not check).
@@ -29,21 +31,30 @@ impl Gateway {
     pub fn inbox_prefix(&self) -> String {
         format!("_INBOX_{}", self.tenant)
     }
-    /// The one durable consumer on `FL_OUTBOUND` the gateway may use.
+    /// The durable consumer on `FL_OUTBOUND` the gateway may use.
     pub fn consumer(&self) -> String {
         format!("gateway-{}", self.tenant)
     }
-    /// What the gateway may publish: its customers' messages and its consumer's API calls.
+    /// The second one, which re-reads recent replies when the gateway starts. Its own prefix:
+    /// `gateway-<t>-replay` would be the durable of a tenant named `<t>-replay`.
+    pub fn replay_consumer(&self) -> String {
+        format!("replay-{}", self.tenant)
+    }
+    /// What the gateway may publish: its customers' messages and its two consumers' API calls.
     pub fn publish_allow(&self) -> Vec<String> {
-        let (t, c) = (&self.tenant, self.consumer());
+        let t = &self.tenant;
         let stream = firstline_shared::subjects::OUTBOUND.name;
-        vec![
-            format!("fl.{t}.inbound.>"),
-            format!("$JS.API.CONSUMER.CREATE.{stream}.{c}.fl.{t}.outbound.*"),
-            format!("$JS.API.CONSUMER.INFO.{stream}.{c}"),
-            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}"),
-            format!("$JS.ACK.{stream}.{c}.>"),
-        ]
+        let mut allow = vec![format!("fl.{t}.inbound.>")];
+        for c in [self.consumer(), self.replay_consumer()] {
+            allow.extend([
+                format!("$JS.API.CONSUMER.CREATE.{stream}.{c}.fl.{t}.outbound.*"),
+                format!("$JS.API.CONSUMER.INFO.{stream}.{c}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}"),
+                format!("$JS.API.CONSUMER.DELETE.{stream}.{c}"),
+                format!("$JS.ACK.{stream}.{c}.>"),
+            ]);
+        }
+        allow
     }
 }
 
@@ -61,9 +72,10 @@ pub fn authorization(workers_user: &str, workers_password: &str, gateways: &[Gat
     ));
     for g in gateways {
         out.push_str(&format!(
-            "    # Tenant {t}'s gateway: its inbound and outbound subjects, and its consumer {c}.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
+            "    # Tenant {t}'s gateway: its inbound and outbound subjects, and its consumers {c} and {r}.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
             t = g.tenant,
             c = g.consumer(),
+            r = g.replay_consumer(),
             u = quote(&g.user()),
             p = quote(&g.password),
             inb = g
@@ -106,10 +118,21 @@ mod tests {
             password: "p\"w".into(),
         };
         let conf = authorization("firstline", "secret", &[g]);
+        let consumer = |c: &str| {
+            [
+                format!("$JS.API.CONSUMER.CREATE.FL_OUTBOUND.{c}.fl.acme.outbound.*"),
+                format!("$JS.API.CONSUMER.INFO.FL_OUTBOUND.{c}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.FL_OUTBOUND.{c}"),
+                format!("$JS.API.CONSUMER.DELETE.FL_OUTBOUND.{c}"),
+                format!("$JS.ACK.FL_OUTBOUND.{c}.>"),
+            ]
+        };
+        let mut allow = vec!["fl.acme.inbound.>".to_owned()];
+        allow.extend(consumer("gateway-acme"));
+        allow.extend(consumer("replay-acme"));
+        let quoted: Vec<String> = allow.iter().map(|s| format!("\"{s}\"")).collect();
         assert!(
-            conf.contains(
-                r#"publish: { allow: ["fl.acme.inbound.>", "$JS.API.CONSUMER.CREATE.FL_OUTBOUND.gateway-acme.fl.acme.outbound.*", "$JS.API.CONSUMER.INFO.FL_OUTBOUND.gateway-acme", "$JS.API.CONSUMER.MSG.NEXT.FL_OUTBOUND.gateway-acme", "$JS.ACK.FL_OUTBOUND.gateway-acme.>"] }"#
-            ),
+            conf.contains(&format!("publish: {{ allow: [{}] }}", quoted.join(", "))),
             "{conf}"
         );
         assert!(

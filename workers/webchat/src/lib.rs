@@ -78,6 +78,13 @@ pub struct Config {
     /// user may use).
     #[arg(long, env = "FL_WEBCHAT_CONSUMER")]
     pub consumer: Option<String>,
+    /// The consumer that re-reads recent replies at start (default `replay-<tenant>`).
+    #[arg(long, env = "FL_WEBCHAT_REPLAY_CONSUMER")]
+    pub replay_consumer: Option<String>,
+    /// At start, the replies of this many seconds back are read again from the stream into
+    /// the transcripts (which live in memory): a restart then loses none of them. 0: none.
+    #[arg(long, env = "FL_WEBCHAT_REPLAY_SECS", default_value_t = 3600)]
+    pub replay_secs: u64,
     /// Transcript entries kept per customer for reconnecting widgets.
     #[arg(long, env = "FL_WEBCHAT_KEEP", default_value_t = 200)]
     pub keep: usize,
@@ -101,6 +108,8 @@ impl Config {
             secret: None,
             inbox_prefix: None,
             consumer: None,
+            replay_consumer: None,
+            replay_secs: 3600,
             keep: 200,
             customers: 10_000,
         }
@@ -129,6 +138,12 @@ impl Config {
         self.consumer
             .clone()
             .unwrap_or_else(|| format!("gateway-{}", self.tenant))
+    }
+
+    pub fn replay_consumer_name(&self) -> String {
+        self.replay_consumer
+            .clone()
+            .unwrap_or_else(|| format!("replay-{}", self.tenant))
     }
 
     fn inbox(&self) -> String {
@@ -268,7 +283,11 @@ pub async fn serve(
     };
     tasks.spawn(outbound::consume(
         js,
-        config.consumer_name(),
+        outbound::Consumers {
+            name: config.consumer_name(),
+            replay_name: config.replay_consumer_name(),
+            replay: Duration::from_secs(config.replay_secs),
+        },
         tenant,
         channel,
         hub,

@@ -7,7 +7,8 @@
  * Without data-customer-id the visitor is anonymous: a random id kept in localStorage.
  * data-lang: "zh-TW" or "en" (default: from navigator.language). The transcript is kept in
  * localStorage, so it survives a reload; after a dropped connection the widget reconnects with
- * the last entry it saw (`after=<seq>`) and gets exactly what it missed. Messages typed while
+ * the last entry it saw (`after=<seq>`) and gets exactly what it missed (after a restart of the
+ * gateway, entries it has may come again: their message_id tells). Messages typed while
  * offline wait in localStorage and are sent (with the same id) once connected again.
  */
 (function () {
@@ -48,7 +49,8 @@
   state.entries = state.entries || [];
   state.pending = state.pending || [];
   function save() { localStorage.setItem(key, JSON.stringify(state)); }
-  function lastSeq() { return state.entries.length ? state.entries[state.entries.length - 1].seq : null; }
+  // The last seq received (entries keep the seq they came with).
+  function lastSeq() { return state.last != null ? state.last : state.entries.length ? state.entries[state.entries.length - 1].seq : null; }
 
   function el(tag, cls, text) {
     var e = document.createElement(tag);
@@ -185,7 +187,11 @@
     } else if (frame.type === "message") {
       var seq = lastSeq();
       if (seq != null && frame.seq <= seq) return; // seen already: nothing twice
-      state.entries.push({ seq: frame.seq, message: frame.message });
+      state.last = frame.seq;
+      var id = frame.message.message_id;
+      // After a restart the gateway may send again, under a new seq, what the widget has.
+      var known = state.entries.some(function (e) { return e.message.message_id === id; });
+      if (!known) state.entries.push({ seq: frame.seq, message: frame.message });
       if (state.entries.length > 500) state.entries.splice(0, state.entries.length - 500);
       state.pending = state.pending.filter(function (p) { return p.message_id !== frame.message.message_id; });
       save();
