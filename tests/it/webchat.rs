@@ -447,6 +447,40 @@ async fn the_gateway_refuses_a_bad_token_and_other_tenants_read_none_of_its_mess
             .is_err(),
         "acme's consumer"
     );
+    // Nor may acme's own gateway widen its consumer's filter: the one in the request's subject
+    // must be the one in its body.
+    let acme_gateway = async_nats::ConnectOptions::with_user_and_password(
+        "gateway-acme".into(),
+        "acme-gateway-secret".into(),
+    )
+    .custom_inbox_prefix("_INBOX_acme")
+    .connect(format!("nats://127.0.0.1:{}", sys.app.nats.port))
+    .await
+    .unwrap();
+    let widened = json!({"stream_name": "FL_OUTBOUND", "action": "",
+        "config": {"durable_name": "gateway-acme", "name": "gateway-acme", "ack_policy": "explicit",
+                   "deliver_policy": "new", "filter_subject": "fl.other.outbound.webchat"}});
+    let answer = acme_gateway
+        .request(
+            "$JS.API.CONSUMER.CREATE.FL_OUTBOUND.gateway-acme.fl.acme.outbound.webchat",
+            widened.to_string().into(),
+        )
+        .await
+        .expect("an answer");
+    let answer: Value = serde_json::from_slice(&answer.payload).unwrap();
+    // JetStream's "did not match filtered subject from create subject".
+    assert_eq!(answer["error"]["err_code"], 10131, "{answer}");
+    let consumer = sys
+        .app
+        .js
+        .get_stream("FL_OUTBOUND")
+        .await
+        .unwrap()
+        .consumer_info("gateway-acme")
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(consumer.config.filter_subject, "fl.acme.outbound.webchat");
     // Its own is allowed, for its own outbound subjects.
     let own = firstline_webchat::outbound::consumer_config(
         "gateway-other",

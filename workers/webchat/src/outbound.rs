@@ -92,7 +92,10 @@ pub async fn replay(
     let mut read = 0;
     if consumer.info().await?.num_pending > 0 {
         let mut messages = consumer.messages().await?;
-        while let Some(message) = messages.next().await {
+        // What was pending may have aged out of the stream meanwhile: a quiet while ends it.
+        while let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+        {
             let message = message?;
             let pending = message.info().map_err(|e| anyhow::anyhow!("{e}"))?.pending;
             if let Ok(out) = wire::decode::<OutboundMessage>(&message.payload) {
