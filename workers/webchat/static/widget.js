@@ -197,7 +197,12 @@
       save();
       render();
     } else if (frame.type === "error") {
-      state.pending.forEach(function (p) { if (p.message_id === frame.message_id) p.failed = true; });
+      // Not taken: shown as such, and sent again in a while (and at every reconnect).
+      state.pending.forEach(function (p) {
+        if (p.message_id !== frame.message_id) return;
+        p.failed = true;
+        setTimeout(function () { transmit(p); }, 5000);
+      });
       render();
     } else if (frame.type === "refused") {
       refused = true;
