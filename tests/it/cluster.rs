@@ -162,7 +162,7 @@ async fn an_r3_stream_loses_nothing_when_its_leader_node_dies() {
 async fn a_consumer_goes_on_while_its_streams_leader_node_is_down() {
     let mut cluster = TestCluster::start(3).await;
     let js = connect(&cluster.url).await;
-    bus::ensure_streams_with(&js, 3).await.expect("R3 streams");
+    bus::ensure_streams_with(&js, 3, 64).await.expect("R3 streams");
     let mut stream = js.get_stream("FL_ACTIONS").await.unwrap();
     let leader = stream.info().await.unwrap().cluster.clone().unwrap().leader;
     let index: usize = leader

@@ -29,4 +29,5 @@ mod readme;
 mod scale_out;
 mod schemas;
 mod tracing;
+mod webchat;
 mod webhooks;

@@ -8,6 +8,7 @@ pub mod browser;
 mod postgres;
 
 pub use app::TestApp;
+pub use browser::{Browser, Page};
 pub use firstline_tests::db::{count, TestDb};
 pub use firstline_tests::nats::TestNats;
 pub use firstline_tests::wait::{eventually, holds_for, next_json, next_matching, wait_for_count};

@@ -2,7 +2,15 @@
 //! user may use every subject; each tenant's gateway user may only publish that tenant's
 //! customer messages (`fl.<tenant>.inbound.>`) and subscribe to what to deliver
 //! (`fl.<tenant>.outbound.>`), plus the JetStream publish acks on its own inbox prefix
-//! (`_INBOX_<tenant>`; set it as the client's custom inbox prefix).
+//! (`_INBOX_<tenant>`; set it as the client's custom inbox prefix). To read what it delivers
+//! from `FL_OUTBOUND` (and not miss what was published while it was down), it may use two
+//! pull consumers, named `gateway-<tenant>` ([`Gateway::consumer`], durable) and
+//! `replay-<tenant>` ([`Gateway::replay_consumer`], which re-reads recent replies at
+//! start), filtered to its tenant's outbound subjects: create, read the info of, pull from, ack
+//! and delete them. Nothing else of the
+//! JetStream API: no stream info (it lists every tenant's subjects), no other consumer (a
+//! consumer's filter is part of the create subject, so it cannot be widened), and no stream
+//! creation (a stream may source or mirror another tenant's, which permissions do not check).
 //!
 //! Passwords in a file are for development; in production give users nkeys or an
 //! operator/JWT set-up (the workers read `FL_NATS_NKEY_SEED` or `FL_NATS_CREDS`) and TLS.
@@ -23,6 +31,31 @@ impl Gateway {
     pub fn inbox_prefix(&self) -> String {
         format!("_INBOX_{}", self.tenant)
     }
+    /// The durable consumer on `FL_OUTBOUND` the gateway may use.
+    pub fn consumer(&self) -> String {
+        format!("gateway-{}", self.tenant)
+    }
+    /// The second one, which re-reads recent replies when the gateway starts. Its own prefix:
+    /// `gateway-<t>-replay` would be the durable of a tenant named `<t>-replay`.
+    pub fn replay_consumer(&self) -> String {
+        format!("replay-{}", self.tenant)
+    }
+    /// What the gateway may publish: its customers' messages and its two consumers' API calls.
+    pub fn publish_allow(&self) -> Vec<String> {
+        let t = &self.tenant;
+        let stream = firstline_shared::subjects::OUTBOUND.name;
+        let mut allow = vec![format!("fl.{t}.inbound.>")];
+        for c in [self.consumer(), self.replay_consumer()] {
+            allow.extend([
+                format!("$JS.API.CONSUMER.CREATE.{stream}.{c}.fl.{t}.outbound.*"),
+                format!("$JS.API.CONSUMER.INFO.{stream}.{c}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{c}"),
+                format!("$JS.API.CONSUMER.DELETE.{stream}.{c}"),
+                format!("$JS.ACK.{stream}.{c}.>"),
+            ]);
+        }
+        allow
+    }
 }
 
 fn quote(s: &str) -> String {
@@ -39,11 +72,18 @@ pub fn authorization(workers_user: &str, workers_password: &str, gateways: &[Gat
     ));
     for g in gateways {
         out.push_str(&format!(
-            "    # Tenant {t}'s gateway: its inbound and outbound subjects only.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
+            "    # Tenant {t}'s gateway: its inbound and outbound subjects, and its consumers {c} and {r}.\n    {{ user: {u}, password: {p}, permissions: {{\n        publish: {{ allow: [{inb}] }}\n        subscribe: {{ allow: [{outb}, {inbox}] }}\n    }} }}\n",
             t = g.tenant,
+            c = g.consumer(),
+            r = g.replay_consumer(),
             u = quote(&g.user()),
             p = quote(&g.password),
-            inb = quote(&format!("fl.{}.inbound.>", g.tenant)),
+            inb = g
+                .publish_allow()
+                .iter()
+                .map(|s| quote(s))
+                .collect::<Vec<_>>()
+                .join(", "),
             outb = quote(&format!("fl.{}.outbound.>", g.tenant)),
             inbox = quote(&format!("{}.>", g.inbox_prefix())),
         ));
@@ -78,8 +118,21 @@ mod tests {
             password: "p\"w".into(),
         };
         let conf = authorization("firstline", "secret", &[g]);
+        let consumer = |c: &str| {
+            [
+                format!("$JS.API.CONSUMER.CREATE.FL_OUTBOUND.{c}.fl.acme.outbound.*"),
+                format!("$JS.API.CONSUMER.INFO.FL_OUTBOUND.{c}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.FL_OUTBOUND.{c}"),
+                format!("$JS.API.CONSUMER.DELETE.FL_OUTBOUND.{c}"),
+                format!("$JS.ACK.FL_OUTBOUND.{c}.>"),
+            ]
+        };
+        let mut allow = vec!["fl.acme.inbound.>".to_owned()];
+        allow.extend(consumer("gateway-acme"));
+        allow.extend(consumer("replay-acme"));
+        let quoted: Vec<String> = allow.iter().map(|s| format!("\"{s}\"")).collect();
         assert!(
-            conf.contains(r#"publish: { allow: ["fl.acme.inbound.>"] }"#),
+            conf.contains(&format!("publish: {{ allow: [{}] }}", quoted.join(", "))),
             "{conf}"
         );
         assert!(
