@@ -4,6 +4,8 @@
 
 pub mod api;
 mod app;
+pub mod desk;
+pub mod marks;
 mod postgres;
 
 pub use app::TestApp;
