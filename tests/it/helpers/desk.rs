@@ -133,8 +133,10 @@ impl Desks {
                             });
                         }
                         Some("assigned") => {
-                            let (think, close) =
-                                (rng.millis(100, 500), rng.millis(close_after.0, close_after.1));
+                            let (think, close) = (
+                                rng.millis(100, 500),
+                                rng.millis(close_after.0, close_after.1),
+                            );
                             tokio::spawn(async move {
                                 // The agent's pace (the scenario), not waits for state.
                                 tokio::time::sleep(think).await;

@@ -14,13 +14,23 @@ const SETS: [(&str, StreamSpec); 3] = [
     ("bot-router-p", subjects::BOT),
 ];
 
-/// The partitions whose mark is behind the last message of the partition, as
-/// `name: mark < last`; `None` if a stream did not answer (asked again by the caller).
-pub async fn behind(
+/// How far the partitions are read.
+#[derive(Debug, Default)]
+pub struct Ends {
+    /// The partitions whose mark is behind the partition's last message, as
+    /// `name: mark < last`.
+    pub behind: Vec<String>,
+    /// How many partitions hold messages at all (so that an empty `behind` means something).
+    pub with_messages: usize,
+}
+
+/// Every partition's mark against its last message; `None` if a stream did not answer
+/// (asked again by the caller).
+pub async fn ends(
     js: &async_nats::jetstream::Context,
     pg: &tokio_postgres::Client,
     partitions: u32,
-) -> Option<Vec<String>> {
+) -> Option<Ends> {
     let marks: std::collections::HashMap<String, i64> = pg
         .query("SELECT consumer, stream_sequence FROM partition_marks", &[])
         .await
@@ -28,7 +38,7 @@ pub async fn behind(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut behind = Vec::new();
+    let mut ends = Ends::default();
     for (prefix, spec) in SETS {
         let stream = js.get_stream_no_info(spec.name).await.ok()?;
         for n in 0..partitions {
@@ -38,12 +48,14 @@ pub async fn behind(
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => 0,
                 Err(_) => return None,
             };
+            ends.with_messages += usize::from(last > 0);
             let name = format!("{prefix}{n}");
             let mark = marks.get(&name).copied().unwrap_or(0) as u64;
             if mark < last {
-                behind.push(format!("{name}: mark {mark} < last {last}"));
+                ends.behind
+                    .push(format!("{name}: mark {mark} < last {last}"));
             }
         }
     }
-    Some(behind)
+    Some(ends)
 }
