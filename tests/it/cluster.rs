@@ -153,6 +153,293 @@ async fn an_r3_stream_loses_nothing_when_its_leader_node_dies() {
     println!("publishing went on {resumed:?} after the leader was killed");
 }
 
+/// The setup of the cluster load: one channel without the bot, so every conversation is
+/// queued, offered and (by the desks) accepted.
+const LOAD_SETUP: &str = r#"{"tenants":[{"id":"t1","dispatch_cycle_seconds":10,"channels":[
+    {"id":"mail","bot_enabled":false}]}]}"#;
+const LOAD_CUSTOMERS: usize = 30;
+const LOAD_PER_CUSTOMER: usize = 12;
+
+/// The database's clock now: offers' times are the database's.
+async fn db_now(pg: &tokio_postgres::Client) -> chrono::DateTime<chrono::Utc> {
+    pg.query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The longest time between consecutive `times` within `from..to`, the ends included, and
+/// when it began (from `from`).
+fn longest_gap(
+    times: &[chrono::DateTime<chrono::Utc>],
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> (Duration, Duration) {
+    let mut points: Vec<_> = std::iter::once(from)
+        .chain(times.iter().copied().filter(|t| *t > from && *t < to))
+        .chain(std::iter::once(to))
+        .collect();
+    points.sort();
+    let since = |t: chrono::DateTime<chrono::Utc>| (t - from).to_std().unwrap_or_default();
+    points
+        .windows(2)
+        .map(|w| (since(w[1]) - since(w[0]), since(w[0])))
+        .max()
+        .unwrap_or_default()
+}
+
+/// Issue 21: a 3-node cluster, every stream at R3, the four workers as processes given all
+/// three URLs. Mid-load, the node leading `FL_INBOUND_KEYED` (the stream the gateway's
+/// keyed publishes go to) is SIGKILLed and restarted; once it has caught up, another (the one
+/// leading `FL_QUEUE`, else `FL_ACTIONS`) is killed. The gateway's publishes keep succeeding
+/// (the longest one, retries included, under 20 s: a leader election and some), offers and
+/// accepts keep flowing (no gap of 30 s or more from the first kill to the end of the load),
+/// and every message is stored exactly once, each customer's in order, no partition stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_offers_and_accepts_keep_flowing_while_leader_nodes_die() {
+    use crate::helpers::desk::Desks;
+    use crate::helpers::{count, eventually, marks, TestDb, WorkerProcess};
+    use firstline_shared::subjects;
+    use serde_json::json;
+    use std::time::Instant;
+
+    let mut cluster = TestCluster::start(3).await;
+    let db = TestDb::create().await;
+    firstline_shared::telemetry::init_for_tests();
+    let file = firstline::setup::SetupFile::parse(LOAD_SETUP).expect("setup file");
+    firstline::setup::configure(&db.url, &file)
+        .await
+        .expect("configure");
+    let mut config = CommonConfig::new(&cluster.url, &db.url);
+    config.ack_wait_secs = 5;
+    config.max_deliver = 20;
+    config.stream_replicas = 3;
+    let client = bus::connect(&config).await.expect("connected");
+    let js = async_nats::jetstream::new(client.clone());
+    bus::ensure_streams_with(&js, 3, config.partitions)
+        .await
+        .expect("R3 streams");
+    let pg = db.connect().await;
+    let mut workers: Vec<WorkerProcess> = [
+        "firstline-ingest",
+        "firstline-bot-router",
+        "firstline-dispatcher",
+        "firstline-notifier",
+    ]
+    .into_iter()
+    .map(|w| WorkerProcess::start_with(w, &config, &[("FL_STREAM_REPLICAS", "3")]))
+    .collect();
+    for a in 0..5 {
+        let body = json!({"version": 1, "status": "ready", "capacity": 10, "skills": []});
+        bus::publish(
+            &js,
+            format!("fl.t1.presence.a{a}"),
+            &uuid::Uuid::new_v4().to_string(),
+            Default::default(),
+            body.to_string().into(),
+        )
+        .await
+        .expect("presence published");
+    }
+    let desks = Desks::start(client.clone(), "t1", 0x2545f4914f6cdd1d, (300, 1_000)).await;
+
+    // The gateway: message n of every customer, then n + 1..., on the keyed subject, each
+    // published until acknowledged, its latency (retries included) measured.
+    let gateway = {
+        let js = js.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            for n in 0..LOAD_PER_CUSTOMER {
+                for c in 0..LOAD_CUSTOMERS {
+                    let customer = format!("C{c}");
+                    let id = format!("c{c}-m{n}");
+                    let body = json!({"version": 1, "message_id": id, "customer": {"id": customer}, "text": n.to_string()});
+                    let subject =
+                        format!("fl.t1.inbound.mail.{}", subjects::customer_key(&customer));
+                    let started = Instant::now();
+                    while bus::publish(
+                        &js,
+                        subject.clone(),
+                        &format!("t1:mail:{id}"),
+                        Default::default(),
+                        body.to_string().into(),
+                    )
+                    .await
+                    .is_err()
+                    {}
+                    slowest = slowest.max(started.elapsed());
+                    // The gateway's pace (the scenario: ~30 s of load), not a wait for state.
+                    tokio::time::sleep(Duration::from_millis(80)).await;
+                }
+            }
+            slowest
+        })
+    };
+
+    // The faults, once offers flow.
+    eventually("offers accepted", Duration::from_secs(60), || async {
+        (count(
+            &pg,
+            "SELECT count(*) FROM offers WHERE status = 'accepted'",
+            &[],
+        )
+        .await
+            >= 5)
+            .then_some(())
+    })
+    .await;
+    let first = eventually(
+        "FL_INBOUND_KEYED has a leader",
+        Duration::from_secs(30),
+        || cluster.leader_of(&js, "FL_INBOUND_KEYED"),
+    )
+    .await;
+    let faults_from = db_now(&pg).await;
+    cluster.kill(first);
+    println!("killed n{first}, the leader of FL_INBOUND_KEYED");
+    // Down for 5 s (the scenario), not a wait for state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.restart(first).await;
+    let restarted = Instant::now();
+    eventually(
+        "every stream's replicas current again",
+        Duration::from_secs(90),
+        || async {
+            for spec in subjects::ALL_STREAMS {
+                if !cluster.all_current(&js, spec.name).await {
+                    return None;
+                }
+            }
+            Some(())
+        },
+    )
+    .await;
+    println!(
+        "n{first} caught up {:?} after its restart",
+        restarted.elapsed()
+    );
+    let mut second = None;
+    for stream in ["FL_QUEUE", "FL_ACTIONS"] {
+        if let Some(n) = cluster.leader_of(&js, stream).await.filter(|n| *n != first) {
+            println!("killing n{n}, the leader of {stream}");
+            second = Some(n);
+            break;
+        }
+    }
+    let second = second.unwrap_or_else(|| {
+        let n = (first + 1) % 3;
+        println!("killing n{n} (n{first} leads FL_QUEUE and FL_ACTIONS)");
+        n
+    });
+    let second_kill = (db_now(&pg).await - faults_from)
+        .to_std()
+        .unwrap_or_default();
+    cluster.kill(second);
+    let slowest = gateway.await.unwrap();
+    let faults_to = db_now(&pg).await;
+    cluster.restart(second).await;
+
+    let total = (LOAD_CUSTOMERS * LOAD_PER_CUSTOMER) as i64;
+    eventually(
+        "every message stored, every queued conversation offered, every partition read",
+        Duration::from_secs(120),
+        || async {
+            let stored = count(
+                &pg,
+                "SELECT count(*) FROM messages WHERE author = 'customer'",
+                &[],
+            )
+            .await;
+            let not_offered = count(
+                &pg,
+                "SELECT count(*) FROM conversations c WHERE c.queued_at IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM offers o WHERE o.conversation_id = c.id)",
+                &[],
+            )
+            .await;
+            let ends = marks::ends(&js, &pg, config.partitions).await?;
+            // 30 customers over 64 keyed partitions: most of them hold messages.
+            (stored == total
+                && not_offered == 0
+                && ends.behind.is_empty()
+                && ends.with_messages >= 15)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let offered: Vec<chrono::DateTime<chrono::Utc>> = pg
+        .query("SELECT created_at FROM offers", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let accepted: Vec<chrono::DateTime<chrono::Utc>> = pg
+        .query("SELECT ended_at FROM offers WHERE status = 'accepted'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (offer_gap, offer_gap_at) = longest_gap(&offered, faults_from, faults_to);
+    let (accept_gap, accept_gap_at) = longest_gap(&accepted, faults_from, faults_to);
+    println!(
+        "the slowest publish took {slowest:?}; from the first kill to the end of the load \
+         ({:?}; the second kill at {second_kill:?}), the longest gap between offers was \
+         {offer_gap:?} (from {offer_gap_at:?}), between accepts {accept_gap:?} (from \
+         {accept_gap_at:?}); desks: {}",
+        (faults_to - faults_from).to_std().unwrap_or_default(),
+        desks.counts.summary()
+    );
+    assert!(
+        slowest < Duration::from_secs(20),
+        "a publish took {slowest:?}"
+    );
+    assert!(
+        offer_gap < Duration::from_secs(30) && accept_gap < Duration::from_secs(30),
+        "offers stopped for {offer_gap:?}, accepts for {accept_gap:?}"
+    );
+    assert_eq!(
+        count(
+            &pg,
+            "SELECT count(DISTINCT external_id) FROM messages WHERE author = 'customer'",
+            &[]
+        )
+        .await,
+        total,
+        "each message stored once"
+    );
+    let rows = pg
+        .query(
+            "SELECT cu.external_id, m.body FROM messages m
+             JOIN conversations v ON v.id = m.conversation_id JOIN customers cu ON cu.id = v.customer_id
+             WHERE m.author = 'customer' ORDER BY cu.external_id, m.created_at, m.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut texts: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
+    for r in &rows {
+        texts
+            .entry(r.get(0))
+            .or_default()
+            .push(r.get::<_, String>(1).parse().unwrap());
+    }
+    assert_eq!(texts.len(), LOAD_CUSTOMERS, "every customer");
+    for (customer, sequence) in &texts {
+        assert_eq!(
+            *sequence,
+            (0..LOAD_PER_CUSTOMER).collect::<Vec<_>>(),
+            "customer {customer}'s messages in the order sent"
+        );
+    }
+    drop(desks);
+    for w in &mut workers {
+        w.kill();
+    }
+}
+
 /// Issue 21: an unordered consume loop ([`bus::consume`], the dispatcher's and notifier's)
 /// goes on while the node that led its stream (and that it was connected to) stays down: it
 /// pulls with a short expiry and heartbeats, so a pull lost with the node is made again at the
@@ -162,7 +449,9 @@ async fn an_r3_stream_loses_nothing_when_its_leader_node_dies() {
 async fn a_consumer_goes_on_while_its_streams_leader_node_is_down() {
     let mut cluster = TestCluster::start(3).await;
     let js = connect(&cluster.url).await;
-    bus::ensure_streams_with(&js, 3, 64).await.expect("R3 streams");
+    bus::ensure_streams_with(&js, 3, 64)
+        .await
+        .expect("R3 streams");
     let mut stream = js.get_stream("FL_ACTIONS").await.unwrap();
     let leader = stream.info().await.unwrap().cluster.clone().unwrap().leader;
     let index: usize = leader

@@ -10,6 +10,7 @@ mod api_fuzz;
 mod api_input;
 mod bot;
 mod bus;
+mod chaos;
 mod cluster;
 mod dashboard;
 mod desk;

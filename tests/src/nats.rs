@@ -164,4 +164,55 @@ impl TestCluster {
     pub fn urls(&self) -> Vec<&str> {
         self.nodes.iter().map(|n| n.url.as_str()).collect()
     }
+
+    /// The node (its index: nodes are named `n0`, `n1`...) that leads `stream` now, if it has
+    /// a leader and it answers.
+    pub async fn leader_of(
+        &self,
+        js: &async_nats::jetstream::Context,
+        stream: &str,
+    ) -> Option<usize> {
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.as_deref()?;
+        leader.strip_prefix('n')?.parse().ok()
+    }
+
+    /// SIGKILLs node `i`, keeping its store.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again (after [`TestCluster::kill`]) on its ports with its store, and
+    /// waits until it listens; it rejoins the cluster by its routes.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].restart();
+        let port = self.nodes[i].port;
+        eventually(
+            "the restarted node listens",
+            Duration::from_secs(20),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+
+    /// Whether every replica of `stream` is current (none offline or behind).
+    pub async fn all_current(&self, js: &async_nats::jetstream::Context, stream: &str) -> bool {
+        let Ok(mut stream) = js.get_stream(stream).await else {
+            return false;
+        };
+        let Ok(info) = stream.info().await else {
+            return false;
+        };
+        info.cluster.as_ref().is_some_and(|c| {
+            c.leader.is_some()
+                && c.replicas.len() + 1 == self.nodes.len()
+                && c.replicas.iter().all(|r| r.current && !r.offline)
+        })
+    }
 }

@@ -5,6 +5,8 @@
 pub mod api;
 mod app;
 pub mod browser;
+pub mod desk;
+pub mod marks;
 mod postgres;
 
 pub use app::TestApp;
