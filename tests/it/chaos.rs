@@ -11,11 +11,12 @@
 //! The kill schedule comes from a seeded generator: the seed is printed, and
 //! `FL_CHAOS_SEED=<seed>` replays the same schedule.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::helpers::desk::{seed_from_env, Desks, Rng};
-use crate::helpers::{count, marks, TestApp, TestDb, TestNats, WorkerProcess};
+use crate::helpers::{
+    assert_each_customer_in_order, count, marks, TestApp, TestDb, TestNats, WorkerProcess,
+};
 use firstline_shared::{bus, subjects};
 use serde_json::json;
 
@@ -245,30 +246,7 @@ async fn every_message_once_and_in_order_through_random_kills_a_nats_restart_and
     );
     // Each customer's messages in the order sent, across its conversations (an agent may
     // have closed one between two messages).
-    let rows = pg
-        .query(
-            "SELECT cu.external_id, m.body FROM messages m
-             JOIN conversations v ON v.id = m.conversation_id JOIN customers cu ON cu.id = v.customer_id
-             WHERE m.author = 'customer' ORDER BY cu.external_id, m.created_at, m.id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut texts: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for r in &rows {
-        texts
-            .entry(r.get(0))
-            .or_default()
-            .push(r.get::<_, String>(1).parse().unwrap());
-    }
-    assert_eq!(texts.len(), CUSTOMERS, "every customer");
-    for (customer, sequence) in &texts {
-        assert_eq!(
-            *sequence,
-            (0..PER_CUSTOMER).collect::<Vec<_>>(),
-            "customer {customer}'s messages in the order sent (seed {seed})"
-        );
-    }
+    assert_each_customer_in_order(pg, CUSTOMERS, PER_CUSTOMER, &format!("(seed {seed})")).await;
     // The bot channel: one conversation per customer, still with the bot, every message
     // routed to the bot and answered by it once.
     let line = pg

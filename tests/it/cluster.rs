@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::helpers::TestNats;
+use crate::helpers::{assert_each_customer_in_order, TestNats};
 use firstline_shared::bus;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::subjects::ALL_STREAMS;
@@ -410,30 +410,7 @@ async fn publishes_offers_and_accepts_keep_flowing_while_leader_nodes_die() {
         total,
         "each message stored once"
     );
-    let rows = pg
-        .query(
-            "SELECT cu.external_id, m.body FROM messages m
-             JOIN conversations v ON v.id = m.conversation_id JOIN customers cu ON cu.id = v.customer_id
-             WHERE m.author = 'customer' ORDER BY cu.external_id, m.created_at, m.id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut texts: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
-    for r in &rows {
-        texts
-            .entry(r.get(0))
-            .or_default()
-            .push(r.get::<_, String>(1).parse().unwrap());
-    }
-    assert_eq!(texts.len(), LOAD_CUSTOMERS, "every customer");
-    for (customer, sequence) in &texts {
-        assert_eq!(
-            *sequence,
-            (0..LOAD_PER_CUSTOMER).collect::<Vec<_>>(),
-            "customer {customer}'s messages in the order sent"
-        );
-    }
+    assert_each_customer_in_order(&pg, LOAD_CUSTOMERS, LOAD_PER_CUSTOMER, "").await;
     drop(desks);
     for w in &mut workers {
         w.kill();

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::{count, eventually, TestApp, WorkerProcess};
+use crate::helpers::{assert_each_customer_in_order, count, eventually, TestApp, WorkerProcess};
 use firstline_shared::{bus, subjects};
 use firstline_tests::metrics::{free_addr, handled, scrape, value};
 use serde_json::json;
@@ -88,32 +88,7 @@ async fn all_stored_in_order(app: &TestApp, n: usize, within: Duration) {
         (stored == n as i64 && answered == n as i64).then_some(())
     })
     .await;
-    let rows = app
-        .pg
-        .query(
-            "SELECT c.external_id, m.body FROM messages m JOIN conversations v ON v.id = m.conversation_id
-             JOIN customers c ON c.id = v.customer_id
-             WHERE m.author = 'customer' ORDER BY c.external_id, m.created_at, m.id",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut texts: std::collections::BTreeMap<String, Vec<usize>> = Default::default();
-    for r in &rows {
-        texts
-            .entry(r.get(0))
-            .or_default()
-            .push(r.get::<_, String>(1).parse().unwrap());
-    }
-    assert_eq!(texts.len(), CUSTOMERS, "one conversation per customer");
-    let per_customer = n / CUSTOMERS;
-    for (customer, sequence) in &texts {
-        assert_eq!(
-            *sequence,
-            (0..per_customer).collect::<Vec<_>>(),
-            "customer {customer}'s messages in order"
-        );
-    }
+    assert_each_customer_in_order(&app.pg, CUSTOMERS, n / CUSTOMERS, "").await;
 }
 
 fn share(mine: f64, other: f64) -> f64 {

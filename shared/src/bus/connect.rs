@@ -28,32 +28,64 @@ pub fn servers(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
 
 /// Connects to NATS; the client reconnects by itself, forever.
 pub async fn connect(config: &CommonConfig) -> anyhow::Result<async_nats::Client> {
-    let servers = servers(&config.nats_url)?;
-    let mut options = async_nats::ConnectOptions::new();
+    let login = Login {
+        url: &config.nats_url,
+        user: config.nats_user.as_deref(),
+        password: config.nats_password.as_deref(),
+        nkey_seed: config.nats_nkey_seed.as_deref(),
+        creds: config.nats_creds.as_deref(),
+        tls_ca: config.nats_tls_ca.as_deref(),
+        tls_required: config.nats_tls_required,
+    };
+    connect_as(&login, async_nats::ConnectOptions::new()).await
+}
+
+/// How a process logs in to NATS: the workers' settings (`FL_NATS_*`), or a gateway's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Login<'a> {
+    /// One URL or a comma-separated list (`FL_NATS_URL`).
+    pub url: &'a str,
+    pub user: Option<&'a str>,
+    pub password: Option<&'a str>,
+    pub nkey_seed: Option<&'a str>,
+    pub creds: Option<&'a std::path::Path>,
+    pub tls_ca: Option<&'a std::path::Path>,
+    pub tls_required: bool,
+}
+
+/// Connects with `login` on top of `options` (a gateway's inbox prefix, say); the client
+/// reconnects by itself, forever.
+pub async fn connect_as(
+    login: &Login<'_>,
+    mut options: async_nats::ConnectOptions,
+) -> anyhow::Result<async_nats::Client> {
+    let servers = servers(login.url)?;
     // `nats://user:password@host`: the client parses it but does not send it by itself.
     let from_url = servers
         .iter()
         .find_map(|addr| Some((addr.username()?.to_owned(), addr.password()?.to_owned())));
-    let login = match (&config.nats_user, &config.nats_password) {
-        (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+    let given = match (login.user, login.password) {
+        (Some(user), Some(password)) => Some((user.to_owned(), password.to_owned())),
         _ => from_url,
     };
-    if let Some((user, password)) = login {
+    if let Some((user, password)) = given {
         options = options.user_and_password(user, password);
     }
-    if let Some(seed) = &config.nats_nkey_seed {
-        options = options.nkey(seed.clone());
+    if let Some(seed) = login.nkey_seed {
+        options = options.nkey(seed.to_owned());
     }
-    if let Some(path) = &config.nats_creds {
+    if let Some(path) = login.creds {
         options = options
             .credentials_file(path)
             .await
             .with_context(|| format!("reading NATS credentials {}", path.display()))?;
     }
-    if let Some(ca) = &config.nats_tls_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    if let Some(ca) = login.tls_ca {
+        options = options
+            .add_root_certificates(ca.to_path_buf())
+            .require_tls(true);
     }
-    if config.nats_tls_required {
+    if login.tls_required {
         options = options.require_tls(true);
     }
     options
@@ -62,7 +94,7 @@ pub async fn connect(config: &CommonConfig) -> anyhow::Result<async_nats::Client
         .connection_timeout(Duration::from_secs(5))
         .connect(servers)
         .await
-        .with_context(|| format!("connecting to NATS at {}", redact_url(&config.nats_url)))
+        .with_context(|| format!("connecting to NATS at {}", redact_url(login.url)))
 }
 
 #[cfg(test)]

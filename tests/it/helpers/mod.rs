@@ -7,6 +7,7 @@ mod app;
 pub mod browser;
 pub mod desk;
 pub mod marks;
+mod order;
 mod postgres;
 
 pub use app::TestApp;
@@ -15,4 +16,5 @@ pub use firstline_tests::db::{count, TestDb};
 pub use firstline_tests::nats::TestNats;
 pub use firstline_tests::wait::{eventually, holds_for, next_json, next_matching, wait_for_count};
 pub use firstline_tests::workers::WorkerProcess;
+pub use order::assert_each_customer_in_order;
 pub use postgres::TestPostgres;

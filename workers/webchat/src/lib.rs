@@ -185,34 +185,16 @@ pub struct Gateway {
 
 /// Connects as the gateway user: its credentials, its inbox prefix, reconnecting forever.
 pub async fn connect(config: &Config) -> anyhow::Result<async_nats::Client> {
-    let servers = firstline_shared::bus::connect::servers(&config.nats_url)?;
-    let mut options = async_nats::ConnectOptions::new().custom_inbox_prefix(config.inbox());
-    let from_url = servers
-        .iter()
-        .find_map(|a| Some((a.username()?.to_owned(), a.password()?.to_owned())));
-    let login = match (&config.nats_user, &config.nats_password) {
-        (Some(u), Some(p)) => Some((u.clone(), p.clone())),
-        _ => from_url,
+    let login = firstline_shared::bus::connect::Login {
+        url: &config.nats_url,
+        user: config.nats_user.as_deref(),
+        password: config.nats_password.as_deref(),
+        creds: config.nats_creds.as_deref(),
+        tls_ca: config.nats_tls_ca.as_deref(),
+        ..Default::default()
     };
-    if let Some((user, password)) = login {
-        options = options.user_and_password(user, password);
-    }
-    if let Some(path) = &config.nats_creds {
-        options = options
-            .credentials_file(path)
-            .await
-            .with_context(|| format!("reading NATS credentials {}", path.display()))?;
-    }
-    if let Some(ca) = &config.nats_tls_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    options
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(Duration::from_secs(5))
-        .connect(servers)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", redact_url(&config.nats_url)))
+    let options = async_nats::ConnectOptions::new().custom_inbox_prefix(config.inbox());
+    firstline_shared::bus::connect::connect_as(&login, options).await
 }
 
 const WIDGET_JS: &str = include_str!("../static/widget.js");
