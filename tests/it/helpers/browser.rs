@@ -40,6 +40,9 @@ pub struct Browser {
 
 impl Browser {
     pub fn start() -> Self {
+        // The DevTools calls below go through reqwest, whose rustls needs a crypto provider; a
+        // test that starts no worker in its own process (webchat::) would have none.
+        firstline_shared::install_crypto_provider();
         let profile = std::env::temp_dir().join(format!("fl-chromium-{}", Uuid::new_v4().simple()));
         let mut child = Command::new(chromium_binary())
             .args([
