@@ -8,6 +8,7 @@
 //! | `fl_consumer_ack_pending` | gauge | consumer | delivered, not yet acknowledged |
 //! | `fl_partitions_held` | gauge | group | partitions this instance holds and reads (docs/ordering.md) |
 //! | `fl_partition_restarts_total` | counter | consumer | a partition's reader started again from the mark |
+//! | `fl_pull_errors_total` | counter | consumer | pulls of an unordered consumer that failed (no leader, a node lost...) and were made again after a wait |
 //! | `fl_conversations` | gauge | tenant, state | open conversations by state (the dispatcher samples it) |
 //! | `fl_offers_total` | counter | tenant | offers made |
 //! | `fl_offers_expired_total` | counter | tenant | offers not accepted within the dispatch cycle (SPEC D8) |
@@ -46,6 +47,11 @@ pub fn dead_lettered(stream: &'static str, consumer: &'static str) {
 /// consumer lost with a server).
 pub fn partition_restarted(partition: &'static str) {
     counter!("fl_partition_restarts_total", "consumer" => partition).increment(1);
+}
+
+/// A pull of an unordered consumer failed and is made again after a wait.
+pub fn pull_failed(consumer: &'static str) {
+    counter!("fl_pull_errors_total", "consumer" => consumer).increment(1);
 }
 
 /// How many partitions of `worker` this instance reads now.

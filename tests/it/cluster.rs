@@ -496,3 +496,109 @@ async fn a_consumer_goes_on_while_its_streams_leader_node_is_down() {
         .unwrap()
         .expect("the consume loop ends cleanly");
 }
+
+/// Issue 21 (the CI run where accepts stopped for 31 s): while a consumer has no leader (its
+/// leader's node died, the election takes seconds), every pull answers "no responders" at
+/// once. The consume loop waits before pulling again (0.1 s, doubling to 2 s) rather than
+/// spinning at thousands of pulls a second on the CPU the election and the other workers need
+/// (every run of the test above showed one consumer spinning so, before). The notifier, as a
+/// process, is given one node's address; its stream's and consumer's leaders are moved onto
+/// that node, which is killed; the notifier goes on, and counts few failed pulls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_without_a_leader_waits_between_pulls() {
+    use crate::helpers::{eventually, TestDb, WorkerProcess};
+    use firstline_tests::metrics::{free_addr, scrape, value};
+
+    let mut cluster = TestCluster::start(3).await;
+    let db = TestDb::create().await;
+    let home = 0;
+    let mut config = CommonConfig::new(&cluster.nodes[home].url, &db.url);
+    config.stream_replicas = 3;
+    let js = connect(&cluster.url).await;
+    bus::ensure_streams_with(&js, 3, config.partitions)
+        .await
+        .expect("R3 streams");
+    let metrics = free_addr();
+    let mut notifier = WorkerProcess::start_with(
+        "firstline-notifier",
+        &config,
+        &[
+            ("FL_STREAM_REPLICAS", "3"),
+            ("FL_METRICS_ADDR", &metrics.to_string()),
+        ],
+    );
+    let leaders = || async {
+        let node = |leader: Option<String>| {
+            leader.and_then(|l| l.trim_start_matches('n').parse::<usize>().ok())
+        };
+        let mut stream = js.get_stream("FL_DELIVERY").await.ok()?;
+        let of_stream = node(stream.info().await.ok()?.cluster.clone()?.leader)?;
+        let info = stream.consumer_info("notifier").await.ok()?;
+        Some((of_stream, node(info.cluster.and_then(|c| c.leader))?))
+    };
+    eventually("the notifier's consumer", Duration::from_secs(60), leaders).await;
+    // Both leaders onto the notifier's node (a step down elects another).
+    let mut placed = false;
+    for _ in 0..40 {
+        let step_down = match leaders().await {
+            Some((s, c)) if s == home && c == home => {
+                placed = true;
+                break;
+            }
+            Some((s, _)) if s != home => "$JS.API.STREAM.LEADER.STEPDOWN.FL_DELIVERY",
+            Some(_) => "$JS.API.CONSUMER.LEADER.STEPDOWN.FL_DELIVERY.notifier",
+            None => "",
+        };
+        if !step_down.is_empty() {
+            let _ = js.client().request(step_down, "".into()).await;
+        }
+        // The election after a step down (the scenario's setup), then look again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        placed,
+        "FL_DELIVERY's and the notifier's leaders moved onto n{home}"
+    );
+
+    cluster.kill(home);
+    let killed = std::time::Instant::now();
+    // A malformed delivery during the outage: the notifier dead-letters it once it pulls again.
+    tokio::time::timeout(Duration::from_secs(45), async {
+        while bus::publish(
+            &js,
+            "fl.t1.delivery.agent".to_owned(),
+            "during-the-outage",
+            Default::default(),
+            "not json".into(),
+        )
+        .await
+        .is_err()
+        {}
+    })
+    .await
+    .expect("a publish acknowledged within 45 s of the kill");
+    eventually(
+        "the notifier handles a message while n0 is down",
+        Duration::from_secs(60),
+        || async {
+            value(
+                &scrape(metrics).await,
+                "fl_messages_total{consumer=\"notifier\"",
+            )
+            .filter(|n| *n >= 1.0)
+        },
+    )
+    .await;
+    let outage = killed.elapsed();
+    let failed = value(
+        &scrape(metrics).await,
+        "fl_pull_errors_total{consumer=\"notifier\"",
+    )
+    .unwrap_or(0.0);
+    println!("the notifier went on {outage:?} after the kill; {failed} failed pulls");
+    assert!(
+        failed < 20.0 + 2.0 * outage.as_secs_f64(),
+        "{failed} failed pulls in {outage:?}: the consume loop spins while its consumer has no leader"
+    );
+    notifier.kill();
+}

@@ -26,6 +26,25 @@ const PULL_EXPIRES: Duration = Duration::from_secs(5);
 /// The server's heartbeat on an idle pull; missed heartbeats end the pull, and it is made again.
 const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// The first and the longest wait before pulling again after a failed pull.
+const PULL_RETRY_MIN: Duration = Duration::from_millis(100);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Waits `retry_in` (false: `shutdown` came first) and doubles it, up to [`PULL_RETRY_MAX`].
+async fn pause(
+    consumer: &'static str,
+    shutdown: &CancellationToken,
+    retry_in: &mut Duration,
+) -> bool {
+    crate::metrics::pull_failed(consumer);
+    let wait = *retry_in;
+    *retry_in = (wait * 2).min(PULL_RETRY_MAX);
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
 /// A durable pull consumer of one stream, as the workers use it.
 #[derive(Clone, Debug)]
 pub struct ConsumerSpec {
@@ -157,6 +176,13 @@ where
         "consuming"
     );
     let pulling = async {
+        // After a failed pull, the next waits this long, doubling up to PULL_RETRY_MAX and
+        // back to PULL_RETRY_MIN once a message comes. While a consumer has no leader (a
+        // node died; the election takes seconds) every pull answers "no responders" at
+        // once: pulling again at once spun at thousands of pulls a second, taking the CPU the
+        // election and the other workers needed (issue 21's cluster test saw accepts stop
+        // for 31 s on two cores).
+        let mut retry_in = PULL_RETRY_MIN;
         while !shutdown.is_cancelled() {
             // A short expiry and heartbeats: a pull made to a stream leader that died stalls
             // for at most a few seconds (a missed heartbeat is an error), not for the rest of an
@@ -170,14 +196,18 @@ where
             {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::warn!(consumer = spec.durable, "pull failed, retrying: {e:#}");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    tracing::warn!(
+                        consumer = spec.durable,
+                        "pull failed, retrying in {retry_in:?}: {e:#}"
+                    );
+                    if !pause(spec.durable, &shutdown, &mut retry_in).await {
+                        break;
                     }
+                    continue;
                 }
             };
             let mut chunks = messages.ready_chunks(max_batch.max(1));
+            let mut failed = false;
             loop {
                 let chunk = tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -194,17 +224,25 @@ where
                         },
                         // Missed heartbeats while the server restarts, and the like: pull again.
                         Err(e) => {
-                            tracing::warn!(consumer = spec.durable, "message stream error: {e:#}");
+                            tracing::warn!(
+                                consumer = spec.durable,
+                                "message stream error, pulling again in {retry_in:?}: {e:#}"
+                            );
                             stream_error = true;
                         }
                     }
                 }
                 if !batch.is_empty() {
+                    retry_in = PULL_RETRY_MIN;
                     settle_batch(js, config, &spec, batch, &mut handler).await?;
                 }
                 if stream_error {
+                    failed = true;
                     break;
                 }
+            }
+            if failed && !pause(spec.durable, &shutdown, &mut retry_in).await {
+                break;
             }
         }
         anyhow::Ok(())
