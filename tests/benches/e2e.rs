@@ -465,6 +465,32 @@ async fn run() {
         "raw JetStream ceiling: {raw:.0} msgs/s ({raw_n} async publishes with acks, {} bytes, file storage, Nats-Msg-Id)",
         payload.len()
     );
+    // On the cluster, the ceiling of a one-replica stream too, in the same run: what R3 costs
+    // the broker (README: operations, R1 and R3).
+    let raw_r1 = if replicas > 1 {
+        let r1 = raw_ceiling(&js, payload.clone(), raw_n, 1).await;
+        println!(
+            "raw JetStream ceiling on the same cluster at R1: {r1:.0} msgs/s (R{replicas}: {:.2} of it)",
+            raw / r1
+        );
+        Some(r1)
+    } else {
+        None
+    };
+    // On one server, the ceiling of a server that syncs every write before its ack
+    // (`sync_interval: always`), in the same run: what that protection costs.
+    let raw_sync_always = if replicas == 1 {
+        let synced = TestNats::start_with_config("jetstream { sync_interval: always }", None).await;
+        let synced_js = jetstream::new(async_nats::connect(&synced.url).await.expect("connect"));
+        let r = raw_ceiling(&synced_js, payload.clone(), raw_n, 1).await;
+        println!(
+            "raw JetStream ceiling with sync_interval: always: {r:.0} msgs/s ({:.2} of the default's)",
+            r / raw
+        );
+        Some(r)
+    } else {
+        None
+    };
     let relay_n = (raw_n / 3).max(1000);
     let relay = relay_floor(&js, payload.clone(), relay_n, replicas).await;
     println!(
@@ -649,6 +675,8 @@ async fn run() {
         json!({
             "pipeline_msgs_per_s": pipeline.round(),
             "raw_jetstream_msgs_per_s": raw.round(),
+            "raw_jetstream_r1_same_cluster_msgs_per_s": raw_r1.map(f64::round),
+            "raw_jetstream_sync_always_msgs_per_s": raw_sync_always.map(f64::round),
             "relay_4_streams_msgs_per_s": relay.round(),
             "ratio": (pipeline / raw * 1000.0).round() / 1000.0,
             "ratio_to_relay_floor": (pipeline / relay * 1000.0).round() / 1000.0,
