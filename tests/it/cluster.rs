@@ -194,7 +194,8 @@ fn longest_gap(
 /// leading `FL_QUEUE`, else `FL_ACTIONS`) is killed. The gateway's publishes keep succeeding
 /// (the longest one, retries included, under 20 s: a leader election and some), offers and
 /// accepts keep flowing (no gap of 20 s or more from the first kill to the end of the load:
-/// a leader election, a missed heartbeat and a pull retry; 8-10 s measured), and every message is stored exactly once, each customer's in order, no partition stalled.
+/// a leader election, a missed heartbeat and a pull retry; 8-10 s measured), and every
+/// message is stored exactly once, each customer's in order, no partition stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_offers_and_accepts_keep_flowing_while_leader_nodes_die() {
     use crate::helpers::desk::Desks;
