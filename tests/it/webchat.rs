@@ -212,15 +212,23 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
         .wait_for_state("acme", "webchat", "member-1", "bot")
         .await;
     assert_eq!(messages_with_id(&sys.app, &m1).await, 1);
+    // On the keyed subject, with the customer key (README: the gateway contract): ordered per
+    // customer in FL_INBOUND_KEYED (stored with the partition after the key), none in FL_INBOUND.
     let stored = sys
         .app
-        .stored("FL_INBOUND", "fl.acme.inbound.webchat.*")
+        .stored("FL_INBOUND_KEYED", "fl.acme.inbound.webchat.member-1.*")
         .await;
     assert!(
         stored
             .iter()
             .any(|m| m["message_id"] == m1.as_str() && m["customer"]["id"] == "member-1"),
         "{stored:?}"
+    );
+    assert_eq!(
+        sys.app
+            .stored("FL_INBOUND", "fl.acme.inbound.webchat.*")
+            .await,
+        Vec::<Value>::new()
     );
 
     // A button press is a postback: the label as text, the payload as postback.
@@ -506,7 +514,7 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
         .await
         .unwrap();
     sys.app
-        .customer_says("acme", "webchat", &visitor, "營業時間")
+        .customer_says_keyed("acme", "webchat", &visitor, "營業時間")
         .await;
     next_matching(&mut outbound, "the bot's answer", |m| {
         m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
@@ -611,7 +619,7 @@ async fn a_gateway_restart_loses_no_reply_taken_for_a_closed_widget() {
         .await
         .unwrap();
     sys.app
-        .customer_says("acme", "webchat", &visitor, "營業時間")
+        .customer_says_keyed("acme", "webchat", &visitor, "營業時間")
         .await;
     let answer = next_matching(&mut outbound, "the bot's answer", |m| {
         m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
