@@ -7,8 +7,8 @@
 
 use std::time::Duration;
 
-use crate::helpers::browser::{Browser, Page};
-use crate::helpers::{eventually, next_matching, TestApp};
+use crate::helpers::desk_page::{desk_message_shown, desk_shown, offer_for};
+use crate::helpers::{eventually, next_matching, Browser, TestApp};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -17,47 +17,10 @@ const SETUP: &str = r#"{"tenants":[{"id": "acme", "dispatch_cycle_seconds": 120,
    "channels": [{"id": "web", "kind": "webchat", "bot_enabled": false}],
    "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 3}, {"id": "ben", "name": "Ben Wu"}]}]}"#;
 
-/// What the desk shows, read from the DOM (a JSON string).
-const SHOWN: &str = r##"(() => { try { const $ = id => document.getElementById(id); return JSON.stringify({
-    signedIn: document.body.dataset.signedIn || null,
-    live: $("live-status").dataset.connected,
-    snapshots: +(document.body.dataset.snapshots || 0),
-    title: document.querySelector("h1").textContent,
-    lang: document.documentElement.lang,
-    presence: $("presence").dataset.status,
-    presenceText: $("presence-text").textContent,
-    buttons: [...document.querySelectorAll("button")].filter(b => b.offsetParent).map(b => b.textContent),
-    offers: [...document.querySelectorAll(".offer")].map(o => ({ offer: o.dataset.offerId,
-        conversation: o.dataset.conversationId, countdown: o.querySelector(".countdown").textContent,
-        expired: o.dataset.expired, text: o.textContent })),
-    serving: [...document.querySelectorAll("#serving li")].map(l => ({ conversation: l.dataset.conversationId,
-        selected: l.getAttribute("aria-selected"), text: l.textContent })),
-    open: $("conversation").hidden ? null : $("conversation").dataset.conversationId,
-    messages: [...document.querySelectorAll("#transcript .msg")].map(m => ({ id: m.dataset.messageId,
-        author: m.dataset.author, pending: m.dataset.pending, text: m.lastChild.textContent })),
-    notices: [...document.querySelectorAll(".notice")].map(n => n.textContent),
-    marker: window.__marker || null,
-}); } catch (e) { return JSON.stringify({ loading: String(e) }); } })()"##;
-
 /// Seconds of an `m:ss` countdown.
 fn seconds(countdown: &str) -> Option<i64> {
     let (m, s) = countdown.split_once(':')?;
     Some(m.trim().parse::<i64>().ok()? * 60 + s.trim().parse::<i64>().ok()?)
-}
-
-fn offer_for(v: &Value, conversation: Uuid) -> Option<Value> {
-    v["offers"]
-        .as_array()?
-        .iter()
-        .find(|o| o["conversation"] == conversation.to_string())
-        .cloned()
-}
-
-fn customer_message_shown(v: &Value, text: &str) -> bool {
-    v["messages"].as_array().is_some_and(|ms| {
-        ms.iter()
-            .any(|m| m["author"] == "customer" && m["text"] == text)
-    })
 }
 
 /// The conversation `customer` opened on `web`, once it is offered (assigning).
@@ -91,30 +54,6 @@ async fn wait_state(app: &TestApp, conversation: Uuid, want: &str) -> Vec<String
         },
     )
     .await
-}
-
-async fn wait_presence(app: &TestApp, status: &str, reason: Option<&str>) {
-    eventually(
-        &format!("amy {status} {reason:?} in Postgres"),
-        Duration::from_secs(20),
-        || async {
-            let row = app
-                .pg
-                .query_one(
-                    "SELECT status, status_reason FROM agents WHERE tenant_id = 'acme' AND id = 'amy'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            let (s, r): (String, Option<String>) = (row.get(0), row.get(1));
-            (s == status && r.as_deref() == reason).then_some(())
-        },
-    )
-    .await
-}
-
-async fn shown(page: &mut Page, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    page.wait_json(what, SHOWN, ok).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,10 +90,10 @@ async fn an_agent_works_conversations_in_the_desk() {
 
     // Sign in: the token typed into the form (kept in sessionStorage).
     page.navigate(&format!("{}/desk?lang=en", api.base)).await;
-    shown(&mut page, "the sign-in form", |v| v["signedIn"] == "false").await;
+    desk_shown(&mut page, "the sign-in form", |v| v["signedIn"] == "false").await;
     page.type_into("#token-input", &amy).await;
     page.click("#token-save").await;
-    let v = shown(&mut page, "signed in and live", |v| {
+    let v = desk_shown(&mut page, "signed in and live", |v| {
         v["signedIn"] == "true" && v["live"] == "true" && v["snapshots"] == 1
     })
     .await;
@@ -169,21 +108,22 @@ async fn an_agent_works_conversations_in_the_desk() {
     // Away with a reason, then ready: both reach the dispatcher (Postgres).
     page.type_into("#away-reason", "lunch").await;
     page.click("#go-away").await;
-    wait_presence(&app, "not_ready", Some("lunch")).await;
-    shown(&mut page, "away shown", |v| {
+    app.wait_for_presence("acme", "amy", "not_ready", Some("lunch"))
+        .await;
+    desk_shown(&mut page, "away shown", |v| {
         v["presence"] == "not_ready" && v["presenceText"] == "Away · lunch"
     })
     .await;
     page.click("#go-ready").await;
-    wait_presence(&app, "ready", None).await;
-    shown(&mut page, "ready shown", |v| v["presence"] == "ready").await;
+    app.wait_for_presence("acme", "amy", "ready", None).await;
+    desk_shown(&mut page, "ready shown", |v| v["presence"] == "ready").await;
 
     // A customer writes (as a gateway publishes it): the offer shows with its countdown, which
     // runs to the offer's deadline.
     let first_text = "My parcel has not arrived";
     app.customer_says("acme", "web", "C1", first_text).await;
     let c1 = offered(&mut events, "C1").await;
-    let v = shown(&mut page, "the offer", |v| offer_for(v, c1).is_some()).await;
+    let v = desk_shown(&mut page, "the offer", |v| offer_for(v, c1).is_some()).await;
     let offer = offer_for(&v, c1).unwrap();
     assert!(
         offer["text"].as_str().unwrap().contains("customer C1"),
@@ -204,7 +144,7 @@ async fn an_agent_works_conversations_in_the_desk() {
         (left - expected).abs() <= 3 && left > 60,
         "countdown {left} s, deadline in {expected} s"
     );
-    shown(&mut page, "the countdown ticking", |v| {
+    desk_shown(&mut page, "the countdown ticking", |v| {
         offer_for(v, c1)
             .and_then(|o| seconds(o["countdown"].as_str()?))
             .is_some_and(|s| s < left)
@@ -218,10 +158,10 @@ async fn an_agent_works_conversations_in_the_desk() {
     ))
     .await;
     wait_state(&app, c1, "processing").await;
-    let v = shown(&mut page, "the accepted conversation", |v| {
+    let v = desk_shown(&mut page, "the accepted conversation", |v| {
         v["open"] == c1.to_string()
             && v["offers"].as_array().is_some_and(|o| o.is_empty())
-            && customer_message_shown(v, first_text)
+            && desk_message_shown(v, "customer", first_text)
     })
     .await;
     assert_eq!(v["serving"][0]["conversation"], c1.to_string());
@@ -239,7 +179,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     assert_eq!(out["agent_id"], "amy");
     assert_eq!(out["conversation_id"], c1.to_string());
     assert_eq!(out["customer_id"], "C1");
-    shown(&mut page, "the stored reply", |v| {
+    desk_shown(&mut page, "the stored reply", |v| {
         v["messages"].as_array().is_some_and(|ms| {
             ms.iter()
                 .any(|m| m["author"] == "agent" && m["text"] == reply && m["pending"] == "false")
@@ -251,8 +191,8 @@ async fn an_agent_works_conversations_in_the_desk() {
     page.eval("window.__marker = 7").await;
     let second_text = "Order A123";
     app.customer_says("acme", "web", "C1", second_text).await;
-    let v = shown(&mut page, "the live customer message", |v| {
-        customer_message_shown(v, second_text)
+    let v = desk_shown(&mut page, "the live customer message", |v| {
+        desk_message_shown(v, "customer", second_text)
     })
     .await;
     assert_eq!(v["marker"], 7, "the same page, not a reload");
@@ -260,7 +200,7 @@ async fn an_agent_works_conversations_in_the_desk() {
 
     // Traditional Chinese labels.
     page.click("#lang").await;
-    let v = shown(&mut page, "zh-TW labels", |v| v["lang"] == "zh-TW").await;
+    let v = desk_shown(&mut page, "zh-TW labels", |v| v["lang"] == "zh-TW").await;
     assert_eq!(v["title"], "專員工作台");
     let buttons: Vec<&str> = v["buttons"]
         .as_array()
@@ -285,7 +225,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     page.click("#transfer").await;
     let skills = wait_state(&app, c1, "waiting").await;
     assert_eq!(skills, ["billing"]);
-    shown(&mut page, "the transferred conversation gone", |v| {
+    desk_shown(&mut page, "the transferred conversation gone", |v| {
         v["serving"].as_array().is_some_and(|s| s.is_empty())
             && v["notices"]
                 .as_array()
@@ -297,7 +237,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     // Decline with a reason: the offer ends declined, with it.
     app.customer_says("acme", "web", "C2", "hello?").await;
     let c2 = offered(&mut events, "C2").await;
-    shown(&mut page, "the second offer", |v| {
+    desk_shown(&mut page, "the second offer", |v| {
         offer_for(v, c2).is_some()
     })
     .await;
@@ -322,7 +262,7 @@ async fn an_agent_works_conversations_in_the_desk() {
         (row.get::<_, Option<String>>(0).as_deref() == Some("wrong language")).then_some(())
     })
     .await;
-    shown(&mut page, "the declined offer gone", |v| {
+    desk_shown(&mut page, "the declined offer gone", |v| {
         offer_for(v, c2).is_none()
     })
     .await;
@@ -331,18 +271,18 @@ async fn an_agent_works_conversations_in_the_desk() {
     app.customer_says("acme", "web", "C3", "Can I change my address?")
         .await;
     let c3 = offered(&mut events, "C3").await;
-    shown(&mut page, "the third offer", |v| offer_for(v, c3).is_some()).await;
+    desk_shown(&mut page, "the third offer", |v| offer_for(v, c3).is_some()).await;
     page.click(&format!(
         ".offer[data-conversation-id='{c3}'] button.accept"
     ))
     .await;
-    shown(&mut page, "the third conversation open", |v| {
-        v["open"] == c3.to_string() && customer_message_shown(v, "Can I change my address?")
+    desk_shown(&mut page, "the third conversation open", |v| {
+        v["open"] == c3.to_string() && desk_message_shown(v, "customer", "Can I change my address?")
     })
     .await;
     page.click("#close").await;
     wait_state(&app, c3, "completed").await;
-    shown(&mut page, "the closed conversation gone", |v| {
+    desk_shown(&mut page, "the closed conversation gone", |v| {
         v["serving"].as_array().is_some_and(|s| s.is_empty()) && v["open"].is_null()
     })
     .await;
@@ -353,7 +293,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     app.customer_says("acme", "web", "C4", "Please ask Ben")
         .await;
     let c4 = offered(&mut events, "C4").await;
-    shown(&mut page, "the fourth offer", |v| {
+    desk_shown(&mut page, "the fourth offer", |v| {
         offer_for(v, c4).is_some()
     })
     .await;
@@ -361,7 +301,7 @@ async fn an_agent_works_conversations_in_the_desk() {
         ".offer[data-conversation-id='{c4}'] button.accept"
     ))
     .await;
-    shown(&mut page, "the fourth conversation open", |v| {
+    desk_shown(&mut page, "the fourth conversation open", |v| {
         v["open"] == c4.to_string()
     })
     .await;
@@ -369,7 +309,7 @@ async fn an_agent_works_conversations_in_the_desk() {
         .await;
     page.type_into("#transfer-target", "nobody").await;
     page.click("#transfer").await;
-    shown(&mut page, "the refusal shown", |v| {
+    desk_shown(&mut page, "the refusal shown", |v| {
         v["notices"].as_array().is_some_and(|n| {
             n.iter()
                 .any(|n| n.as_str().unwrap().contains("to_agent: no agent nobody"))
@@ -390,7 +330,7 @@ async fn an_agent_works_conversations_in_the_desk() {
         .unwrap()
         .get(0);
     assert_eq!(target.as_deref(), Some("ben"));
-    shown(&mut page, "the conversation transferred to Ben gone", |v| {
+    desk_shown(&mut page, "the conversation transferred to Ben gone", |v| {
         v["serving"].as_array().is_some_and(|s| s.is_empty())
     })
     .await;
@@ -412,21 +352,21 @@ async fn the_desk_reconnects_its_websocket_and_misses_nothing() {
     let mut page = browser.page().await;
     page.navigate(&format!("{}/desk?lang=en#token={amy}", api.base))
         .await;
-    shown(&mut page, "signed in and live", |v| {
+    desk_shown(&mut page, "signed in and live", |v| {
         v["live"] == "true" && v["snapshots"] == 1
     })
     .await;
     page.click("#go-ready").await;
-    wait_presence(&app, "ready", None).await;
+    app.wait_for_presence("acme", "amy", "ready", None).await;
 
     // The socket drops (the network, a proxy): the desk shows it and reconnects by itself, here
     // after 8 s (its backoff set ahead), so that the offer is made while it is down.
     page.eval("state.retry = 4; state.ws.close()").await;
-    shown(&mut page, "the drop shown", |v| v["live"] == "false").await;
+    desk_shown(&mut page, "the drop shown", |v| v["live"] == "false").await;
     app.customer_says("acme", "web", "R1", "are you there?")
         .await;
     let r1 = offered(&mut events, "R1").await;
-    let v = shown(&mut page, "the offer after the reconnect", |v| {
+    let v = desk_shown(&mut page, "the offer after the reconnect", |v| {
         v["live"] == "true" && v["snapshots"].as_i64() >= Some(2) && offer_for(v, r1).is_some()
     })
     .await;
@@ -463,7 +403,7 @@ async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
     let browser = Browser::start();
     let mut page = browser.page().await;
     page.navigate(url).await;
-    shown(&mut page, "signed in and live", |v| {
+    desk_shown(&mut page, "signed in and live", |v| {
         v["live"] == "true" && v["presence"] == "offline"
     })
     .await;
@@ -472,7 +412,7 @@ async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
     app.customer_says("demo", "webchat", "U900", "Hello, my order has not arrived")
         .await;
     let c = offered(&mut events, "U900").await;
-    shown(&mut page, "the offer in the demo's desk", |v| {
+    desk_shown(&mut page, "the offer in the demo's desk", |v| {
         offer_for(v, c).is_some()
     })
     .await;

@@ -1,6 +1,6 @@
 //! Values the README and the schemas state, checked against what the code does (issue 20:
 //! docs that disagreed with the code): the hand-over event's reason, the knowledge-base
-//! threshold's default, the dispatch cycle's range.
+//! threshold's default, the dispatch cycle's range; the lines "Try it" shows and its pictures.
 
 use std::time::Duration;
 
@@ -103,4 +103,62 @@ fn the_readme_states_the_dispatch_cycle_range() {
         cell.contains(&stated),
         "README says {cell:?}, the code {stated}"
     );
+}
+
+/// The README's "Try it": the two lines it shows are those `scripts/up` and the demo print (at
+/// the default addresses), and its pictures are small PNGs that the test it names writes.
+#[test]
+fn try_it_shows_what_scripts_up_prints_and_the_pictures_of_the_test_it_names() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let section = README
+        .split("\n## Try it\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a Try it section");
+
+    // scripts/up says the web chat's address itself (`say` prints `==> `), with its default.
+    let up = std::fs::read_to_string(root.join("scripts/up")).unwrap();
+    let default_addr = up
+        .split("FL_WEBCHAT_ADDR:-")
+        .nth(1)
+        .and_then(|rest| rest.split('}').next())
+        .expect("scripts/up's default FL_WEBCHAT_ADDR");
+    let said = up
+        .lines()
+        .find_map(|l| l.strip_prefix("say \"web chat"))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("scripts/up says the web chat's address");
+    let webchat_line = format!("==> web chat{said}").replace("$FL_WEBCHAT_ADDR", default_addr);
+    // The demo prints the desk's, on the API's default address (README: Configuration).
+    assert!(README.contains("| `FL_API_ADDR` | `127.0.0.1:8080` |"));
+    let desk_line = firstline::demo::desk_line("127.0.0.1:8080".parse().unwrap(), "fl_…");
+    for line in [&webchat_line, &desk_line] {
+        assert!(
+            section.lines().any(|l| l == line.as_str()),
+            "Try it does not show the line {line:?}:\n{section}"
+        );
+    }
+
+    // Each picture: a PNG of at most 200 kB, written by the test the section names.
+    let test_file = section
+        .split('`')
+        .find(|s| s.starts_with("tests/it/") && s.ends_with(".rs"))
+        .expect("Try it names the test that takes its pictures");
+    let test = std::fs::read_to_string(root.join(test_file)).unwrap();
+    let pictures: Vec<&str> = section
+        .split("src=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    assert_eq!(pictures.len(), 2, "one picture of each page: {pictures:?}");
+    for picture in pictures {
+        let bytes = std::fs::read(root.join(picture)).unwrap_or_else(|e| panic!("{picture}: {e}"));
+        assert!(bytes.starts_with(b"\x89PNG\r\n"), "{picture} is a PNG");
+        assert!(bytes.len() <= 200_000, "{picture} is {} bytes", bytes.len());
+        let name = picture.rsplit('/').next().unwrap();
+        assert!(
+            test.contains(&format!("\"{name}\"")),
+            "{test_file} does not write {name}"
+        );
+    }
 }

@@ -30,5 +30,6 @@ mod readme;
 mod scale_out;
 mod schemas;
 mod tracing;
+mod try_it;
 mod webchat;
 mod webhooks;

@@ -100,19 +100,8 @@ async fn a_conversation_travels_from_inbound_to_completed() {
     assert_eq!(closed["agent_id"], "amy");
     app.wait_for_state("t1", "line", "U1", "completed").await;
 
-    let history: Vec<String> = app
-        .pg
-        .query(
-            "SELECT to_state FROM conversation_transitions WHERE conversation_id = $1 ORDER BY id",
-            &[&conversation],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     assert_eq!(
-        history,
+        app.states_of(conversation).await,
         ["bot", "waiting", "assigning", "processing", "completed"]
     );
     let row = app

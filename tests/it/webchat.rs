@@ -10,15 +10,16 @@
 
 use std::time::Duration;
 
+use crate::helpers::webchat::{
+    fenced_nats, press_widget_button, type_in_widget, wait_widget, widget_shown, widget_texts,
+    Gateway,
+};
 use crate::helpers::{count, eventually, next_matching, Browser, Page, TestApp};
 use async_nats::jetstream::consumer::pull;
-use firstline::nats_config::{self, Gateway};
 use firstline_shared::domain::{ChannelId, TenantId};
-use firstline_tests::nats::TestNats;
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 const SETUP: &str = r#"{"tenants":[
@@ -69,86 +70,24 @@ keyword_rules:
 /// and other), every worker, the bot, and the gateway of acme as its gateway user.
 struct System {
     app: TestApp,
-    /// `http://127.0.0.1:<port>` of the gateway.
-    gateway: String,
+    gateway: Gateway,
     image_url: String,
-    /// Stops the gateway (it also stops with the app).
-    gateway_stop: CancellationToken,
-    gateway_task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-fn gateways() -> Vec<Gateway> {
-    ["acme", "other"]
-        .iter()
-        .map(|t| Gateway {
-            tenant: TenantId::parse(*t).unwrap(),
-            password: format!("{t}-gateway-secret"),
-        })
-        .collect()
 }
 
 async fn start() -> System {
-    let auth = nats_config::authorization("firstline", "workers-secret", &gateways());
-    let nats = TestNats::start_with_config(&auth, Some(("firstline", "workers-secret"))).await;
+    let nats = fenced_nats(&["acme", "other"]).await;
     let app = TestApp::spawn_on(nats, SETUP).await;
     let image_url = image_server().await;
     app.load_bot(&bot(&image_url)).await.expect("the bot file");
-    let (gateway, gateway_stop, gateway_task) = start_gateway(&app).await;
+    let gateway = Gateway::start(&app, "acme", Some(SECRET)).await;
     System {
         app,
         gateway,
         image_url,
-        gateway_stop,
-        gateway_task,
     }
-}
-
-/// The gateway of acme, as its fenced gateway user, on a free port.
-async fn start_gateway(
-    app: &TestApp,
-) -> (
-    String,
-    CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let gateway = format!("http://{}", listener.local_addr().unwrap());
-    let mut config = firstline_webchat::Config::new(
-        format!("nats://127.0.0.1:{}", app.nats.port),
-        "acme",
-        listener.local_addr().unwrap(),
-    );
-    config.nats_user = Some("gateway-acme".into());
-    config.nats_password = Some("acme-gateway-secret".into());
-    config.secret = Some(SECRET.into());
-    let stop = app.shutdown.child_token();
-    let task = tokio::spawn(firstline_webchat::serve(config, listener, stop.clone()));
-    // Its durable consumer exists: the fenced user could make it (after the replay).
-    let js = app.js.clone();
-    eventually(
-        "the gateway's consumer on FL_OUTBOUND",
-        Duration::from_secs(20),
-        || async {
-            let stream = js.get_stream("FL_OUTBOUND").await.ok()?;
-            stream.consumer_info("gateway-acme").await.ok().map(|_| ())
-        },
-    )
-    .await;
-    (gateway, stop, task)
 }
 
 impl System {
-    /// Stops the gateway (it finishes its sessions) and starts a new one, on another port.
-    async fn restart_gateway(&mut self) {
-        self.gateway_stop.cancel();
-        (&mut self.gateway_task)
-            .await
-            .unwrap()
-            .expect("the gateway stops cleanly");
-        let (gateway, stop, task) = start_gateway(&self.app).await;
-        (self.gateway, self.gateway_stop, self.gateway_task) = (gateway, stop, task);
-    }
-
     /// Waits until the gateway has taken (and acked) every reply published so far.
     async fn gateway_took_every_reply(&self) {
         let js = self.app.js.clone();
@@ -247,7 +186,7 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
     let api = sys.app.start_api().await;
     let token = firstline_webchat::identity::token(SECRET, "member-1");
     let query = format!("customer_id=member-1&token={token}");
-    let (mut a, welcome) = Widget::connect(&sys.gateway, &query).await;
+    let (mut a, welcome) = Widget::connect(&sys.gateway.url, &query).await;
     assert_eq!(
         welcome,
         json!({"type": "welcome", "customer_id": "member-1"})
@@ -273,15 +212,23 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
         .wait_for_state("acme", "webchat", "member-1", "bot")
         .await;
     assert_eq!(messages_with_id(&sys.app, &m1).await, 1);
+    // On the keyed subject, with the customer key (README: the gateway contract): ordered per
+    // customer in FL_INBOUND_KEYED (stored with the partition after the key), none in FL_INBOUND.
     let stored = sys
         .app
-        .stored("FL_INBOUND", "fl.acme.inbound.webchat.*")
+        .stored("FL_INBOUND_KEYED", "fl.acme.inbound.webchat.member-1.*")
         .await;
     assert!(
         stored
             .iter()
             .any(|m| m["message_id"] == m1.as_str() && m["customer"]["id"] == "member-1"),
         "{stored:?}"
+    );
+    assert_eq!(
+        sys.app
+            .stored("FL_INBOUND", "fl.acme.inbound.webchat.*")
+            .await,
+        Vec::<Value>::new()
     );
 
     // A button press is a postback: the label as text, the payload as postback.
@@ -295,11 +242,11 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
     // reconnecting with the last seq it saw, gets exactly the two entries it missed.
     let seen = a.last.unwrap();
     drop(a);
-    let (mut b, _) = Widget::connect(&sys.gateway, &format!("{query}&after={seen}")).await;
+    let (mut b, _) = Widget::connect(&sys.gateway.url, &format!("{query}&after={seen}")).await;
     let m3 = b.says("營業時間?").await;
     assert_eq!(b.entry().await["message_id"], m3.as_str());
     assert_eq!(b.entry().await["text"], "每天 09:00-18:00 為您服務。");
-    let (mut a, _) = Widget::connect(&sys.gateway, &format!("{query}&after={seen}")).await;
+    let (mut a, _) = Widget::connect(&sys.gateway.url, &format!("{query}&after={seen}")).await;
     let missed = [a.entry().await, a.entry().await];
     assert_eq!(missed[0]["message_id"], m3.as_str());
     assert_eq!(missed[1]["author"], "bot");
@@ -312,7 +259,7 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
     b.stays_quiet().await;
     assert_eq!(messages_with_id(&sys.app, &m3).await, 1);
     // A first connection without `after` gets the whole kept transcript.
-    let (mut fresh, _) = Widget::connect(&sys.gateway, &query).await;
+    let (mut fresh, _) = Widget::connect(&sys.gateway.url, &query).await;
     let mut all = Vec::new();
     for _ in 0..6 {
         all.push(
@@ -403,11 +350,11 @@ async fn the_gateway_refuses_a_bad_token_and_other_tenants_read_none_of_its_mess
         "customer_id=member-1".to_owned(),
         "customer_id=anon-not-random".to_owned(),
     ] {
-        let (_, first) = Widget::connect(&sys.gateway, &query).await;
+        let (_, first) = Widget::connect(&sys.gateway.url, &query).await;
         assert_eq!(first["type"], "refused", "{query}: {first}");
     }
     // An anonymous visitor without an id is given one.
-    let (mut visitor, welcome) = Widget::connect(&sys.gateway, "").await;
+    let (mut visitor, welcome) = Widget::connect(&sys.gateway.url, "").await;
     let id = welcome["customer_id"].as_str().unwrap().to_owned();
     assert!(id.starts_with("anon-") && id.len() == 37, "{welcome}");
     visitor.says("hello").await;
@@ -417,7 +364,7 @@ async fn the_gateway_refuses_a_bad_token_and_other_tenants_read_none_of_its_mess
         "Sorry, I did not get that. 抱歉，我不太明白。"
     );
     // The same id comes back (as the widget keeps it in localStorage) with its transcript.
-    let (mut again, _) = Widget::connect(&sys.gateway, &format!("customer_id={id}")).await;
+    let (mut again, _) = Widget::connect(&sys.gateway.url, &format!("customer_id={id}")).await;
     assert_eq!(again.entry().await["text"], "hello");
 
     // Tenant other's gateway user may neither make a consumer of acme's outbound messages nor
@@ -490,66 +437,13 @@ async fn the_gateway_refuses_a_bad_token_and_other_tenants_read_none_of_its_mess
     stream.create_consumer(own).await.expect("its own consumer");
 }
 
-/// What the widget shows, read from the DOM.
-const SHOWN: &str = r#"(() => JSON.stringify({
-    connected: document.querySelector(".flw") ? document.querySelector(".flw").dataset.connected : null,
-    title: (document.querySelector(".flw-title") || {}).textContent || null,
-    visible: !!document.querySelector(".flw") && getComputedStyle(document.querySelector(".flw")).visibility === "visible",
-    at_bottom: (l => !!l && l.scrollTop + l.clientHeight >= l.scrollHeight - 2)(document.querySelector(".flw-log")),
-    messages: [...document.querySelectorAll(".flw-msg")].map(li => ({
-        author: [...li.classList].find(c => c !== "flw-msg" && c !== "flw-pending").slice(4),
-        pending: li.classList.contains("flw-pending"),
-        id: li.dataset.messageId, seq: li.dataset.seq ? +li.dataset.seq : null,
-        text: (li.querySelector(".flw-text") || {}).textContent || "",
-        buttons: [...li.querySelectorAll(".flw-button")].map(b => ({label: b.textContent, disabled: b.disabled})),
-        image: !!li.querySelector("img.flw-image") && li.querySelector("img.flw-image").naturalWidth > 0,
-    })),
-}))()"#;
-
-async fn shown(page: &mut Page) -> Value {
-    serde_json::from_str(page.eval(SHOWN).await.as_str().unwrap()).unwrap()
-}
-
-async fn wait_shown(page: &mut Page, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let v = shown(page).await;
-        if ok(&v) {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}; the widget shows {v}"
-        );
-        // The poll interval of this wait, which reports what the widget last showed.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// What the widget shows stays `expected` for 800 ms (read every 100 ms).
 async fn stays_shown(page: &mut Page, expected: &Value, what: &str) {
     for _ in 0..8 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let v = shown(page).await;
+        let v = widget_shown(page).await;
         assert_eq!(v["messages"], expected["messages"], "{what}");
     }
-}
-
-fn texts(v: &Value) -> Vec<String> {
-    v["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["text"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-async fn type_and_send(page: &mut Page, text: &str) {
-    page.eval(r#"document.querySelector(".flw-input").focus()"#)
-        .await;
-    page.call("Input.insertText", json!({"text": text})).await;
-    page.eval(r#"document.querySelector(".flw-send").click()"#)
-        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -560,29 +454,32 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     page.call("Page.enable", json!({})).await;
     page.call(
         "Page.navigate",
-        json!({"url": format!("{}/?lang=en", sys.gateway)}),
+        json!({"url": format!("{}/?lang=en", sys.gateway.url)}),
     )
     .await;
-    let v = wait_shown(&mut page, "the widget to connect", |v| {
+    let v = wait_widget(&mut page, "the widget to connect", |v| {
         v["connected"] == "true"
     })
     .await;
     assert_eq!(v["title"], "Chat with us");
 
     // Typed in the widget; the bot answers with buttons and an image; a button press answers.
-    type_and_send(&mut page, "價格").await;
+    type_in_widget(&mut page, "價格").await;
     let v =
-        wait_shown(&mut page, "the bot's buttons", |v| {
+        wait_widget(&mut page, "the bot's buttons", |v| {
             v["messages"].as_array().unwrap().iter().any(|m| {
                 m["buttons"].as_array().is_some_and(|b| b.len() == 2) && m["image"] == true
             })
         })
         .await;
-    assert_eq!(texts(&v), ["價格", "請選擇方案："]);
-    page.eval(r#"[...document.querySelectorAll(".flw-button")].find(b => b.textContent === "基本方案").click()"#).await;
-    let v = wait_shown(&mut page, "the postback's answer", |v| texts(v).len() == 4).await;
+    assert_eq!(widget_texts(&v), ["價格", "請選擇方案："]);
+    press_widget_button(&mut page, "基本方案").await;
+    let v = wait_widget(&mut page, "the postback's answer", |v| {
+        widget_texts(v).len() == 4
+    })
+    .await;
     assert_eq!(
-        texts(&v),
+        widget_texts(&v),
         ["價格", "請選擇方案：", "基本方案", "基本方案每月 300 元。"]
     );
     assert!(
@@ -606,7 +503,7 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     page.eval(r#"window.__realWebSocket = window.WebSocket;
         window.WebSocket = function () { return new window.__realWebSocket("ws://127.0.0.1:9/offline"); };
         window.__firstlineWebchat.drop()"#).await;
-    wait_shown(&mut page, "the widget to see the drop", |v| {
+    wait_widget(&mut page, "the widget to see the drop", |v| {
         v["connected"] == "false"
     })
     .await;
@@ -617,7 +514,7 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
         .await
         .unwrap();
     sys.app
-        .customer_says("acme", "webchat", &visitor, "營業時間")
+        .customer_says_keyed("acme", "webchat", &visitor, "營業時間")
         .await;
     next_matching(&mut outbound, "the bot's answer", |m| {
         m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
@@ -625,8 +522,8 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     .await;
     sys.gateway_took_every_reply().await;
     // Typed while offline: it waits in the widget.
-    type_and_send(&mut page, "還在嗎？").await;
-    let v = shown(&mut page).await;
+    type_in_widget(&mut page, "還在嗎？").await;
+    let v = widget_shown(&mut page).await;
     assert_eq!(
         v["messages"].as_array().unwrap().last().unwrap()["pending"],
         true,
@@ -635,12 +532,12 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     // The network is back: the widget reconnects from the last entry it saw, gets what it
     // missed, once, and sends what waited.
     page.eval("window.WebSocket = window.__realWebSocket").await;
-    let v = wait_shown(
+    let v = wait_widget(
         &mut page,
         "the missed answer and the waiting message",
         |v| {
             v["connected"] == "true"
-                && texts(v).len() == 7
+                && widget_texts(v).len() == 7
                 && v["messages"]
                     .as_array()
                     .unwrap()
@@ -650,7 +547,7 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     )
     .await;
     assert_eq!(
-        texts(&v),
+        widget_texts(&v),
         [
             "價格",
             "請選擇方案：",
@@ -668,20 +565,20 @@ async fn the_widget_keeps_its_transcript_across_a_reload_and_a_dropped_connectio
     // nothing twice. In zh-TW this time.
     page.call(
         "Page.navigate",
-        json!({"url": format!("{}/?lang=zh-TW", sys.gateway)}),
+        json!({"url": format!("{}/?lang=zh-TW", sys.gateway.url)}),
     )
     .await;
-    let after = wait_shown(&mut page, "the reloaded widget to connect", |v| {
+    let after = wait_widget(&mut page, "the reloaded widget to connect", |v| {
         v["connected"] == "true" && v["title"] == "線上客服" && v["visible"] == true
     })
     .await;
-    assert_eq!(texts(&after), texts(&before));
+    assert_eq!(widget_texts(&after), widget_texts(&before));
     assert_eq!(
         after["messages"], before["messages"],
         "the same entries, the same seqs"
     );
     stays_shown(&mut page, &after, "nothing added by the reconnect").await;
-    let v = wait_shown(&mut page, "the latest entry in view", |v| {
+    let v = wait_widget(&mut page, "the latest entry in view", |v| {
         v["at_bottom"] == true
     })
     .await;
@@ -706,7 +603,7 @@ async fn a_gateway_restart_loses_no_reply_taken_for_a_closed_widget() {
     let mut sys = start().await;
     let visitor = firstline_webchat::identity::new_anonymous();
     let query = format!("customer_id={visitor}");
-    let (mut w, _) = Widget::connect(&sys.gateway, &query).await;
+    let (mut w, _) = Widget::connect(&sys.gateway.url, &query).await;
     w.says("價格").await;
     w.entry().await;
     let first_reply = w.entry().await;
@@ -722,18 +619,18 @@ async fn a_gateway_restart_loses_no_reply_taken_for_a_closed_widget() {
         .await
         .unwrap();
     sys.app
-        .customer_says("acme", "webchat", &visitor, "營業時間")
+        .customer_says_keyed("acme", "webchat", &visitor, "營業時間")
         .await;
     let answer = next_matching(&mut outbound, "the bot's answer", |m| {
         m["customer_id"] == visitor.as_str() && m["text"] == "每天 09:00-18:00 為您服務。"
     })
     .await;
     sys.gateway_took_every_reply().await;
-    sys.restart_gateway().await;
+    sys.gateway.restart(&sys.app).await;
 
     // The new gateway read the recent replies again from the stream: the widget gets the
     // answer it missed. Before it, under a new seq, the reply it has (its message_id tells).
-    let (mut w, _) = Widget::connect(&sys.gateway, &format!("{query}&after={seen}")).await;
+    let (mut w, _) = Widget::connect(&sys.gateway.url, &format!("{query}&after={seen}")).await;
     assert_eq!(w.entry().await["message_id"], first_reply["message_id"]);
     let missed = w.entry().await;
     assert_eq!(missed["message_id"], answer["message_id"]);

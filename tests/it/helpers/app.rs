@@ -269,6 +269,47 @@ impl TestApp {
         .await
     }
 
+    /// The states `conversation` went to, in order (its transitions' `to_state`).
+    pub async fn states_of(&self, conversation: Uuid) -> Vec<String> {
+        self.pg
+            .query(
+                "SELECT to_state FROM conversation_transitions WHERE conversation_id = $1 ORDER BY id",
+                &[&conversation],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+
+    /// Waits until the dispatcher has stored `agent`'s presence as `status` with `reason`.
+    pub async fn wait_for_presence(
+        &self,
+        tenant: &str,
+        agent: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) {
+        eventually(
+            &format!("{agent} {status} {reason:?} in Postgres"),
+            Duration::from_secs(20),
+            || async {
+                let row = self
+                    .pg
+                    .query_one(
+                        "SELECT status, status_reason FROM agents WHERE tenant_id = $1 AND id = $2",
+                        &[&tenant, &agent],
+                    )
+                    .await
+                    .unwrap();
+                let (s, r): (String, Option<String>) = (row.get(0), row.get(1));
+                (s == status && r.as_deref() == reason).then_some(())
+            },
+        )
+        .await
+    }
+
     /// Every message stored so far on `subject` in `stream`, as JSON.
     pub async fn stored(&self, stream: &str, subject: &str) -> Vec<serde_json::Value> {
         let stream = self.js.get_stream(stream).await.unwrap();

@@ -1,6 +1,7 @@
 //! A real browser for the pages' tests: headless Chromium (Debian's `chromium`, or
 //! `CHROMIUM_BIN`), driven over the DevTools protocol; screenshots go to
-//! `target/test-output/`. Used by the dashboard's test and the agent desk's.
+//! `target/test-output/`. Used by the dashboard's, the agent desk's, the widget's and the
+//! end-to-end (`try_it::`) tests.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -81,6 +82,24 @@ impl Browser {
         }
     }
 
+    /// A DevTools session on a new page (a tab of its own, beside the first), showing `about:blank`.
+    pub async fn new_page(&self) -> Page {
+        // `PUT /json/new` (Chromium refuses a GET there) opens the tab and describes it.
+        let body = reqwest::Client::new()
+            .put(format!(
+                "http://127.0.0.1:{}/json/new?about:blank",
+                self.port
+            ))
+            .send()
+            .await
+            .expect("a new tab")
+            .bytes()
+            .await
+            .expect("the new tab's description");
+        let target: Value = serde_json::from_slice(&body).expect("the new tab's description");
+        Page::attach(&target).await
+    }
+
     /// A DevTools session on the browser's first page.
     pub async fn page(&self) -> Page {
         let targets: Value = eventually("the page target", Duration::from_secs(20), || async {
@@ -100,11 +119,7 @@ impl Browser {
             .iter()
             .find(|t| t["type"] == "page")
             .unwrap();
-        let url = target["webSocketDebuggerUrl"].as_str().unwrap();
-        let (socket, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("devtools");
-        Page { socket, next_id: 0 }
+        Page::attach(target).await
     }
 }
 
@@ -126,6 +141,17 @@ pub struct Page {
 }
 
 impl Page {
+    /// A session on the page `target` describes (an entry of `/json/list`).
+    async fn attach(target: &Value) -> Self {
+        let url = target["webSocketDebuggerUrl"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no DevTools address in {target}"));
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("devtools");
+        Page { socket, next_id: 0 }
+    }
+
     pub async fn call(&mut self, method: &str, params: Value) -> Value {
         self.next_id += 1;
         let id = self.next_id;
@@ -224,7 +250,8 @@ impl Page {
         self.call("Input.insertText", json!({ "text": text })).await;
     }
 
-    /// Saves a PNG of the whole page as `target/test-output/<name>`; its path.
+    /// Saves a PNG of the whole page as `target/test-output/<name>` (`name` may name a
+    /// folder, `try-it/01-x.png`); its path.
     pub async fn screenshot(&mut self, name: &str) -> PathBuf {
         let r = self
             .call(
@@ -240,8 +267,8 @@ impl Page {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"))
             .join("test-output");
-        std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, png).unwrap();
         println!("screenshot: {}", path.display());
         path

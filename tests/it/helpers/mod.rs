@@ -6,9 +6,11 @@ pub mod api;
 mod app;
 pub mod browser;
 pub mod desk;
+pub mod desk_page;
 pub mod marks;
 mod order;
 mod postgres;
+pub mod webchat;
 
 pub use app::TestApp;
 pub use browser::{Browser, Page};

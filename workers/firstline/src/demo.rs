@@ -225,9 +225,15 @@ pub async fn desk_address(
     )
     .await
     .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-    Ok(format!(
+    Ok(desk_line(addr, &token))
+}
+
+/// The line [`desk_address`] prints for the API on `addr` and the agent token `token` (the
+/// README shows it: `readme::` checks).
+pub fn desk_line(addr: std::net::SocketAddr, token: &str) -> String {
+    format!(
         "agent desk (專員工作台) as {DESK_AGENT}, press Ready for offers: http://{addr}/desk#token={token}"
-    ))
+    )
 }
 
 async fn send_inbound(

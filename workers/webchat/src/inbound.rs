@@ -51,10 +51,12 @@ impl CustomerMessage {
     }
 }
 
-/// The subject of a customer's message: every publish goes through this ONE function (the
-/// routing engine may add a fifth, per-customer token for per-customer ordering).
-pub fn inbound_subject(tenant: &TenantId, channel: &ChannelId, _customer_id: &str) -> String {
-    subjects::inbound(tenant, channel)
+/// The subject of a customer's message, `fl.<tenant>.inbound.<channel>.<customer key>`
+/// (`FL_INBOUND_KEYED`): ordered with that customer's other messages only, so that one busy
+/// channel spreads over every ingest partition (README: the gateway contract). Every publish
+/// goes through this ONE function.
+pub fn inbound_subject(tenant: &TenantId, channel: &ChannelId, customer_id: &str) -> String {
+    subjects::inbound_for_customer(tenant, channel, customer_id)
 }
 
 /// `Nats-Msg-Id: <tenant>:<channel>:<message id>` (README; DESIGN.md): the stream drops a
@@ -116,7 +118,16 @@ mod tests {
     fn the_documented_subject_id_and_body() {
         let t = TenantId::parse("acme").unwrap();
         let c = ChannelId::parse("webchat").unwrap();
-        assert_eq!(inbound_subject(&t, &c, "anon-1"), "fl.acme.inbound.webchat");
+        assert_eq!(
+            inbound_subject(&t, &c, "anon-1"),
+            "fl.acme.inbound.webchat.anon-1"
+        );
+        // A customer id that is no subject token is hashed into one (`subjects::customer_key`).
+        let odd = inbound_subject(&t, &c, "客戶 1");
+        assert!(
+            odd.starts_with("fl.acme.inbound.webchat.h") && odd.split('.').count() == 5,
+            "{odd}"
+        );
         assert_eq!(msg_id(&t, &c, "m-1"), "acme:webchat:m-1");
         let press = body("member-1", &message("m-2", "查訂單", Some("orders")));
         let json = serde_json::to_value(&press).unwrap();

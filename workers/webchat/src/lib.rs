@@ -8,8 +8,9 @@
 //! - `/`: a demo page with the widget.
 //! - `/ws`: the widget's WebSocket ([`socket`]).
 //!
-//! Customer messages are published to `fl.<tenant>.inbound.<channel>` with `Nats-Msg-Id:
-//! <tenant>:<channel>:<message id>` ([`inbound`]); replies are read from `FL_OUTBOUND` with the
+//! Customer messages are published to `fl.<tenant>.inbound.<channel>.<customer key>`
+//! (`FL_INBOUND_KEYED`, ordered per customer) with `Nats-Msg-Id: <tenant>:<channel>:<message
+//! id>` ([`inbound`]); replies are read from `FL_OUTBOUND` with the
 //! gateway's durable consumer ([`outbound`]) and delivered to the customer's open widgets;
 //! each customer's recent transcript is kept so that a reconnecting widget gets exactly what it
 //! missed ([`transcript`]); returning customers are identified with a signed token

@@ -1,0 +1,283 @@
+//! Issue 24's "done when", end to end in a real browser: a customer chats in the web-chat widget
+//! while an agent works in the desk, two tabs of one headless Chromium, over every worker
+//! (ingest, bot-router, dispatcher, notifier, the API) and the reference web-chat gateway, as
+//! the tenant's fenced gateway user, on real NATS and Postgres. The customer types, the bot
+//! answers, the customer asks for a person; the desk (signed in with an agent token, ready)
+//! shows the offer; the agent accepts and replies, and the widget shows the reply; the agent
+//! closes, the widget shows the survey's buttons, the customer presses one, and the rating is
+//! stored (Postgres).
+//!
+//! A screenshot of the page at each step goes to `target/test-output/try-it/NN-<page>-<step>.png`.
+//! With `FL_README_IMAGES=1` the test also writes the README's two pictures,
+//! `docs/img/try-it-widget.png` and `docs/img/try-it-desk.png`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::helpers::desk_page::{desk_message_shown, desk_shown, offer_for};
+use crate::helpers::webchat::{
+    fenced_nats, press_widget_button, type_in_widget, wait_widget, widget_texts, Gateway,
+};
+use crate::helpers::{eventually, Browser, Page, TestApp};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+const SETUP: &str = r#"{"tenants":[{"id": "acme", "name": "ACME", "dispatch_cycle_seconds": 120,
+   "channels": [{"id": "webchat", "kind": "webchat", "name": "Web chat", "bot_enabled": true}],
+   "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 3}]}]}"#;
+
+const BOT: &str = r#"
+tenant: acme
+handover_keywords: [轉真人, agent, human]
+fallback_reply: 'Sorry, I did not get that. Type "agent" to talk to a person.'
+handover_reply: Connecting you with an agent, one moment please.
+channels:
+  - id: webchat
+    survey: {question: "How did we do? (1 poor, 5 great)", scale: 5, thanks: Thank you for your rating!}
+keyword_rules:
+  - {id: hours, match: contains, pattern: opening hours, reply: {text: "We are open every day, 09:00-21:00."}}
+"#;
+
+const QUESTION: &str = "What are your opening hours?";
+const BOT_ANSWER: &str = "We are open every day, 09:00-21:00.";
+const HANDOVER_REPLY: &str = "Connecting you with an agent, one moment please.";
+const AGENT_REPLY: &str = "Hi, I'm Amy. We are open until 21:00 today; how can I help?";
+const SURVEY: &str = "How did we do? (1 poor, 5 great)";
+const THANKS: &str = "Thank you for your rating!";
+
+/// The screenshots of the run, numbered in the order taken.
+struct Shots {
+    taken: u32,
+}
+
+impl Shots {
+    /// Saves `page` as `try-it/NN-<name>.png` under `target/test-output/`; its path.
+    async fn take(&mut self, page: &mut Page, name: &str) -> PathBuf {
+        self.taken += 1;
+        // A tab in the background is not painted: the one shot comes to the front first.
+        page.call("Page.bringToFront", json!({})).await;
+        page.screenshot(&format!("try-it/{:02}-{name}.png", self.taken))
+            .await
+    }
+}
+
+/// Copies a screenshot to `docs/img/<name>` when `FL_README_IMAGES=1` (the README's pictures).
+fn readme_image(shot: &Path, name: &str) {
+    if std::env::var("FL_README_IMAGES").as_deref() == Ok("1") {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/img");
+        std::fs::create_dir_all(&dir).unwrap();
+        let to = dir.join(name);
+        std::fs::copy(shot, &to).unwrap();
+        println!("README image: {}", to.display());
+    }
+}
+
+/// The page's viewport: a phone-sized one for the widget, a laptop's for the desk.
+async fn viewport(page: &mut Page, width: u32, height: u32) {
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": false}),
+    )
+    .await;
+}
+
+fn last_message(shown: &Value) -> Value {
+    shown["messages"]
+        .as_array()
+        .and_then(|m| m.last().cloned())
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
+    let nats = fenced_nats(&["acme"]).await;
+    let mut app = TestApp::spawn_on(nats, SETUP).await;
+    app.load_bot(BOT).await.expect("the bot file");
+    let api = app.start_api().await;
+    let gateway = Gateway::start(&app, "acme", None).await;
+    let amy = app.token("acme", "agent", Some("amy")).await;
+    let browser = Browser::start();
+    let mut shots = Shots { taken: 0 };
+
+    // The desk, in one tab: signed in as Amy with her token, and ready.
+    let mut desk = browser.page().await;
+    viewport(&mut desk, 1280, 760).await;
+    desk.navigate(&format!("{}/desk?lang=en#token={amy}", api.base))
+        .await;
+    desk_shown(&mut desk, "the desk signed in and live", |v| {
+        v["signedIn"] == "true" && v["live"] == "true" && v["presence"] == "offline"
+    })
+    .await;
+    desk.click("#go-ready").await;
+    app.wait_for_presence("acme", "amy", "ready", None).await;
+    desk_shown(&mut desk, "ready shown", |v| v["presence"] == "ready").await;
+    shots.take(&mut desk, "desk-ready").await;
+
+    // The widget, in another tab: the customer types, the bot answers.
+    let mut widget = browser.new_page().await;
+    viewport(&mut widget, 480, 760).await;
+    widget.navigate(&format!("{}/?lang=en", gateway.url)).await;
+    let v = wait_widget(&mut widget, "the widget connected", |v| {
+        v["connected"] == "true" && v["visible"] == true
+    })
+    .await;
+    assert_eq!(v["title"], "Chat with us");
+    let customer = widget
+        .eval("window.__firstlineWebchat.customerId")
+        .await
+        .as_str()
+        .expect("the visitor's id")
+        .to_owned();
+    type_in_widget(&mut widget, QUESTION).await;
+    let v = wait_widget(&mut widget, "the bot's answer", |v| {
+        last_message(v)["text"] == BOT_ANSWER
+    })
+    .await;
+    assert_eq!(widget_texts(&v), [QUESTION, BOT_ANSWER]);
+    assert_eq!(last_message(&v)["author"], "bot");
+    app.wait_for_state("acme", "webchat", &customer, "bot")
+        .await;
+    shots.take(&mut widget, "widget-bot-answers").await;
+
+    // The customer asks for a person: the bot hands over, and the desk shows the offer.
+    type_in_widget(&mut widget, "human").await;
+    wait_widget(&mut widget, "the bot's hand-over", |v| {
+        last_message(v)["text"] == HANDOVER_REPLY
+    })
+    .await;
+    shots.take(&mut widget, "widget-handover").await;
+    app.wait_for_state("acme", "webchat", &customer, "assigning")
+        .await;
+    let conversation: Uuid = app
+        .pg
+        .query_one(
+            "SELECT c.id FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+             WHERE cu.tenant_id = 'acme' AND cu.external_id = $1 AND c.state = 'assigning'",
+            &[&customer],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let v = desk_shown(&mut desk, "the offer", |v| {
+        offer_for(v, conversation).is_some()
+    })
+    .await;
+    let offer = offer_for(&v, conversation).unwrap();
+    assert!(
+        offer["text"].as_str().unwrap().contains(&customer),
+        "the offer names the customer: {offer}"
+    );
+    shots.take(&mut desk, "desk-offer").await;
+
+    // The agent accepts: the desk shows the conversation with the customer's messages.
+    desk.click(&format!(
+        ".offer[data-conversation-id='{conversation}'] button.accept"
+    ))
+    .await;
+    app.wait_for_state("acme", "webchat", &customer, "processing")
+        .await;
+    desk_shown(&mut desk, "the accepted conversation", |v| {
+        v["open"] == conversation.to_string()
+            && desk_message_shown(v, "customer", QUESTION)
+            && desk_message_shown(v, "customer", "human")
+    })
+    .await;
+
+    // The agent replies: the widget shows it, from the agent.
+    desk.type_into("#reply-text", AGENT_REPLY).await;
+    desk.click("#reply-send").await;
+    desk_shown(&mut desk, "the reply stored", |v| {
+        v["messages"].as_array().is_some_and(|ms| {
+            ms.iter().any(|m| {
+                m["author"] == "agent" && m["text"] == AGENT_REPLY && m["pending"] == "false"
+            })
+        })
+    })
+    .await;
+    let desk_shot = shots.take(&mut desk, "desk-reply").await;
+    let v = wait_widget(&mut widget, "the agent's reply", |v| {
+        last_message(v)["text"] == AGENT_REPLY
+    })
+    .await;
+    assert_eq!(last_message(&v)["author"], "agent");
+    shots.take(&mut widget, "widget-agent-reply").await;
+
+    // The agent closes: the conversation leaves the desk; the widget shows the survey buttons.
+    desk.click("#close").await;
+    app.wait_for_state("acme", "webchat", &customer, "completed")
+        .await;
+    desk_shown(&mut desk, "the closed conversation gone", |v| {
+        v["serving"].as_array().is_some_and(|s| s.is_empty()) && v["open"].is_null()
+    })
+    .await;
+    shots.take(&mut desk, "desk-closed").await;
+    let v = wait_widget(&mut widget, "the survey's buttons", |v| {
+        last_message(v)["text"] == SURVEY
+    })
+    .await;
+    let survey = last_message(&v);
+    let labels: Vec<&str> = survey["buttons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["1", "2", "3", "4", "5"]);
+    let widget_shot = shots.take(&mut widget, "widget-survey").await;
+
+    // The customer presses 4: thanked, and the rating is stored on the conversation.
+    press_widget_button(&mut widget, "4").await;
+    let v = wait_widget(&mut widget, "the thanks", |v| {
+        last_message(v)["text"] == THANKS
+    })
+    .await;
+    assert_eq!(
+        widget_texts(&v),
+        [
+            QUESTION,
+            BOT_ANSWER,
+            "human",
+            HANDOVER_REPLY,
+            AGENT_REPLY,
+            SURVEY,
+            "4",
+            THANKS
+        ]
+    );
+    shots.take(&mut widget, "widget-rated").await;
+    let row = eventually(
+        "the rating stored",
+        Duration::from_secs(20),
+        || async {
+            let row = app
+                .pg
+                .query_one(
+                    "SELECT rating, rated_at IS NOT NULL, agent_id, state FROM conversations WHERE id = $1",
+                    &[&conversation],
+                )
+                .await
+                .unwrap();
+            row.get::<_, Option<i16>>(0).is_some().then_some(row)
+        },
+    )
+    .await;
+    let stored: (Option<i16>, bool, Option<String>, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(
+        stored,
+        (
+            Some(4),
+            true,
+            Some("amy".to_owned()),
+            "completed".to_owned()
+        )
+    );
+    // The way it went, as the transitions recorded it.
+    assert_eq!(
+        app.states_of(conversation).await,
+        ["bot", "waiting", "assigning", "processing", "completed"]
+    );
+
+    readme_image(&widget_shot, "try-it-widget.png");
+    readme_image(&desk_shot, "try-it-desk.png");
+}
