@@ -374,10 +374,12 @@ async fn the_desk_reconnects_its_websocket_and_misses_nothing() {
 }
 
 /// `scripts/up` (the demo) prints the desk's address beside the dashboard's, signed in as the
-/// agent no simulation drives: opened, Ready pressed, she is offered the next conversation.
+/// agent no simulation drives: opened, Ready pressed, she is offered the web chat's next
+/// conversation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
-    let mut app = TestApp::spawn(firstline::demo::DEMO_SETUP).await;
+    let mut app = TestApp::spawn(r#"{"tenants": []}"#).await;
+    firstline::demo::configure(&app.db.url).await.unwrap();
     let api = app.start_api().await;
     let addr = api.base.trim_start_matches("http://").parse().unwrap();
     let line = firstline::demo::desk_address(&app.pg, addr).await.unwrap();
@@ -408,9 +410,8 @@ async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
     })
     .await;
     page.click("#go-ready").await;
-    // `webchat` has no bot: the customer queues at once, and Dana (english) is offered it.
-    app.customer_says("demo", "webchat", "U900", "Hello, my order has not arrived")
-        .await;
+    // The web chat's customer asks for a person: only Dana has the skill it requires.
+    app.customer_says("demo", "webchat", "U900", "human").await;
     let c = offered(&mut events, "U900").await;
     desk_shown(&mut page, "the offer in the demo's desk", |v| {
         offer_for(v, c).is_some()

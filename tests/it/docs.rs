@@ -105,16 +105,21 @@ fn the_readme_states_the_dispatch_cycle_range() {
     );
 }
 
+/// The README's "Try it" section.
+fn try_it_section() -> &'static str {
+    README
+        .split("\n## Try it\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README has a Try it section")
+}
+
 /// The README's "Try it": the two lines it shows are those `scripts/up` and the demo print (at
 /// the default addresses), and its pictures are small PNGs that the test it names writes.
 #[test]
 fn try_it_shows_what_scripts_up_prints_and_the_pictures_of_the_test_it_names() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let section = README
-        .split("\n## Try it\n")
-        .nth(1)
-        .and_then(|rest| rest.split("\n## ").next())
-        .expect("the README has a Try it section");
+    let section = try_it_section();
 
     // scripts/up says the web chat's address itself (`say` prints `==> `), with its default.
     let up = std::fs::read_to_string(root.join("scripts/up")).unwrap();
@@ -161,4 +166,37 @@ fn try_it_shows_what_scripts_up_prints_and_the_pictures_of_the_test_it_names() {
             "{test_file} does not write {name}"
         );
     }
+}
+
+/// The switch Try it names to leave the simulation out is one `scripts/up --help` lists (its
+/// help starts nothing), and `scripts/up` hands it to `firstline demo`, which takes it.
+#[test]
+fn try_it_s_switch_is_one_scripts_up_and_the_demo_take() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let section = try_it_section();
+    let switch = section
+        .split('`')
+        .find_map(|s| s.strip_prefix("scripts/up --"))
+        .map(|s| format!("--{s}"))
+        .expect("Try it names a switch of scripts/up");
+    let help = std::process::Command::new(root.join("scripts/up"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains(&format!("scripts/up {switch}")),
+        "scripts/up --help does not list {switch}:\n{help}"
+    );
+    let up = std::fs::read_to_string(root.join("scripts/up")).unwrap();
+    assert!(up.contains("exec ./target/debug/firstline demo \"$@\""));
+    let demo =
+        std::process::Command::new(firstline_tests::workers::WorkerProcess::binary("firstline"))
+            .args(["demo", "--help"])
+            .output()
+            .unwrap();
+    assert!(
+        String::from_utf8_lossy(&demo.stdout).contains(&switch),
+        "firstline demo does not take {switch}"
+    );
 }

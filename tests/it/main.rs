@@ -13,6 +13,7 @@ mod bus;
 mod chaos;
 mod cluster;
 mod dashboard;
+mod demo;
 mod desk;
 mod dispatch;
 mod docs;

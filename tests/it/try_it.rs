@@ -1,9 +1,11 @@
 //! Issue 24's "done when", end to end in a real browser: a customer chats in the web-chat widget
 //! while an agent works in the desk, two tabs of one headless Chromium, over every worker
 //! (ingest, bot-router, dispatcher, notifier, the API) and the reference web-chat gateway, as
-//! the tenant's fenced gateway user, on real NATS and Postgres. The customer types, the bot
-//! answers, the customer asks for a person; the desk (signed in with an agent token, ready)
-//! shows the offer; the agent accepts and replies, and the widget shows the reply; the agent
+//! the tenant's fenced gateway user, on real NATS and Postgres, with the demo's own
+//! configuration and bot (`firstline::demo::configure`, what `scripts/up` loads), so that the
+//! pictures are what a newcomer sees. The customer types, the bot answers, the customer asks
+//! for a person; the desk (the address the demo prints, signed in as Dana, ready) shows the
+//! offer; the agent accepts and replies, and the widget shows the reply; the agent
 //! closes, the widget shows the survey's buttons, the customer presses one, and the rating is
 //! stored (Postgres).
 //!
@@ -22,28 +24,27 @@ use crate::helpers::{eventually, Browser, Page, TestApp};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const SETUP: &str = r#"{"tenants":[{"id": "acme", "name": "ACME", "dispatch_cycle_seconds": 120,
-   "channels": [{"id": "webchat", "kind": "webchat", "name": "Web chat", "bot_enabled": true}],
-   "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 3}]}]}"#;
-
-const BOT: &str = r#"
-tenant: acme
-handover_keywords: [轉真人, agent, human]
-fallback_reply: 'Sorry, I did not get that. Type "agent" to talk to a person.'
-handover_reply: Connecting you with an agent, one moment please.
-channels:
-  - id: webchat
-    survey: {question: "How did we do? (1 poor, 5 great)", scale: 5, thanks: Thank you for your rating!}
-keyword_rules:
-  - {id: hours, match: contains, pattern: opening hours, reply: {text: "We are open every day, 09:00-21:00."}}
-"#;
-
+/// The customer's first message and the demo bot's answer (its rule `hours-en`).
 const QUESTION: &str = "What are your opening hours?";
 const BOT_ANSWER: &str = "We are open every day, 09:00-21:00.";
-const HANDOVER_REPLY: &str = "Connecting you with an agent, one moment please.";
-const AGENT_REPLY: &str = "Hi, I'm Amy. We are open until 21:00 today; how can I help?";
-const SURVEY: &str = "How did we do? (1 poor, 5 great)";
-const THANKS: &str = "Thank you for your rating!";
+const AGENT_REPLY: &str = "Hi, I'm Dana. We are open until 21:00 today; how can I help?";
+
+/// What the demo's bot file says on hand-over, and its `webchat` survey's question and thanks.
+fn demo_bot_texts() -> (String, String, String) {
+    let bot = firstline_bot_router::setup::BotFile::parse(firstline::demo::DEMO_BOT, false)
+        .expect("the demo's bot file");
+    let survey = bot
+        .channels
+        .iter()
+        .find(|c| c.id.as_str() == "webchat")
+        .and_then(|c| c.survey.clone().flatten())
+        .expect("the demo's web chat has a survey");
+    (
+        bot.handover_reply.expect("a hand-over reply"),
+        survey.question,
+        survey.thanks.expect("the survey's thanks"),
+    )
+}
 
 /// The screenshots of the run, numbered in the order taken.
 struct Shots {
@@ -90,26 +91,37 @@ fn last_message(shown: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
-    let nats = fenced_nats(&["acme"]).await;
-    let mut app = TestApp::spawn_on(nats, SETUP).await;
-    app.load_bot(BOT).await.expect("the bot file");
+    // The demo's own configuration and bot, as `scripts/up` loads them (without its
+    // simulation: what it adds never reaches Dana or the web chat, demo:: checks).
+    let nats = fenced_nats(&["demo"]).await;
+    let mut app = TestApp::spawn_on(nats, r#"{"tenants": []}"#).await;
+    firstline::demo::configure(&app.db.url)
+        .await
+        .expect("the demo's configuration");
+    let (handover_reply, survey_question, thanks) = demo_bot_texts();
     let api = app.start_api().await;
-    let gateway = Gateway::start(&app, "acme", None).await;
-    let amy = app.token("acme", "agent", Some("amy")).await;
+    let gateway = Gateway::start(&app, "demo", None).await;
     let browser = Browser::start();
     let mut shots = Shots { taken: 0 };
 
-    // The desk, in one tab: signed in as Amy with her token, and ready.
+    // The desk, in one tab: the address the demo prints (signed in as Dana), in English, and
+    // ready.
+    let addr = api.base.trim_start_matches("http://").parse().unwrap();
+    let line = firstline::demo::desk_address(&app.pg, addr).await.unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("an address in {line:?}"))
+        .replacen("/desk#", "/desk?lang=en#", 1);
     let mut desk = browser.page().await;
     viewport(&mut desk, 1280, 760).await;
-    desk.navigate(&format!("{}/desk?lang=en#token={amy}", api.base))
-        .await;
+    desk.navigate(&url).await;
     desk_shown(&mut desk, "the desk signed in and live", |v| {
         v["signedIn"] == "true" && v["live"] == "true" && v["presence"] == "offline"
     })
     .await;
     desk.click("#go-ready").await;
-    app.wait_for_presence("acme", "amy", "ready", None).await;
+    app.wait_for_presence("demo", "dana", "ready", None).await;
     desk_shown(&mut desk, "ready shown", |v| v["presence"] == "ready").await;
     shots.take(&mut desk, "desk-ready").await;
 
@@ -135,24 +147,24 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
     .await;
     assert_eq!(widget_texts(&v), [QUESTION, BOT_ANSWER]);
     assert_eq!(last_message(&v)["author"], "bot");
-    app.wait_for_state("acme", "webchat", &customer, "bot")
+    app.wait_for_state("demo", "webchat", &customer, "bot")
         .await;
     shots.take(&mut widget, "widget-bot-answers").await;
 
     // The customer asks for a person: the bot hands over, and the desk shows the offer.
     type_in_widget(&mut widget, "human").await;
     wait_widget(&mut widget, "the bot's hand-over", |v| {
-        last_message(v)["text"] == HANDOVER_REPLY
+        last_message(v)["text"] == handover_reply
     })
     .await;
     shots.take(&mut widget, "widget-handover").await;
-    app.wait_for_state("acme", "webchat", &customer, "assigning")
+    app.wait_for_state("demo", "webchat", &customer, "assigning")
         .await;
     let conversation: Uuid = app
         .pg
         .query_one(
             "SELECT c.id FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-             WHERE cu.tenant_id = 'acme' AND cu.external_id = $1 AND c.state = 'assigning'",
+             WHERE cu.tenant_id = 'demo' AND cu.external_id = $1 AND c.state = 'assigning'",
             &[&customer],
         )
         .await
@@ -174,7 +186,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
         ".offer[data-conversation-id='{conversation}'] button.accept"
     ))
     .await;
-    app.wait_for_state("acme", "webchat", &customer, "processing")
+    app.wait_for_state("demo", "webchat", &customer, "processing")
         .await;
     desk_shown(&mut desk, "the accepted conversation", |v| {
         v["open"] == conversation.to_string()
@@ -204,7 +216,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
 
     // The agent closes: the conversation leaves the desk; the widget shows the survey buttons.
     desk.click("#close").await;
-    app.wait_for_state("acme", "webchat", &customer, "completed")
+    app.wait_for_state("demo", "webchat", &customer, "completed")
         .await;
     desk_shown(&mut desk, "the closed conversation gone", |v| {
         v["serving"].as_array().is_some_and(|s| s.is_empty()) && v["open"].is_null()
@@ -212,7 +224,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
     .await;
     shots.take(&mut desk, "desk-closed").await;
     let v = wait_widget(&mut widget, "the survey's buttons", |v| {
-        last_message(v)["text"] == SURVEY
+        last_message(v)["text"] == survey_question
     })
     .await;
     let survey = last_message(&v);
@@ -228,7 +240,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
     // The customer presses 4: thanked, and the rating is stored on the conversation.
     press_widget_button(&mut widget, "4").await;
     let v = wait_widget(&mut widget, "the thanks", |v| {
-        last_message(v)["text"] == THANKS
+        last_message(v)["text"] == thanks
     })
     .await;
     assert_eq!(
@@ -237,11 +249,11 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
             QUESTION,
             BOT_ANSWER,
             "human",
-            HANDOVER_REPLY,
+            &handover_reply,
             AGENT_REPLY,
-            SURVEY,
+            &survey_question,
             "4",
-            THANKS
+            &thanks
         ]
     );
     shots.take(&mut widget, "widget-rated").await;
@@ -268,7 +280,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
         (
             Some(4),
             true,
-            Some("amy".to_owned()),
+            Some(firstline::demo::DESK_AGENT.to_owned()),
             "completed".to_owned()
         )
     );

@@ -1,11 +1,18 @@
 //! The demo: a simulated gateway and simulated agents driving the real workers over NATS,
 //! printing each conversation's states as they change (from `fl.<tenant>.events.conversation`).
 //!
-//! Customers write on `line` (the bot answers; they type 轉真人 to reach a person) and on
-//! `webchat` (no bot, needs the `english` skill). Agents go ready, accept offers after a
-//! moment (now and then one declines), greet the customer, and close the conversation. One
-//! more agent, Dana, is left to a person: the agent desk's address printed at the start signs
-//! in as her.
+//! Customers write on `line` (the bot answers; they type 轉真人 to reach a person, who needs
+//! the `zh` skill) and on `email` (no bot, needs `english`). Agents go ready, accept offers
+//! after a moment (now and then one declines), greet the customer, and close the conversation.
+//!
+//! The `webchat` channel is the newcomer's (`scripts/up` runs the web-chat gateway for it): its
+//! bot answers, hands over on request and sends the survey after the agent closes, and its
+//! conversations require the `webchat` skill, which only Dana has (SPEC D4), the agent left to
+//! a person: the agent desk's address printed at the start signs in as her. No simulated
+//! customer writes on `webchat`, and Dana has no skill `line` or `email` require, so neither
+//! side of the simulation reaches her desk or takes the newcomer's chat. The simulation is an
+//! option ([`DemoOptions::simulate`], `firstline demo --no-simulation`): without it, only the
+//! newcomer's chat and Dana.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use firstline_shared::bus;
-use firstline_shared::domain::{AgentId, AgentStatus, ChannelId, SkillSet, TenantId};
+use firstline_shared::domain::{AgentId, AgentStatus, ChannelId, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
     self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, ConversationEvent,
@@ -26,26 +33,49 @@ use uuid::Uuid;
 
 use crate::setup::SetupFile;
 
-/// The demo tenant, its channels and agents.
+/// The demo tenant, its channels and agents. `webchat` requires the skill only Dana has
+/// ([`DESK_AGENT`]; SPEC D4), `line` and `email` skills she does not have.
 pub const DEMO_SETUP: &str = r#"{"tenants":[{
     "id": "demo", "name": "FIRST LINE demo", "dispatch_cycle_seconds": 15, "offer_limit": 3,
     "channels": [
-        {"id": "line", "kind": "line", "name": "LINE 官方帳號", "bot_enabled": true},
-        {"id": "webchat", "kind": "webchat", "name": "Web chat (English)", "bot_enabled": false, "required_skills": ["english"]}
+        {"id": "line", "kind": "line", "name": "LINE 官方帳號", "bot_enabled": true, "required_skills": ["zh"]},
+        {"id": "email", "kind": "email", "name": "E-mail (English)", "bot_enabled": false, "required_skills": ["english"]},
+        {"id": "webchat", "kind": "webchat", "name": "網站即時聊天 Web chat", "bot_enabled": true, "required_skills": ["webchat"]}
     ],
     "agents": [
         {"id": "amy", "name": "Amy", "skills": ["zh", "english"], "capacity": 3},
         {"id": "ben", "name": "Ben", "skills": ["zh"], "capacity": 2},
         {"id": "chen", "name": "Chen", "skills": ["english"], "capacity": 2},
-        {"id": "dana", "name": "Dana (you, at the desk)", "skills": ["zh", "english"], "capacity": 3}
+        {"id": "dana", "name": "Dana (you, at the desk)", "skills": ["webchat"], "capacity": 3}
     ]
 }]}"#;
 
 /// The demo's agent that is not simulated: the desk the demo prints signs in as her.
 pub const DESK_AGENT: &str = "dana";
 
-/// The demo tenant's bot: keyword rules, articles, a flow, the survey.
+/// The demo tenant's bot: keyword rules, articles, a flow, the surveys of `line` and `webchat`.
 pub const DEMO_BOT: &str = include_str!("../../../config/demo-bot.yaml");
+
+/// Configures the demo tenant ([`DEMO_SETUP`]) and loads its bot ([`DEMO_BOT`]): what
+/// `firstline demo` (so `scripts/up`) does first, and what `tests/it/try_it.rs` runs on.
+pub async fn configure(database_url: &str) -> anyhow::Result<()> {
+    crate::setup::configure(database_url, &SetupFile::parse(DEMO_SETUP)?).await?;
+    let bot = firstline_bot_router::setup::BotFile::parse(DEMO_BOT, false)?;
+    firstline_bot_router::setup::load(database_url, &bot).await?;
+    Ok(())
+}
+
+/// The demo's agents that the simulation drives: every agent of [`DEMO_SETUP`] but
+/// [`DESK_AGENT`].
+pub fn simulated_agents() -> anyhow::Result<Vec<crate::setup::AgentSetup>> {
+    let setup = SetupFile::parse(DEMO_SETUP)?;
+    Ok(setup
+        .tenants
+        .into_iter()
+        .flat_map(|t| t.agents)
+        .filter(|a| a.id.as_str() != DESK_AGENT)
+        .collect())
+}
 
 /// Options of `firstline demo`.
 #[derive(Clone, Debug)]
@@ -57,6 +87,9 @@ pub struct DemoOptions {
     /// Where the API serves the dashboard, if it runs: the demo prints its address with a
     /// supervisor token.
     pub api_addr: Option<std::net::SocketAddr>,
+    /// Run the simulated customers and agents (`firstline demo --no-simulation`: false). Off,
+    /// the simulated agents are set offline and only the newcomer's chat and Dana remain.
+    pub simulate: bool,
 }
 
 /// Runs the simulation against running workers until `shutdown`, or until
@@ -67,10 +100,7 @@ pub async fn run(
     options: DemoOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<usize> {
-    let setup = SetupFile::parse(DEMO_SETUP)?;
-    crate::setup::configure(database_url, &setup).await?;
-    let bot = firstline_bot_router::setup::BotFile::parse(DEMO_BOT, false)?;
-    firstline_bot_router::setup::load(database_url, &bot).await?;
+    configure(database_url).await?;
     let client = async_nats::connect(nats_url).await?;
     let js = jetstream::new(client.clone());
     bus::ensure_streams(&js).await?;
@@ -144,42 +174,59 @@ pub async fn run(
         }
     });
 
-    for (id, skills, capacity) in [
-        ("amy", &["zh", "english"][..], 3),
-        ("ben", &["zh"][..], 2),
-        ("chen", &["english"][..], 2),
-    ] {
-        let agent = AgentId::parse(id)?;
-        tokio::spawn(simulated_agent(
-            client.clone(),
-            js.clone(),
-            tenant.clone(),
-            agent.clone(),
-            done.clone(),
-        ));
-        let presence = AgentPresence {
-            version: Version,
-            status: AgentStatus::Ready,
-            reason: None,
-            capacity: Some(capacity),
-            skills: Some(SkillSet::new(skills)),
-            display_name: None,
-        };
-        bus::publish(
-            &js,
-            subjects::presence(&tenant, &agent),
-            &Uuid::now_v7().to_string(),
-            Default::default(),
-            wire::encode(&presence),
-        )
-        .await?;
+    let agents = simulated_agents()?;
+    if options.simulate {
+        for a in &agents {
+            tokio::spawn(simulated_agent(
+                client.clone(),
+                js.clone(),
+                tenant.clone(),
+                a.id.clone(),
+                done.clone(),
+            ));
+            let capacity = u32::try_from(a.capacity).unwrap_or(0);
+            set_presence(&js, &tenant, a, AgentStatus::Ready, Some(capacity)).await?;
+        }
+    } else {
+        // Not left ready by an earlier run with the simulation: nobody would answer them.
+        for a in &agents {
+            set_presence(&js, &tenant, a, AgentStatus::Offline, None).await?;
+        }
     }
 
+    if options.simulate {
+        simulated_customers(&js, &tenant, &options, &shutdown, &done).await?;
+    } else {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = done.cancelled() => {}
+        }
+    }
+    done.cancel();
+    if options.simulate {
+        // The simulated agents go with the simulation (a next run without it finds them offline).
+        for a in &agents {
+            set_presence(&js, &tenant, a, AgentStatus::Offline, None).await?;
+        }
+    }
+    let count = completed.lock().await.len();
+    Ok(count)
+}
+
+/// A new simulated customer every `options.every` (two on `line`, then one on `email`), until
+/// `shutdown`, or `done` (the conversations of `options.conversations` completed).
+async fn simulated_customers(
+    js: &jetstream::Context,
+    tenant: &TenantId,
+    options: &DemoOptions,
+    shutdown: &CancellationToken,
+    done: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut n = 0u32;
     loop {
         n += 1;
         let (channel, handover) = if n.is_multiple_of(3) {
-            ("webchat", false)
+            ("email", false)
         } else {
             ("line", true)
         };
@@ -205,9 +252,34 @@ pub async fn run(
             }
         }
     }
-    done.cancel();
-    let count = completed.lock().await.len();
-    Ok(count)
+    Ok(())
+}
+
+/// Publishes a simulated agent's presence: `status`, with its skills of [`DEMO_SETUP`].
+async fn set_presence(
+    js: &jetstream::Context,
+    tenant: &TenantId,
+    agent: &crate::setup::AgentSetup,
+    status: AgentStatus,
+    capacity: Option<u32>,
+) -> anyhow::Result<()> {
+    let presence = AgentPresence {
+        version: Version,
+        status,
+        reason: None,
+        capacity,
+        skills: Some(agent.skills.clone()),
+        display_name: None,
+    };
+    bus::publish(
+        js,
+        subjects::presence(tenant, &agent.id),
+        &Uuid::now_v7().to_string(),
+        Default::default(),
+        wire::encode(&presence),
+    )
+    .await?;
+    Ok(())
 }
 
 /// The agent desk's address with a new token of [`DESK_AGENT`], the agent no simulation
@@ -384,5 +456,51 @@ async fn simulated_agent(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPEC D4 on the demo's configuration: only Dana can be offered a `webchat` conversation,
+    /// and she none of the channels the simulated customers write on (`line`, `email`), each of
+    /// which a simulated agent can take.
+    #[test]
+    fn the_web_chat_is_dana_s_alone_and_the_simulation_never_reaches_her() {
+        let setup = SetupFile::parse(DEMO_SETUP).unwrap();
+        let tenant = &setup.tenants[0];
+        let skills_of = |channel: &str| {
+            &tenant
+                .channels
+                .iter()
+                .find(|c| c.id.as_str() == channel)
+                .unwrap()
+                .required_skills
+        };
+        let can_take = |channel: &str| -> Vec<&str> {
+            tenant
+                .agents
+                .iter()
+                .filter(|a| a.skills.covers(skills_of(channel)))
+                .map(|a| a.id.as_str())
+                .collect()
+        };
+        assert_eq!(can_take("webchat"), [DESK_AGENT]);
+        assert!(tenant
+            .channels
+            .iter()
+            .any(|c| c.id.as_str() == "webchat" && c.bot_enabled));
+        for channel in ["line", "email"] {
+            let agents = can_take(channel);
+            assert!(!agents.is_empty(), "{channel}: nobody");
+            assert!(!agents.contains(&DESK_AGENT), "{channel}: {agents:?}");
+        }
+        let simulated: Vec<String> = simulated_agents()
+            .unwrap()
+            .iter()
+            .map(|a| a.id.to_string())
+            .collect();
+        assert_eq!(simulated, ["amy", "ben", "chen"]);
     }
 }

@@ -31,7 +31,8 @@ enum Command {
         #[arg(long)]
         file: PathBuf,
     },
-    /// Run every worker and the simulated gateway and agents, printing state changes.
+    /// Run every worker and the demo tenant (with simulated customers and agents unless
+    /// --no-simulation), printing state changes.
     Demo {
         /// Stop after this many conversations are completed (default: run until Ctrl-C).
         #[arg(long)]
@@ -39,6 +40,9 @@ enum Command {
         /// Seconds between new customers.
         #[arg(long, default_value_t = 2.0)]
         every: f64,
+        /// No simulated customers and agents: only the web chat (yours) and Dana's desk.
+        #[arg(long)]
+        no_simulation: bool,
         #[command(flatten)]
         api: ApiOptions,
     },
@@ -361,6 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             conversations,
             every,
+            no_simulation,
             api,
         } => {
             firstline_shared::db::create_database_if_missing(&cli.common.database_url).await?;
@@ -374,6 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 conversations,
                 every: Duration::from_secs_f64(every),
                 api_addr: api.addr(),
+                simulate: !no_simulation,
             };
             let completed = demo::run(
                 &cli.common.nats_url,
