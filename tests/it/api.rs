@@ -251,7 +251,7 @@ async fn tokens_are_required_and_roles_decide_what_each_may_do() {
     assert_eq!(status, 202, "{body}");
     eventually("ben not ready", Duration::from_secs(10), || async {
         let a = api.ok("/api/v1/agents/ben", &t.admin).await;
-        (a["status"] == "not_ready" && a["status_reason"] == "meeting").then_some(())
+        (a["status"] == "away" && a["status_reason"] == "meeting").then_some(())
     })
     .await;
     let c = queued(&app, "R1").await;
@@ -642,7 +642,7 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
         .await;
     assert_eq!(status, 201, "{cat}");
     assert_eq!(cat["skills"], json!(["en", "ja"]));
-    assert_eq!(cat["status"], "offline");
+    assert_eq!(cat["status"], "logged_out");
     assert_eq!(
         (cat["serving"].as_i64(), cat["open_offers"].as_i64()),
         (Some(0), Some(0))
@@ -678,11 +678,11 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
         api.put(
             "/api/v1/agents/cat/presence",
             &t.supervisor,
-            json!({"status": "away"}),
+            json!({"status": "busy"}),
         )
         .await,
         422,
-        "unknown variant `away`",
+        "unknown variant `busy`",
     );
     refused(
         api.put(

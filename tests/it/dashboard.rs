@@ -111,13 +111,14 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         api.put(
             "/api/v1/agents/ben/presence",
             &ben,
-            json!({"status": "not_ready", "reason": "lunch"})
+            json!({"status": "away", "reason": "lunch"})
         )
         .await
         .0,
         202
     );
 
+    // The name before SPEC S2 still works, and is shown as away.
     let zed = app.token("acme", "agent", Some("zed")).await;
     assert_eq!(
         api.put(
@@ -140,8 +141,8 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
     let shown = wait_shown(&mut page, "the dashboard to load and go live", |v| {
         v["refreshes"].as_i64() >= Some(1)
             && v["live"] == "true"
-            && v["agents"][1]["status"] == "not_ready"
-            && v["agents"][2]["status"] == "not_ready"
+            && v["agents"][1]["status"] == "away"
+            && v["agents"][2]["status"] == "away"
     })
     .await;
     assert_eq!(shown["title"], "Conversation queue");
@@ -181,11 +182,13 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         "load against capacity: {}",
         agents[0]
     );
+    // SPEC S2: the product's statuses, away with its reason.
     assert!(
-        agents[1]["text"].as_str().unwrap().contains("lunch"),
-        "the not-ready status: {}",
+        agents[1]["text"].as_str().unwrap().contains("away · lunch"),
+        "the away status: {}",
         agents[1]
     );
+    assert!(agents[0]["text"].as_str().unwrap().contains("ready"));
     page.screenshot("dashboard-en.png").await;
 
     // A live update: a new customer queues; the page shows it without a reload.
@@ -224,6 +227,13 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         .eval("[...document.querySelectorAll('.count .label')].map(e => e.textContent).join('|')")
         .await;
     assert_eq!(labels, "機器人／對話腳本|等待中|分派中|處理中|今日已完成");
+    let statuses = page
+        .eval("[...document.querySelectorAll('tr[data-agent-id] td:nth-child(2)')].map(e => e.textContent).join('|')")
+        .await;
+    assert_eq!(
+        statuses,
+        "就緒|離開 · lunch|離開 · training on the new billing system"
+    );
     let path = page.screenshot("dashboard-zh-TW.png").await;
     assert!(
         std::fs::metadata(path).unwrap().len() > 10_000,

@@ -489,7 +489,7 @@ async fn offers_respect_readiness_and_limits() {
         &app.pg,
         "presence applied",
         Duration::from_secs(20),
-        "SELECT count(*) FROM agents WHERE status IN ('not_ready', 'offline')",
+        "SELECT count(*) FROM agents WHERE status IN ('away', 'logged_out')",
         2,
     )
     .await;
@@ -644,17 +644,11 @@ async fn the_database_refuses_double_offers_and_offers_beyond_d1() {
     // amy's capacity is 2: a third open offer breaks D1.
     let over = offer(conversations[2], "amy").await.unwrap_err();
     assert!(format!("{over:?}").contains("SPEC D1"), "{over:?}");
-    pg.execute(
-        "UPDATE agents SET status = 'not_ready' WHERE id = 'ben'",
-        &[],
-    )
-    .await
-    .unwrap();
+    pg.execute("UPDATE agents SET status = 'away' WHERE id = 'ben'", &[])
+        .await
+        .unwrap();
     let not_ready = offer(conversations[3], "ben").await.unwrap_err();
-    assert!(
-        format!("{not_ready:?}").contains("not_ready"),
-        "{not_ready:?}"
-    );
+    assert!(format!("{not_ready:?}").contains("away"), "{not_ready:?}");
 }
 
 /// A message dead-lettered for an unknown channel is replayed once the channel exists, and

@@ -16,8 +16,8 @@ use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, AgentStatus, ChannelId, SkillSet, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
-    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, ConversationEvent,
-    CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
+    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, AgentPresenceMessage,
+    ConversationEvent, CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -170,7 +170,7 @@ pub async fn run(
             subjects::presence(&tenant, &agent),
             &Uuid::now_v7().to_string(),
             Default::default(),
-            wire::encode(&presence),
+            wire::encode(&AgentPresenceMessage::from(presence)),
         )
         .await?;
     }

@@ -121,7 +121,7 @@ pub(super) async fn start_agents(
                 subjects::presence(&tenant, &agent),
                 &Uuid::now_v7().to_string(),
                 Default::default(),
-                wire::encode(&presence),
+                wire::encode(&AgentPresenceMessage::from(presence)),
             )
             .await?;
         }

@@ -24,8 +24,8 @@ use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, AgentStatus, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
-    self, AgentActionKind, AgentNotification, AgentPresence, Author, CustomerRef, InboundMessage,
-    NotificationKind, OutboundMessage, Version,
+    self, AgentActionKind, AgentNotification, AgentPresence, AgentPresenceMessage, Author,
+    CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
 };
 use futures::StreamExt;
 use hdrhistogram::Histogram;
