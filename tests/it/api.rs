@@ -116,6 +116,7 @@ async fn the_openapi_document_describes_every_endpoint() {
         ("/api/v1/conversations/{id}/transfer", &["post"]),
         ("/api/v1/queue", &["get"]),
         ("/api/v1/queue/live", &["get"]),
+        ("/api/v1/service-level", &["get"]),
         ("/api/v1/live", &["get"]),
         ("/api/v1/tokens", &["get", "post"]),
         ("/api/v1/tokens/{id}", &["delete"]),

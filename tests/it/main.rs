@@ -29,6 +29,7 @@ mod poison;
 mod readme;
 mod scale_out;
 mod schemas;
+mod service_level;
 mod statuses;
 mod tracing;
 mod webchat;

@@ -2,7 +2,9 @@
 
 use axum::extract::State;
 use axum::Json;
-use firstline_shared::db::{self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT};
+use firstline_shared::db::{
+    self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT, SERVICE_LEVEL_SECONDS,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -48,6 +50,9 @@ pub struct Settings {
     pub handover_reply: String,
     /// A knowledge-base article answers when its score reaches this (0..1].
     pub kb_min_score: f32,
+    /// SPEC SL (服務水平): a conversation accepted within this many seconds of being queued
+    /// meets the service level.
+    pub service_level_seconds: i32,
 }
 
 /// A change of settings: fields left out keep their value.
@@ -69,6 +74,9 @@ pub struct SettingsPatch {
     /// Above 0, at most 1.
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub kb_min_score: Option<f32>,
+    /// SPEC SL: 1 to 3600 (default 20).
+    #[schema(minimum = 1, maximum = 3600)]
+    pub service_level_seconds: Option<i32>,
 }
 
 /// The most hand-over keywords a tenant has.
@@ -87,6 +95,7 @@ impl SettingsPatch {
             bot_reply: self.bot_reply.clone().map(String::from),
             handover_reply: self.handover_reply.clone().map(String::from),
             kb_min_score: self.kb_min_score,
+            service_level_seconds: self.service_level_seconds,
         }
     }
 
@@ -106,6 +115,15 @@ impl SettingsPatch {
                     "offer_limit must be {} to {}, not {l}",
                     OFFER_LIMIT.start(),
                     OFFER_LIMIT.end()
+                )));
+            }
+        }
+        if let Some(s) = self.service_level_seconds {
+            if !SERVICE_LEVEL_SECONDS.contains(&s) {
+                return Err(ApiError::invalid(format!(
+                    "service_level_seconds must be {} to {}, not {s}",
+                    SERVICE_LEVEL_SECONDS.start(),
+                    SERVICE_LEVEL_SECONDS.end()
                 )));
             }
         }
@@ -147,7 +165,7 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
     let row = client
         .query_one(
             "SELECT id, name, dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply,
-                    handover_reply, kb_min_score
+                    handover_reply, kb_min_score, service_level_seconds
              FROM tenants WHERE id = $1",
             &[&p.tenant.as_str()],
         )
@@ -161,6 +179,7 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
         bot_reply: row.get(5),
         handover_reply: row.get(6),
         kb_min_score: row.get(7),
+        service_level_seconds: row.get(8),
     })
 }
 
