@@ -169,6 +169,11 @@ pub struct TenantSettingsPatch {
     pub kb_min_score: Option<f32>,
     /// SPEC SL: the threshold T, in [`SERVICE_LEVEL_SECONDS`].
     pub service_level_seconds: Option<i32>,
+    /// The customer's place in line ([`crate::place_in_line`]): what a waiting customer asks
+    /// with, and the texts told (with `{position}`, `{minutes}`).
+    pub queue_position_keywords: Option<Vec<String>>,
+    pub queue_position_reply: Option<String>,
+    pub queue_position_reply_no_estimate: Option<String>,
 }
 
 /// The one writer of a tenant's settings (the API's `PATCH /api/v1/settings`,
@@ -189,7 +194,10 @@ pub async fn update_tenant_settings(
                  bot_reply = coalesce($6, bot_reply),
                  handover_reply = coalesce($7, handover_reply),
                  kb_min_score = coalesce($8, kb_min_score),
-                 service_level_seconds = coalesce($9, service_level_seconds)
+                 service_level_seconds = coalesce($9, service_level_seconds),
+                 queue_position_keywords = coalesce($10, queue_position_keywords),
+                 queue_position_reply = coalesce($11, queue_position_reply),
+                 queue_position_reply_no_estimate = coalesce($12, queue_position_reply_no_estimate)
              WHERE id = $1",
             &[
                 &tenant.as_str(),
@@ -201,6 +209,9 @@ pub async fn update_tenant_settings(
                 &patch.handover_reply,
                 &patch.kb_min_score,
                 &patch.service_level_seconds,
+                &patch.queue_position_keywords,
+                &patch.queue_position_reply,
+                &patch.queue_position_reply_no_estimate,
             ],
         )
         .await
@@ -436,7 +447,9 @@ impl BotSays {
     }
 }
 
-/// Stores a bot message in the conversation and stages it for the customer's channel.
+/// Stores a bot message in the conversation and stages it for the customer's channel. Its
+/// `created_at` is the insert's time, as a customer message's is: a reply in the transaction
+/// that stored the customer's message (the place in line, a survey's thanks) sorts after it.
 /// `external_id` makes it idempotent: `false` if a message with that id is already stored
 /// (a redelivery of what caused it).
 pub async fn send_bot_message(
@@ -451,8 +464,8 @@ pub async fn send_bot_message(
         .then(|| serde_json::json!({ "buttons": says.buttons, "image_url": says.image_url }));
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, attachments)
-             VALUES ($1, $2, $3, $4, $5, 'bot', $6, $7)
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, attachments, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'bot', $6, $7, clock_timestamp())
              ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
              RETURNING created_at",
         )

@@ -850,7 +850,8 @@ async fn an_agent_works_a_conversation_through_the_api() {
         Duration::from_secs(10),
         || async {
             let d = api.ok(&format!("/api/v1/conversations/{c}"), &t.amy).await;
-            (d["messages"].as_array().unwrap().len() == 2).then_some(d)
+            // hello, the place in line told when it was queued, the reply.
+            (d["messages"].as_array().unwrap().len() == 3).then_some(d)
         },
     )
     .await;
@@ -859,7 +860,8 @@ async fn an_agent_works_a_conversation_through_the_api() {
     assert_eq!(detail["customer"]["id"], "W1");
     assert_eq!(detail["messages"][0]["author"], "customer");
     assert_eq!(detail["messages"][0]["text"], "hello");
-    assert_eq!(detail["messages"][1]["author"], "agent");
+    assert_eq!(detail["messages"][1]["author"], "bot");
+    assert_eq!(detail["messages"][2]["author"], "agent");
     let history: Vec<&str> = detail["history"]
         .as_array()
         .unwrap()

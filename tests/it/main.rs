@@ -25,6 +25,7 @@ mod metrics;
 mod multi_instance;
 mod observe;
 mod pipeline;
+mod place_in_line;
 mod poison;
 mod readme;
 mod scale_out;

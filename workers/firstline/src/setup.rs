@@ -36,6 +36,13 @@ pub struct TenantSetup {
     /// SPEC SL: the service-level threshold T, seconds.
     #[serde(default)]
     pub service_level_seconds: Option<i32>,
+    /// The customer's place in line: keywords and texts (docs/api.md).
+    #[serde(default)]
+    pub queue_position_keywords: Option<Vec<String>>,
+    #[serde(default)]
+    pub queue_position_reply: Option<String>,
+    #[serde(default)]
+    pub queue_position_reply_no_estimate: Option<String>,
     #[serde(default)]
     pub channels: Vec<ChannelSetup>,
     #[serde(default)]
@@ -148,6 +155,9 @@ impl SetupFile {
                 handover_reply: t.handover_reply.clone(),
                 kb_min_score: None,
                 service_level_seconds: t.service_level_seconds,
+                queue_position_keywords: t.queue_position_keywords.clone(),
+                queue_position_reply: t.queue_position_reply.clone(),
+                queue_position_reply_no_estimate: t.queue_position_reply_no_estimate.clone(),
             };
             db::update_tenant_settings(&tx, &t.id, &settings).await?;
             for c in &t.channels {

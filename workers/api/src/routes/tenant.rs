@@ -53,6 +53,14 @@ pub struct Settings {
     /// SPEC SL (服務水平): a conversation accepted within this many seconds of being queued
     /// meets the service level.
     pub service_level_seconds: i32,
+    /// A waiting customer's message containing one of these is answered with their place in
+    /// line and estimated wait.
+    pub queue_position_keywords: Vec<String>,
+    /// The place-in-line text, with `{position}` and `{minutes}`.
+    pub queue_position_reply: String,
+    /// The text when there is no estimate (nothing of those skills accepted lately), with
+    /// `{position}`.
+    pub queue_position_reply_no_estimate: String,
 }
 
 /// A change of settings: fields left out keep their value.
@@ -77,6 +85,11 @@ pub struct SettingsPatch {
     /// SPEC SL: 1 to 3600 (default 20).
     #[schema(minimum = 1, maximum = 3600)]
     pub service_level_seconds: Option<i32>,
+    /// At most 100 keywords.
+    #[schema(max_items = 100)]
+    pub queue_position_keywords: Option<Vec<Text<100>>>,
+    pub queue_position_reply: Option<Text<5000>>,
+    pub queue_position_reply_no_estimate: Option<Text<5000>>,
 }
 
 /// The most hand-over keywords a tenant has.
@@ -96,6 +109,15 @@ impl SettingsPatch {
             handover_reply: self.handover_reply.clone().map(String::from),
             kb_min_score: self.kb_min_score,
             service_level_seconds: self.service_level_seconds,
+            queue_position_keywords: self
+                .queue_position_keywords
+                .clone()
+                .map(|k| k.into_iter().map(String::from).collect()),
+            queue_position_reply: self.queue_position_reply.clone().map(String::from),
+            queue_position_reply_no_estimate: self
+                .queue_position_reply_no_estimate
+                .clone()
+                .map(String::from),
         }
     }
 
@@ -134,23 +156,32 @@ impl SettingsPatch {
                 )));
             }
         }
-        if let Some(k) = &self.handover_keywords {
+        for (field, keywords) in [
+            ("handover_keywords", &self.handover_keywords),
+            ("queue_position_keywords", &self.queue_position_keywords),
+        ] {
+            let Some(k) = keywords else { continue };
             if k.len() > MAX_KEYWORDS {
                 return Err(ApiError::invalid(format!(
-                    "handover_keywords: at most {MAX_KEYWORDS} keywords, not {}",
+                    "{field}: at most {MAX_KEYWORDS} keywords, not {}",
                     k.len()
                 )));
             }
             if k.iter().any(|k| k.trim().is_empty()) {
-                return Err(ApiError::invalid(
-                    "handover_keywords may not contain an empty keyword",
-                ));
+                return Err(ApiError::invalid(format!(
+                    "{field} may not contain an empty keyword"
+                )));
             }
         }
         for (field, value) in [
             ("bot_reply", self.bot_reply.as_deref()),
             ("handover_reply", self.handover_reply.as_deref()),
             ("name", self.name.as_deref()),
+            ("queue_position_reply", self.queue_position_reply.as_deref()),
+            (
+                "queue_position_reply_no_estimate",
+                self.queue_position_reply_no_estimate.as_deref(),
+            ),
         ] {
             if value.is_some_and(|v| v.trim().is_empty()) {
                 return Err(ApiError::invalid(format!("{field} may not be empty")));
@@ -165,7 +196,8 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
     let row = client
         .query_one(
             "SELECT id, name, dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply,
-                    handover_reply, kb_min_score, service_level_seconds
+                    handover_reply, kb_min_score, service_level_seconds, queue_position_keywords,
+                    queue_position_reply, queue_position_reply_no_estimate
              FROM tenants WHERE id = $1",
             &[&p.tenant.as_str()],
         )
@@ -180,6 +212,9 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
         handover_reply: row.get(6),
         kb_min_score: row.get(7),
         service_level_seconds: row.get(8),
+        queue_position_keywords: row.get(9),
+        queue_position_reply: row.get(10),
+        queue_position_reply_no_estimate: row.get(11),
     })
 }
 
