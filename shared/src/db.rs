@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::config::CommonConfig;
 use crate::domain::{AgentId, ChannelId, ConversationState, SkillSet, TenantId};
 use crate::outbox::Outbox;
+use crate::service_level::{QueueEnd, QueuedConversation};
 use crate::subjects;
 use crate::wire::{
     Author, ConversationEvent, Delivery, OutboundMessage, QueueSignal, QuickReply, Version,
@@ -147,6 +148,8 @@ pub async fn tenant_settings(
 pub const DISPATCH_CYCLE_SECONDS: std::ops::RangeInclusive<i32> = 5..=86_400;
 /// SPEC D1: the offer limits a tenant may set.
 pub const OFFER_LIMIT: std::ops::RangeInclusive<i32> = 1..=50;
+/// SPEC SL: the service-level thresholds T a tenant may set, in seconds (default 20).
+pub const SERVICE_LEVEL_SECONDS: std::ops::RangeInclusive<i32> = 1..=3600;
 
 /// A change of a tenant's settings: a field left `None` keeps its stored value. Callers check
 /// the values first (each names the problem its own way).
@@ -164,6 +167,13 @@ pub struct TenantSettingsPatch {
     pub handover_reply: Option<String>,
     /// A knowledge-base article answers when its score reaches this (0..1].
     pub kb_min_score: Option<f32>,
+    /// SPEC SL: the threshold T, in [`SERVICE_LEVEL_SECONDS`].
+    pub service_level_seconds: Option<i32>,
+    /// The customer's place in line ([`crate::place_in_line`]): what a waiting customer asks
+    /// with, and the texts told (with `{position}`, `{minutes}`).
+    pub queue_position_keywords: Option<Vec<String>>,
+    pub queue_position_reply: Option<String>,
+    pub queue_position_reply_no_estimate: Option<String>,
 }
 
 /// The one writer of a tenant's settings (the API's `PATCH /api/v1/settings`,
@@ -183,7 +193,11 @@ pub async fn update_tenant_settings(
                  handover_keywords = coalesce($5, handover_keywords),
                  bot_reply = coalesce($6, bot_reply),
                  handover_reply = coalesce($7, handover_reply),
-                 kb_min_score = coalesce($8, kb_min_score)
+                 kb_min_score = coalesce($8, kb_min_score),
+                 service_level_seconds = coalesce($9, service_level_seconds),
+                 queue_position_keywords = coalesce($10, queue_position_keywords),
+                 queue_position_reply = coalesce($11, queue_position_reply),
+                 queue_position_reply_no_estimate = coalesce($12, queue_position_reply_no_estimate)
              WHERE id = $1",
             &[
                 &tenant.as_str(),
@@ -194,6 +208,10 @@ pub async fn update_tenant_settings(
                 &patch.bot_reply,
                 &patch.handover_reply,
                 &patch.kb_min_score,
+                &patch.service_level_seconds,
+                &patch.queue_position_keywords,
+                &patch.queue_position_reply,
+                &patch.queue_position_reply_no_estimate,
             ],
         )
         .await
@@ -310,6 +328,7 @@ pub async fn transition(
                  queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, statement_timestamp()) ELSE queued_at END,
                  assigning_at = CASE WHEN $2 = 'assigning' THEN statement_timestamp() ELSE assigning_at END,
                  processing_at = CASE WHEN $2 = 'processing' THEN statement_timestamp() ELSE processing_at END,
+                 accepted_at = CASE WHEN $2 = 'processing' THEN coalesce(accepted_at, statement_timestamp()) ELSE accepted_at END,
                  completed_at = CASE WHEN $2 = 'completed' THEN statement_timestamp() ELSE completed_at END,
                  closed_by = CASE WHEN $2 = 'completed' THEN $4 ELSE closed_by END
              WHERE id = $1
@@ -428,7 +447,9 @@ impl BotSays {
     }
 }
 
-/// Stores a bot message in the conversation and stages it for the customer's channel.
+/// Stores a bot message in the conversation and stages it for the customer's channel. Its
+/// `created_at` is the insert's time, as a customer message's is: a reply in the transaction
+/// that stored the customer's message (the place in line, a survey's thanks) sorts after it.
 /// `external_id` makes it idempotent: `false` if a message with that id is already stored
 /// (a redelivery of what caused it).
 pub async fn send_bot_message(
@@ -443,8 +464,8 @@ pub async fn send_bot_message(
         .then(|| serde_json::json!({ "buttons": says.buttons, "image_url": says.image_url }));
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, attachments)
-             VALUES ($1, $2, $3, $4, $5, 'bot', $6, $7)
+            "INSERT INTO messages (id, tenant_id, channel_id, conversation_id, external_id, author, body, attachments, created_at)
+             VALUES ($1, $2, $3, $4, $5, 'bot', $6, $7, clock_timestamp())
              ON CONFLICT (tenant_id, channel_id, external_id) DO NOTHING
              RETURNING created_at",
         )
@@ -487,4 +508,40 @@ pub async fn send_bot_message(
         },
     );
     Ok(true)
+}
+
+/// SPEC SL: the conversations of `tenant` queued in `[start, end)`, one row each, read by an
+/// index-only scan of `conversations_service_level` (V14).
+pub const QUEUED_BETWEEN: &str =
+    "SELECT channel_id, queued_at, accepted_at, completed_at FROM conversations
+     WHERE tenant_id = $1 AND queued_at >= $2 AND queued_at < $3 AND queued_at IS NOT NULL";
+
+/// The rows of [`QUEUED_BETWEEN`], with how each wait ended: the first accept, else the
+/// completion (it left the queue without an agent), else still waiting.
+pub async fn queued_between(
+    client: &impl deadpool_postgres::GenericClient,
+    tenant: &TenantId,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<Vec<QueuedConversation>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(QUEUED_BETWEEN).await?;
+    let rows = client
+        .query(&stmt, &[&tenant.as_str(), &start, &end])
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let accepted: Option<DateTime<Utc>> = r.get(2);
+            let completed: Option<DateTime<Utc>> = r.get(3);
+            QueuedConversation {
+                channel: r.get(0),
+                queued_at: r.get(1),
+                end: match (accepted, completed) {
+                    (Some(at), _) => QueueEnd::Accepted(at),
+                    (None, Some(at)) => QueueEnd::Left(at),
+                    (None, None) => QueueEnd::Waiting,
+                },
+            }
+        })
+        .collect())
 }

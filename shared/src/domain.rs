@@ -235,40 +235,53 @@ impl FromStr for ConversationState {
     }
 }
 
-/// An agent's service status (SPEC words: online, ready). `not_ready` is online but not
-/// taking work (break, meeting...).
+/// An agent's service status (服務狀態), SPEC S2, with the product's names: `ready` (就緒),
+/// `away` (離開, online but taking no new work, with a reason: break, meeting...) and
+/// `logged_out` (登出). Only ready agents are offered conversations (SPEC D1-D3); away and
+/// logged-out agents keep the conversations they serve. Before S2 the names were `not_ready`
+/// and `offline`: version 1 presence messages and the API still accept them
+/// ([`crate::wire::AgentStatusV1`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentStatus {
+    /// 就緒: may be offered conversations.
     Ready,
-    NotReady,
-    Offline,
+    /// 離開: signed in, offered nothing new; the reason says why (break, meeting...).
+    Away,
+    /// 登出: signed out.
+    LoggedOut,
 }
 
 impl AgentStatus {
+    pub const ALL: [Self; 3] = [Self::Ready, Self::Away, Self::LoggedOut];
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ready => "ready",
-            Self::NotReady => "not_ready",
-            Self::Offline => "offline",
+            Self::Away => "away",
+            Self::LoggedOut => "logged_out",
         }
     }
     pub fn is_online(self) -> bool {
-        self != Self::Offline
+        self != Self::LoggedOut
+    }
+    /// SPEC S2: only a ready agent is offered conversations.
+    pub fn takes_offers(self) -> bool {
+        self == Self::Ready
     }
 }
 
 impl FromStr for AgentStatus {
     type Err = InvalidValue;
+    /// The product's names, and the names before SPEC S2 (`not_ready`, `offline`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "ready" => Ok(Self::Ready),
-            "not_ready" => Ok(Self::NotReady),
-            "offline" => Ok(Self::Offline),
+            "away" | "not_ready" => Ok(Self::Away),
+            "logged_out" | "offline" => Ok(Self::LoggedOut),
             _ => Err(InvalidValue {
                 what: "agent status",
                 value: s.to_owned(),
-                why: "not one of ready, not_ready, offline",
+                why: "not one of ready, away, logged_out (or the older not_ready, offline)",
             }),
         }
     }
@@ -334,5 +347,33 @@ mod tests {
             prop_assert_eq!(s.as_str().parse::<ConversationState>().unwrap(), s);
             prop_assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.as_str()));
         }
+    }
+
+    /// SPEC S2: the product's names round-trip; the names before S2 still parse, to the same
+    /// statuses; only ready takes offers, only logged out is offline.
+    #[test]
+    fn agent_statuses_have_the_products_names_and_read_the_old_ones() {
+        for s in AgentStatus::ALL {
+            assert_eq!(s.as_str().parse::<AgentStatus>().unwrap(), s);
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert_eq!(
+            "not_ready".parse::<AgentStatus>().unwrap(),
+            AgentStatus::Away
+        );
+        assert_eq!(
+            "offline".parse::<AgentStatus>().unwrap(),
+            AgentStatus::LoggedOut
+        );
+        assert!("busy".parse::<AgentStatus>().is_err());
+        let takes: Vec<_> = AgentStatus::ALL
+            .into_iter()
+            .filter(|s| s.takes_offers())
+            .collect();
+        assert_eq!(takes, [AgentStatus::Ready]);
+        assert!(AgentStatus::Away.is_online() && !AgentStatus::LoggedOut.is_online());
     }
 }

@@ -26,6 +26,8 @@ pub mod hours;
 pub mod metrics;
 pub mod outbox;
 pub mod partitions;
+pub mod place_in_line;
+pub mod service_level;
 pub mod shutdown;
 pub mod subjects;
 pub mod survey;

@@ -17,14 +17,19 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use uuid::Uuid;
 
-use crate::domain::{AgentId, AgentStatus, ChannelId, ConversationState, SkillSet};
+use crate::domain::{AgentId, ChannelId, ConversationState, SkillSet};
+
+mod presence;
+pub use presence::{AgentPresence, AgentPresenceMessage, AgentPresenceV1, AgentStatusV1};
 
 /// The `version` field: serializes as the number `N` and refuses any other number.
 #[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub struct Version<const N: u8>;
 
-/// The current version of every message.
+/// Version 1: the current version of every message but [`AgentPresence`].
 pub type V1 = Version<1>;
+/// Version 2 of a message (so far only [`AgentPresence`], SPEC S2).
+pub type V2 = Version<2>;
 
 impl<const N: u8> fmt::Debug for Version<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,7 +157,7 @@ macro_rules! wire_messages {
 
 wire_messages! {
     InboundMessage => "inbound-message",
-    AgentPresence => "agent-presence",
+    AgentPresenceMessage => "agent-presence",
     AgentAction => "agent-action",
     AgentNotification => "agent-notification",
     OutboundMessage => "outbound-message",
@@ -200,26 +205,6 @@ pub struct InboundMessage {
     /// gateway puts the button's label (or what the channel shows) in `text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postback: Option<String>,
-}
-
-/// `fl.<tenant>.presence.<agent>`, published by the agent desktop or the API.
-///
-/// `capacity` and `skills` replace the stored values when present and keep them when absent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
-pub struct AgentPresence {
-    pub version: V1,
-    pub status: AgentStatus,
-    /// Why the agent is not ready (break, meeting...), shown on dashboards.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// SPEC capacity (服務上限): conversations the agent may hold in `processing` at once.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub capacity: Option<u32>,
-    /// SPEC D4: the agent's skills.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub skills: Option<SkillSet>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub display_name: Option<String>,
 }
 
 /// `fl.<tenant>.agent.<agent>.action`, published by the agent desktop or the API.
@@ -550,7 +535,7 @@ mod tests {
         let e = decode::<AgentAction>(reply.as_bytes()).unwrap_err();
         assert!(e.reason.contains("field `text`"), "{e}");
         let presence = br#"{"version":1,"status":"not_ready","reason":"lunch\u0000"}"#;
-        let e = decode::<AgentPresence>(presence).unwrap_err();
+        let e = decode::<AgentPresenceMessage>(presence).unwrap_err();
         assert!(e.reason.contains("field `reason`"), "{e}");
         // An escaped backslash followed by "u0000" is text, not a NUL.
         let text = br#"{"version":1,"message_id":"m1","customer":{"id":"U1"},"text":"C:\\u0000"}"#;

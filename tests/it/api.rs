@@ -116,6 +116,7 @@ async fn the_openapi_document_describes_every_endpoint() {
         ("/api/v1/conversations/{id}/transfer", &["post"]),
         ("/api/v1/queue", &["get"]),
         ("/api/v1/queue/live", &["get"]),
+        ("/api/v1/service-level", &["get"]),
         ("/api/v1/live", &["get"]),
         ("/api/v1/tokens", &["get", "post"]),
         ("/api/v1/tokens/{id}", &["delete"]),
@@ -251,7 +252,7 @@ async fn tokens_are_required_and_roles_decide_what_each_may_do() {
     assert_eq!(status, 202, "{body}");
     eventually("ben not ready", Duration::from_secs(10), || async {
         let a = api.ok("/api/v1/agents/ben", &t.admin).await;
-        (a["status"] == "not_ready" && a["status_reason"] == "meeting").then_some(())
+        (a["status"] == "away" && a["status_reason"] == "meeting").then_some(())
     })
     .await;
     let c = queued(&app, "R1").await;
@@ -642,7 +643,7 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
         .await;
     assert_eq!(status, 201, "{cat}");
     assert_eq!(cat["skills"], json!(["en", "ja"]));
-    assert_eq!(cat["status"], "offline");
+    assert_eq!(cat["status"], "logged_out");
     assert_eq!(
         (cat["serving"].as_i64(), cat["open_offers"].as_i64()),
         (Some(0), Some(0))
@@ -678,11 +679,11 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
         api.put(
             "/api/v1/agents/cat/presence",
             &t.supervisor,
-            json!({"status": "away"}),
+            json!({"status": "busy"}),
         )
         .await,
         422,
-        "unknown variant `away`",
+        "unknown variant `busy`",
     );
     refused(
         api.put(
@@ -849,7 +850,8 @@ async fn an_agent_works_a_conversation_through_the_api() {
         Duration::from_secs(10),
         || async {
             let d = api.ok(&format!("/api/v1/conversations/{c}"), &t.amy).await;
-            (d["messages"].as_array().unwrap().len() == 2).then_some(d)
+            // hello, the place in line told when it was queued, the reply.
+            (d["messages"].as_array().unwrap().len() == 3).then_some(d)
         },
     )
     .await;
@@ -858,7 +860,8 @@ async fn an_agent_works_a_conversation_through_the_api() {
     assert_eq!(detail["customer"]["id"], "W1");
     assert_eq!(detail["messages"][0]["author"], "customer");
     assert_eq!(detail["messages"][0]["text"], "hello");
-    assert_eq!(detail["messages"][1]["author"], "agent");
+    assert_eq!(detail["messages"][1]["author"], "bot");
+    assert_eq!(detail["messages"][2]["author"], "agent");
     let history: Vec<&str> = detail["history"]
         .as_array()
         .unwrap()

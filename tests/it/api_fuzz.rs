@@ -90,7 +90,7 @@ async fn the_openapi_document_has_security_errors_and_limits() {
     let status_enum = &schemas["PresenceStatus"]["enum"];
     assert_eq!(
         status_enum,
-        &serde_json::json!(["ready", "not_ready", "offline"])
+        &serde_json::json!(["ready", "away", "logged_out", "not_ready", "offline"])
     );
     let params = doc["paths"]["/api/v1/conversations"]["get"]["parameters"]
         .as_array()

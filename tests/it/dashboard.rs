@@ -46,6 +46,15 @@ const SHOWN: &str = r#"(() => { try { return JSON.stringify({
     agents: [...document.querySelectorAll("tr[data-agent-id]")].map(r => ({
         id: r.dataset.agentId, status: r.dataset.status, text: r.textContent })),
     marker: window.__marker || null,
+    sl: {
+        share: document.getElementById("sl-share").textContent,
+        queued: document.querySelector("[data-sl=queued]")?.textContent,
+        hours: document.querySelectorAll('#sl-chart g[data-hour]').length,
+        bars: document.querySelectorAll('#sl-chart rect').length,
+        queuedInChart: [...document.querySelectorAll('#sl-chart g[data-hour]')].reduce((n, g) => n + +g.dataset.queued, 0),
+        channels: [...document.querySelectorAll("tr[data-sl-channel]")].map(r => r.dataset.slChannel),
+        title: document.querySelector('#service-level h2').textContent,
+    },
 }); } catch (e) { return JSON.stringify({loading: String(e)}); } })()"#;
 
 async fn conversation_of(events: &mut async_nats::Subscriber, customer: &str, to: &str) -> Uuid {
@@ -111,13 +120,14 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         api.put(
             "/api/v1/agents/ben/presence",
             &ben,
-            json!({"status": "not_ready", "reason": "lunch"})
+            json!({"status": "away", "reason": "lunch"})
         )
         .await
         .0,
         202
     );
 
+    // The name before SPEC S2 still works, and is shown as away.
     let zed = app.token("acme", "agent", Some("zed")).await;
     assert_eq!(
         api.put(
@@ -140,8 +150,8 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
     let shown = wait_shown(&mut page, "the dashboard to load and go live", |v| {
         v["refreshes"].as_i64() >= Some(1)
             && v["live"] == "true"
-            && v["agents"][1]["status"] == "not_ready"
-            && v["agents"][2]["status"] == "not_ready"
+            && v["agents"][1]["status"] == "away"
+            && v["agents"][2]["status"] == "away"
     })
     .await;
     assert_eq!(shown["title"], "Conversation queue");
@@ -181,11 +191,25 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         "load against capacity: {}",
         agents[0]
     );
+    // SPEC S2: the product's statuses, away with its reason.
     assert!(
-        agents[1]["text"].as_str().unwrap().contains("lunch"),
-        "the not-ready status: {}",
+        agents[1]["text"].as_str().unwrap().contains("away · lunch"),
+        "the away status: {}",
         agents[1]
     );
+    assert!(agents[0]["text"].as_str().unwrap().contains("ready"));
+    // SPEC SL: the service-level panel, with a bar per hour of today's queued conversations
+    // (P0, P1, P2 and V1 on mail and vip: four, one per channel row).
+    let sl = &shown["sl"];
+    assert_eq!(sl["title"], "Service level");
+    assert_eq!(sl["queued"], "4", "{sl}");
+    assert_eq!(sl["queuedInChart"], 4, "{sl}");
+    assert!(sl["share"].as_str().unwrap().ends_with('%'), "{sl}");
+    assert!(
+        sl["hours"].as_i64() >= Some(1) && sl["bars"].as_i64() >= Some(1),
+        "{sl}"
+    );
+    assert_eq!(sl["channels"], json!(["mail", "vip"]));
     page.screenshot("dashboard-en.png").await;
 
     // A live update: a new customer queues; the page shows it without a reload.
@@ -197,6 +221,11 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
     })
     .await;
     assert_eq!(shown["marker"], 42, "the same page, not a reload");
+    let shown = wait_shown(&mut page, "the service level's live update", |v| {
+        v["sl"]["queuedInChart"] == 5
+    })
+    .await;
+    assert_eq!(shown["sl"]["queued"], "5");
     assert!(shown["rows"]
         .as_array()
         .unwrap()
@@ -224,6 +253,14 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         .eval("[...document.querySelectorAll('.count .label')].map(e => e.textContent).join('|')")
         .await;
     assert_eq!(labels, "機器人／對話腳本|等待中|分派中|處理中|今日已完成");
+    assert_eq!(shown["sl"]["title"], "服務水平");
+    let statuses = page
+        .eval("[...document.querySelectorAll('tr[data-agent-id] td:nth-child(2)')].map(e => e.textContent).join('|')")
+        .await;
+    assert_eq!(
+        statuses,
+        "就緒|離開 · lunch|離開 · training on the new billing system"
+    );
     let path = page.screenshot("dashboard-zh-TW.png").await;
     assert!(
         std::fs::metadata(path).unwrap().len() > 10_000,

@@ -154,7 +154,8 @@ async fn without_the_simulation_only_the_web_chat_and_dana_run() {
     app.wait_for_presence("demo", "amy", "ready", None).await;
     let demo = start_demo(&app, false, Some(1));
     // Set offline by the demo, so that nobody takes what she would not answer.
-    app.wait_for_presence("demo", "amy", "offline", None).await;
+    app.wait_for_presence("demo", "amy", "logged_out", None)
+        .await;
     app.presence("demo", DESK_AGENT, "ready", 3, &["webchat"])
         .await;
     app.wait_for_presence("demo", DESK_AGENT, "ready", None)

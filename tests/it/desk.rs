@@ -98,7 +98,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     })
     .await;
     assert_eq!(v["title"], "Agent desk");
-    assert_eq!(v["presence"], "offline");
+    assert_eq!(v["presence"], "logged_out");
     assert_eq!(
         page.eval("sessionStorage.getItem('fl_desk_token')").await,
         amy.as_str()
@@ -108,10 +108,10 @@ async fn an_agent_works_conversations_in_the_desk() {
     // Away with a reason, then ready: both reach the dispatcher (Postgres).
     page.type_into("#away-reason", "lunch").await;
     page.click("#go-away").await;
-    app.wait_for_presence("acme", "amy", "not_ready", Some("lunch"))
+    app.wait_for_presence("acme", "amy", "away", Some("lunch"))
         .await;
     desk_shown(&mut page, "away shown", |v| {
-        v["presence"] == "not_ready" && v["presenceText"] == "Away · lunch"
+        v["presence"] == "away" && v["presenceText"] == "Away · lunch"
     })
     .await;
     page.click("#go-ready").await;
@@ -208,7 +208,8 @@ async fn an_agent_works_conversations_in_the_desk() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    for label in ["就緒", "暫離", "轉接", "結束交談", "送出"] {
+    // SPEC S2: the product's names of the statuses (服務狀態).
+    for label in ["就緒", "離開", "登出", "轉接", "結束交談", "送出"] {
         assert!(buttons.contains(&label), "{label} in {buttons:?}");
     }
     let path = page.screenshot("desk-5-zh-TW.png").await;
@@ -406,7 +407,7 @@ async fn the_demo_prints_a_desk_address_for_an_agent_left_to_a_person() {
     let mut page = browser.page().await;
     page.navigate(url).await;
     desk_shown(&mut page, "signed in and live", |v| {
-        v["live"] == "true" && v["presence"] == "offline"
+        v["live"] == "true" && v["presence"] == "logged_out"
     })
     .await;
     page.click("#go-ready").await;

@@ -27,6 +27,8 @@ use uuid::Uuid;
 /// The customer's first message and the demo bot's answer (its rule `hours-en`).
 const QUESTION: &str = "What are your opening hours?";
 const BOT_ANSWER: &str = "We are open every day, 09:00-21:00.";
+/// The demo tenant's default place-in-line text, for the first in line with no recent accepts.
+const PLACE_IN_LINE: &str = "您目前排在第 1 位，專員將盡快為您服務。You are number 1 in line; an agent will be with you as soon as possible.";
 const AGENT_REPLY: &str = "Hi, I'm Dana. We are open until 21:00 today; how can I help?";
 
 /// What the demo's bot file says on hand-over, and its `webchat` survey's question and thanks.
@@ -117,7 +119,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
     viewport(&mut desk, 1280, 760).await;
     desk.navigate(&url).await;
     desk_shown(&mut desk, "the desk signed in and live", |v| {
-        v["signedIn"] == "true" && v["live"] == "true" && v["presence"] == "offline"
+        v["signedIn"] == "true" && v["live"] == "true" && v["presence"] == "logged_out"
     })
     .await;
     desk.click("#go-ready").await;
@@ -153,9 +155,21 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
 
     // The customer asks for a person: the bot hands over, and the desk shows the offer.
     type_in_widget(&mut widget, "human").await;
-    wait_widget(&mut widget, "the bot's hand-over", |v| {
-        last_message(v)["text"] == handover_reply
-    })
+    // The hand-over reply, then the customer's place in line (SPEC SL's neighbour, issue 23).
+    wait_widget(
+        &mut widget,
+        "the bot's hand-over and the place in line",
+        |v| {
+            let texts: Vec<&str> = v["messages"]
+                .as_array()
+                .map(|ms| ms.iter().filter_map(|m| m["text"].as_str()).collect())
+                .unwrap_or_default();
+            texts.contains(&handover_reply.as_str())
+                && last_message(v)["text"]
+                    .as_str()
+                    .is_some_and(|t| t == PLACE_IN_LINE)
+        },
+    )
     .await;
     shots.take(&mut widget, "widget-handover").await;
     app.wait_for_state("demo", "webchat", &customer, "assigning")
@@ -250,6 +264,7 @@ async fn a_customer_chats_in_the_widget_and_an_agent_answers_in_the_desk() {
             BOT_ANSWER,
             "human",
             &handover_reply,
+            PLACE_IN_LINE,
             AGENT_REPLY,
             &survey_question,
             "4",

@@ -312,6 +312,16 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
         .0,
         202
     );
+    // Queued, the customer was told their place in line (a bot message like the others).
+    let place = a.entry().await;
+    assert_eq!(place["author"], "bot", "{place}");
+    assert!(
+        place["text"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("You are number 1 in line"),
+        "{place}"
+    );
     let from_amy = a.entry().await;
     assert_eq!(
         (
@@ -325,6 +335,7 @@ async fn a_customer_chats_through_the_gateway_and_a_reconnect_gets_exactly_what_
     for expected in [
         &json!(handover),
         &handover_reply["message_id"],
+        &place["message_id"],
         &from_amy["message_id"],
     ] {
         assert_eq!(&b.entry().await["message_id"], expected);

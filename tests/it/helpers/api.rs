@@ -103,7 +103,8 @@ impl TestApi {
         self.call("PUT", path, Some(token), Some(body)).await
     }
 
-    /// Sets `agent`'s presence (`ready`, `not_ready`, `offline`) and checks the 202.
+    /// Sets `agent`'s presence (`ready`, `away`, `logged_out`; or the older `not_ready`,
+    /// `offline`) and checks the 202.
     pub async fn presence(&self, token: &str, agent: &str, status: &str) {
         let path = format!("/api/v1/agents/{agent}/presence");
         let (code, body) = self

@@ -200,8 +200,14 @@ impl TestApp {
         capacity: u32,
         skills: &[&str],
     ) {
+        // The names before SPEC S2 go as version 1, the product's as version 2.
+        let version = if matches!(status, "not_ready" | "offline") {
+            1
+        } else {
+            2
+        };
         let body = serde_json::json!({
-            "version": 1, "status": status, "capacity": capacity, "skills": skills,
+            "version": version, "status": status, "capacity": capacity, "skills": skills,
         })
         .to_string();
         self.publish_json(&format!("fl.{tenant}.presence.{agent}"), None, &body)

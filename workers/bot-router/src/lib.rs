@@ -34,6 +34,7 @@ use firstline_shared::db::{self, BotSays, Conversation, TenantSettings, Transiti
 use firstline_shared::domain::{ChannelId, ConversationState, SkillSet, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::partitions::{self, PartitionSet};
+use firstline_shared::place_in_line;
 use firstline_shared::wire::{self, BotWork};
 use firstline_shared::worker::Services;
 use firstline_shared::{metrics, subjects, telemetry, HandleError};
@@ -200,6 +201,11 @@ async fn handle(
     for (i, s) in says.iter().enumerate() {
         let external_id = format!("bot-reply:{}:{i}", work.message_id);
         db::send_bot_message(tx, &mut own, &conversation, &external_id, s).await?;
+    }
+    if conversation.state == ConversationState::Waiting {
+        // Handed over in this turn: after the hand-over reply, the place in line (README).
+        let external_id = format!("place:{}", work.message_id);
+        place_in_line::tell(tx, &mut own, &conversation, None, &external_id).await?;
     }
     outbox.append(own);
     Ok(Some((tenant, source)))

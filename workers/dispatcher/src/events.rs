@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use firstline_shared::bus::Delivered;
 use firstline_shared::domain::{AgentId, TenantId};
-use firstline_shared::wire::{self, AgentAction, AgentPresence, QueueSignal};
+use firstline_shared::wire::{self, AgentAction, AgentPresence, AgentPresenceMessage, QueueSignal};
 use firstline_shared::{subjects, HandleError};
 
 /// One event of a tenant, applied under its lock before the pass.
@@ -45,7 +45,8 @@ pub(crate) fn parse_event(source: Source, m: &Delivered) -> Result<(TenantId, Ev
         }
         Source::Presence => {
             let (tenant, agent) = subjects::parse_presence(&m.subject).map_err(poison)?;
-            let presence: AgentPresence = wire::decode(&m.payload)?;
+            // Either version; SPEC S2 names from here on.
+            let presence = wire::decode::<AgentPresenceMessage>(&m.payload)?.current();
             Ok((
                 tenant,
                 Event::Presence {

@@ -23,8 +23,8 @@ use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, AgentStatus, ChannelId, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
-    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, ConversationEvent,
-    CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
+    self, AgentAction, AgentActionKind, AgentNotification, AgentPresence, AgentPresenceMessage,
+    ConversationEvent, CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
 };
 use futures::StreamExt;
 use tokio::sync::Mutex;
@@ -190,7 +190,7 @@ pub async fn run(
     } else {
         // Not left ready by an earlier run with the simulation: nobody would answer them.
         for a in &agents {
-            set_presence(&js, &tenant, a, AgentStatus::Offline, None).await?;
+            set_presence(&js, &tenant, a, AgentStatus::LoggedOut, None).await?;
         }
     }
 
@@ -206,7 +206,7 @@ pub async fn run(
     if options.simulate {
         // The simulated agents go with the simulation (a next run without it finds them offline).
         for a in &agents {
-            set_presence(&js, &tenant, a, AgentStatus::Offline, None).await?;
+            set_presence(&js, &tenant, a, AgentStatus::LoggedOut, None).await?;
         }
     }
     let count = completed.lock().await.len();
@@ -276,7 +276,7 @@ async fn set_presence(
         subjects::presence(tenant, &agent.id),
         &Uuid::now_v7().to_string(),
         Default::default(),
-        wire::encode(&presence),
+        wire::encode(&AgentPresenceMessage::from(presence)),
     )
     .await?;
     Ok(())

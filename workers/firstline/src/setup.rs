@@ -2,7 +2,9 @@
 //! is created or updated; what the file does not mention is left as it is. The whole file is
 //! checked first and applied in one transaction, so a bad file changes nothing.
 
-use firstline_shared::db::{self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT};
+use firstline_shared::db::{
+    self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT, SERVICE_LEVEL_SECONDS,
+};
 use firstline_shared::domain::{AgentId, ChannelId, SkillSet, TenantId};
 use serde::Deserialize;
 
@@ -31,6 +33,16 @@ pub struct TenantSetup {
     pub bot_reply: Option<String>,
     #[serde(default)]
     pub handover_reply: Option<String>,
+    /// SPEC SL: the service-level threshold T, seconds.
+    #[serde(default)]
+    pub service_level_seconds: Option<i32>,
+    /// The customer's place in line: keywords and texts (docs/api.md).
+    #[serde(default)]
+    pub queue_position_keywords: Option<Vec<String>>,
+    #[serde(default)]
+    pub queue_position_reply: Option<String>,
+    #[serde(default)]
+    pub queue_position_reply_no_estimate: Option<String>,
     #[serde(default)]
     pub channels: Vec<ChannelSetup>,
     #[serde(default)]
@@ -101,6 +113,15 @@ impl SetupFile {
                     OFFER_LIMIT.end()
                 );
             }
+            if let Some(s) = t.service_level_seconds {
+                anyhow::ensure!(
+                    SERVICE_LEVEL_SECONDS.contains(&s),
+                    "tenant {}: service_level_seconds must be {} to {}, not {s}",
+                    t.id,
+                    SERVICE_LEVEL_SECONDS.start(),
+                    SERVICE_LEVEL_SECONDS.end()
+                );
+            }
             for a in &t.agents {
                 anyhow::ensure!(
                     (0..=1000).contains(&a.capacity),
@@ -133,6 +154,10 @@ impl SetupFile {
                 bot_reply: t.bot_reply.clone(),
                 handover_reply: t.handover_reply.clone(),
                 kb_min_score: None,
+                service_level_seconds: t.service_level_seconds,
+                queue_position_keywords: t.queue_position_keywords.clone(),
+                queue_position_reply: t.queue_position_reply.clone(),
+                queue_position_reply_no_estimate: t.queue_position_reply_no_estimate.clone(),
             };
             db::update_tenant_settings(&tx, &t.id, &settings).await?;
             for c in &t.channels {

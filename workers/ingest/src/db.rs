@@ -115,7 +115,8 @@ pub async fn upsert_customer(
 
 /// SPEC L1/L9: the customer's open conversation, or a new one (L2: to the bot when the
 /// channel's bot takes new conversations, else to `waiting`). The unique index
-/// `conversations_one_open_per_customer` backs the customer row lock.
+/// `conversations_one_open_per_customer` backs the customer row lock. The flag says whether
+/// the conversation is new.
 pub async fn open_conversation(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
@@ -123,7 +124,7 @@ pub async fn open_conversation(
     channel: &ChannelId,
     customer: (&StoredCustomer, &CustomerRef),
     settings: &ChannelSettings,
-) -> anyhow::Result<Conversation> {
+) -> anyhow::Result<(Conversation, bool)> {
     let (stored, named) = customer;
     // One round trip for the common case: the open conversation, locked, with what events
     // need of it.
@@ -134,7 +135,7 @@ pub async fn open_conversation(
         ))
         .await?;
     if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
-        return db::conversation_from_row(&row);
+        return Ok((db::conversation_from_row(&row)?, false));
     }
     let state = if settings.bot_enabled && settings.welcome_flow {
         ConversationState::Script
@@ -193,7 +194,7 @@ pub async fn open_conversation(
         },
     )
     .await?;
-    Ok(conversation)
+    Ok((conversation, true))
 }
 
 /// Stores the customer's message; `false` when this (tenant, channel, message id) is

@@ -20,6 +20,7 @@ use firstline_shared::db as shared_db;
 use firstline_shared::domain::ConversationState;
 use firstline_shared::outbox::Outbox;
 use firstline_shared::partitions::{self, PartitionSet};
+use firstline_shared::place_in_line;
 use firstline_shared::wire::{
     self, AgentNotification, BotWork, Delivery, InboundMessage, NotificationKind, Version,
 };
@@ -184,7 +185,7 @@ async fn handle(
             }
         }
     }
-    let conversation = db::open_conversation(
+    let (conversation, created) = db::open_conversation(
         tx,
         outbox,
         &tenant,
@@ -225,8 +226,19 @@ async fn handle(
                 postback: inbound.postback.clone(),
             },
         ),
-        // L5: left the bot; the message waits in the transcript for the agent.
-        Route::Queued => {}
+        // L5: left the bot; the message waits in the transcript for the agent. The customer
+        // is told their place in line when queued, and when they ask (README).
+        Route::Queued => {
+            let asked = (!created).then_some(inbound.text.as_str());
+            place_in_line::tell(
+                tx,
+                outbox,
+                &conversation,
+                asked,
+                &format!("place:{message_id}"),
+            )
+            .await?;
+        }
         Route::Agent => {
             let agent_id = conversation
                 .agent_id

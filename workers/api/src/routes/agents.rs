@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use chrono::{DateTime, Utc};
 use firstline_shared::domain::{AgentId, AgentStatus, TenantId};
-use firstline_shared::wire::{self, AgentPresence, Version};
+use firstline_shared::wire::{self, AgentPresence, AgentPresenceMessage, Version};
 use firstline_shared::{bus, subjects, telemetry};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -25,9 +25,10 @@ pub struct Agent {
     pub skills: Vec<String>,
     /// SPEC capacity (服務上限): conversations in processing at once.
     pub capacity: i32,
-    /// ready, not_ready or offline.
+    /// SPEC S2 (服務狀態): ready (就緒), away (離開) or logged_out (登出).
+    #[schema(value_type = StatusName)]
     pub status: String,
-    /// Why not ready (break, meeting...).
+    /// Why the agent is away (break, meeting...); only with `away`.
     pub status_reason: Option<String>,
     pub status_since: DateTime<Utc>,
     /// Conversations in processing with this agent (load against capacity).
@@ -171,26 +172,52 @@ pub async fn put(
     Ok((status, Json(read(&state, &p.tenant, &id).await?)))
 }
 
-/// A presence change (SPEC: online, ready, not ready with a status, offline).
+/// A presence change (SPEC S2): ready, away with a reason, logged out.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PresenceInput {
-    /// ready, not_ready or offline.
-    #[schema(value_type = PresenceStatus, example = "ready")]
-    pub status: AgentStatus,
-    /// Why not ready (break, meeting, training...), shown on the dashboard.
+    #[schema(example = "away")]
+    pub status: PresenceStatus,
+    /// Why the agent is away (break, meeting, training...), shown on the dashboard; kept only
+    /// with `away`.
     #[serde(default)]
     pub reason: Option<Text<200>>,
 }
 
-/// The presence an agent can be set to (the schema of [`AgentStatus`] in requests).
+/// The statuses an agent can be set to (SPEC S2), and the names before S2, still accepted.
+#[derive(Clone, Copy, Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PresenceStatus {
+    /// 就緒: offered conversations.
+    Ready,
+    /// 離開: offered nothing new, keeps the conversations they serve.
+    Away,
+    /// 登出: signed out, keeps the conversations they serve.
+    LoggedOut,
+    /// The name before SPEC S2 for `away`.
+    NotReady,
+    /// The name before SPEC S2 for `logged_out`.
+    Offline,
+}
+
+impl From<PresenceStatus> for AgentStatus {
+    fn from(s: PresenceStatus) -> Self {
+        match s {
+            PresenceStatus::Ready => Self::Ready,
+            PresenceStatus::Away | PresenceStatus::NotReady => Self::Away,
+            PresenceStatus::LoggedOut | PresenceStatus::Offline => Self::LoggedOut,
+        }
+    }
+}
+
+/// An agent's status in answers (SPEC S2).
 #[derive(ToSchema)]
 #[schema(rename_all = "snake_case")]
 #[allow(dead_code)]
-pub enum PresenceStatus {
+pub enum StatusName {
     Ready,
-    NotReady,
-    Offline,
+    Away,
+    LoggedOut,
 }
 
 /// A request that was checked and passed on to the workers that apply it.
@@ -204,7 +231,7 @@ pub struct Accepted {
 
 #[utoipa::path(put, path = "/api/v1/agents/{id}/presence", tag = "agents",
     summary = "Set an agent's presence (the agent themselves, or admin/supervisor)",
-    description = "Published on fl.<tenant>.presence.<agent>; the dispatcher applies it (an agent going offline or not ready gets no new offers; one going ready is offered waiting conversations at once).",
+    description = "Published on fl.<tenant>.presence.<agent> (a version 2 presence message); the dispatcher applies it. SPEC S2: only a ready agent is offered conversations (one going ready is offered waiting ones at once); an away or logged-out agent gets no new offers and keeps the conversations they serve. `not_ready` and `offline`, the names before S2, are read as `away` and `logged_out`.",
     params(("id" = String, Path, description = "The agent's id")),
     request_body = PresenceInput,
     responses((status = 202, body = Accepted), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
@@ -218,10 +245,14 @@ pub async fn presence(
     let id = agent_id(&id)?;
     p.may_act_for(&id)?;
     read(&state, &p.tenant, &id).await?;
+    let status = AgentStatus::from(input.status);
     let message = AgentPresence {
         version: Version,
-        status: input.status,
-        reason: input.reason.map(String::from),
+        status,
+        reason: input
+            .reason
+            .filter(|_| status == AgentStatus::Away)
+            .map(String::from),
         capacity: None,
         skills: None,
         display_name: None,
@@ -234,7 +265,7 @@ pub async fn presence(
         subjects::presence(&p.tenant, &id),
         &format!("presence:{msg_id}"),
         headers,
-        wire::encode(&message),
+        wire::encode(&AgentPresenceMessage::from(message)),
     )
     .await?;
     Ok((

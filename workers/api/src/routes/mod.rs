@@ -5,6 +5,7 @@ mod agents;
 mod channels;
 mod conversations;
 mod queue;
+mod service_level;
 mod tenant;
 mod tokens;
 mod webhooks;
@@ -37,6 +38,7 @@ pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(actions::transfer))
         .routes(routes!(queue::snapshot))
         .routes(routes!(queue::live))
+        .routes(routes!(service_level::service_level))
         .routes(routes!(crate::live::agent_live))
         .routes(routes!(tokens::list, tokens::create))
         .routes(routes!(tokens::revoke))

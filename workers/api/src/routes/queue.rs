@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::Json;
 use chrono::{DateTime, TimeZone, Utc};
+use firstline_shared::wire::{self, AgentPresenceMessage};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -207,11 +208,12 @@ pub async fn live(
     });
     let presence = presence.map(|m| {
         let agent = m.subject.rsplit('.').next().unwrap_or_default().to_string();
-        let body: serde_json::Value = serde_json::from_slice(&m.payload).unwrap_or_default();
+        // Either version of the message, with SPEC S2's names (null if it cannot be read).
+        let presence = wire::decode::<AgentPresenceMessage>(&m.payload).map(|p| p.current());
         let data = serde_json::json!({
             "agent_id": agent,
-            "status": body.get("status"),
-            "reason": body.get("reason"),
+            "status": presence.as_ref().ok().map(|p| p.status.as_str()),
+            "reason": presence.ok().and_then(|p| p.reason),
         });
         Event::default().event("presence").data(data.to_string())
     });

@@ -2,7 +2,9 @@
 
 use axum::extract::State;
 use axum::Json;
-use firstline_shared::db::{self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT};
+use firstline_shared::db::{
+    self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT, SERVICE_LEVEL_SECONDS,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -48,6 +50,17 @@ pub struct Settings {
     pub handover_reply: String,
     /// A knowledge-base article answers when its score reaches this (0..1].
     pub kb_min_score: f32,
+    /// SPEC SL (服務水平): a conversation accepted within this many seconds of being queued
+    /// meets the service level.
+    pub service_level_seconds: i32,
+    /// A waiting customer's message containing one of these is answered with their place in
+    /// line and estimated wait.
+    pub queue_position_keywords: Vec<String>,
+    /// The place-in-line text, with `{position}` and `{minutes}`.
+    pub queue_position_reply: String,
+    /// The text when there is no estimate (nothing of those skills accepted lately), with
+    /// `{position}`.
+    pub queue_position_reply_no_estimate: String,
 }
 
 /// A change of settings: fields left out keep their value.
@@ -69,6 +82,14 @@ pub struct SettingsPatch {
     /// Above 0, at most 1.
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub kb_min_score: Option<f32>,
+    /// SPEC SL: 1 to 3600 (default 20).
+    #[schema(minimum = 1, maximum = 3600)]
+    pub service_level_seconds: Option<i32>,
+    /// At most 100 keywords.
+    #[schema(max_items = 100)]
+    pub queue_position_keywords: Option<Vec<Text<100>>>,
+    pub queue_position_reply: Option<Text<5000>>,
+    pub queue_position_reply_no_estimate: Option<Text<5000>>,
 }
 
 /// The most hand-over keywords a tenant has.
@@ -87,6 +108,16 @@ impl SettingsPatch {
             bot_reply: self.bot_reply.clone().map(String::from),
             handover_reply: self.handover_reply.clone().map(String::from),
             kb_min_score: self.kb_min_score,
+            service_level_seconds: self.service_level_seconds,
+            queue_position_keywords: self
+                .queue_position_keywords
+                .clone()
+                .map(|k| k.into_iter().map(String::from).collect()),
+            queue_position_reply: self.queue_position_reply.clone().map(String::from),
+            queue_position_reply_no_estimate: self
+                .queue_position_reply_no_estimate
+                .clone()
+                .map(String::from),
         }
     }
 
@@ -109,6 +140,15 @@ impl SettingsPatch {
                 )));
             }
         }
+        if let Some(s) = self.service_level_seconds {
+            if !SERVICE_LEVEL_SECONDS.contains(&s) {
+                return Err(ApiError::invalid(format!(
+                    "service_level_seconds must be {} to {}, not {s}",
+                    SERVICE_LEVEL_SECONDS.start(),
+                    SERVICE_LEVEL_SECONDS.end()
+                )));
+            }
+        }
         if let Some(s) = self.kb_min_score {
             if !(s > 0.0 && s <= 1.0) {
                 return Err(ApiError::invalid(format!(
@@ -116,23 +156,32 @@ impl SettingsPatch {
                 )));
             }
         }
-        if let Some(k) = &self.handover_keywords {
+        for (field, keywords) in [
+            ("handover_keywords", &self.handover_keywords),
+            ("queue_position_keywords", &self.queue_position_keywords),
+        ] {
+            let Some(k) = keywords else { continue };
             if k.len() > MAX_KEYWORDS {
                 return Err(ApiError::invalid(format!(
-                    "handover_keywords: at most {MAX_KEYWORDS} keywords, not {}",
+                    "{field}: at most {MAX_KEYWORDS} keywords, not {}",
                     k.len()
                 )));
             }
             if k.iter().any(|k| k.trim().is_empty()) {
-                return Err(ApiError::invalid(
-                    "handover_keywords may not contain an empty keyword",
-                ));
+                return Err(ApiError::invalid(format!(
+                    "{field} may not contain an empty keyword"
+                )));
             }
         }
         for (field, value) in [
             ("bot_reply", self.bot_reply.as_deref()),
             ("handover_reply", self.handover_reply.as_deref()),
             ("name", self.name.as_deref()),
+            ("queue_position_reply", self.queue_position_reply.as_deref()),
+            (
+                "queue_position_reply_no_estimate",
+                self.queue_position_reply_no_estimate.as_deref(),
+            ),
         ] {
             if value.is_some_and(|v| v.trim().is_empty()) {
                 return Err(ApiError::invalid(format!("{field} may not be empty")));
@@ -147,7 +196,8 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
     let row = client
         .query_one(
             "SELECT id, name, dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply,
-                    handover_reply, kb_min_score
+                    handover_reply, kb_min_score, service_level_seconds, queue_position_keywords,
+                    queue_position_reply, queue_position_reply_no_estimate
              FROM tenants WHERE id = $1",
             &[&p.tenant.as_str()],
         )
@@ -161,6 +211,10 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
         bot_reply: row.get(5),
         handover_reply: row.get(6),
         kb_min_score: row.get(7),
+        service_level_seconds: row.get(8),
+        queue_position_keywords: row.get(9),
+        queue_position_reply: row.get(10),
+        queue_position_reply_no_estimate: row.get(11),
     })
 }
 

@@ -1,6 +1,7 @@
 // The agent desk (專員工作台): a client of the public API, nothing more (docs/api.md, "Agent desk").
 // - sign-in: an agent token, kept in this tab's sessionStorage (or #token= in the address);
-// - presence: PUT /api/v1/agents/{me}/presence {status, reason};
+// - presence (SPEC S2, the product's 服務狀態): ready 就緒, away 離開 with a reason, logged out
+//   登出: PUT /api/v1/agents/{me}/presence {status, reason};
 // - live: the agent WebSocket /api/v1/live (snapshot, then notifications), reconnected with
 //   ?after=<last seq> when it drops, so nothing is missed;
 // - actions: POST /api/v1/conversations/{id}/accept|decline|reply|close|transfer, each with an
@@ -9,9 +10,9 @@
 
 const I18N = {
   "zh-TW": {
-    title: "專員工作台", offline: "未連線", online: "即時", goReady: "就緒", goAway: "暫離", goOffline: "離線",
-    reasonHint: "暫離原因", status_ready: "就緒", status_not_ready: "暫離", status_offline: "離線",
-    signOut: "登出", signInTitle: "專員登入", signIn: "請輸入專員的 API token", ok: "登入",
+    title: "專員工作台", offline: "未連線", online: "即時", goReady: "就緒", goAway: "離開", goOffline: "登出",
+    reasonHint: "離開原因", status_ready: "就緒", status_away: "離開", status_logged_out: "登出",
+    signOut: "結束工作台", signInTitle: "專員登入", signIn: "請輸入專員的 API token", ok: "登入",
     offers: "待接應", noOffers: "目前沒有分派給您的交談", serving: "服務中", noServing: "沒有服務中的交談",
     accept: "接應", decline: "婉拒", declineHint: "婉拒原因（選填）", expired: "已逾時",
     toSkill: "轉給技能", toAgent: "轉給專員", transferHint: "技能或專員 ID", transfer: "轉接", close: "結束交談",
@@ -25,8 +26,8 @@ const I18N = {
     failed: r => `失敗：${r}`,
   },
   "en": {
-    title: "Agent desk", offline: "offline", online: "live", goReady: "Ready", goAway: "Away", goOffline: "Offline",
-    reasonHint: "away reason", status_ready: "Ready", status_not_ready: "Away", status_offline: "Offline",
+    title: "Agent desk", offline: "offline", online: "live", goReady: "Ready", goAway: "Away", goOffline: "Log out",
+    reasonHint: "away reason", status_ready: "Ready", status_away: "Away", status_logged_out: "Logged out",
     signOut: "Sign out", signInTitle: "Agent sign-in", signIn: "Enter your agent API token", ok: "Sign in",
     offers: "Offers", noOffers: "No conversations offered to you", serving: "Serving", noServing: "No conversations being served",
     accept: "Accept", decline: "Decline", declineHint: "reason (optional)", expired: "expired",
@@ -147,12 +148,12 @@ async function readAgent() {
 async function setPresence(status) {
   const body = { status };
   const reason = $("away-reason").value.trim();
-  if (status === "not_ready" && reason) body.reason = reason;
+  if (status === "away" && reason) body.reason = reason;
   const r = await api("PUT", `/api/v1/agents/${encodeURIComponent(state.me.agent_id)}/presence`, body);
   if (r.status !== 202) { notice(t("failed")(errorOf(r)), true); return; }
   // Applied by the dispatcher within milliseconds: shown at once, then read back.
   if (state.agent) { state.agent.status = status; state.agent.status_reason = body.reason || null; }
-  if (status !== "not_ready") $("away-reason").value = "";
+  if (status !== "away") $("away-reason").value = "";
   renderHeader();
   setTimeout(readAgent, 800);
 }
@@ -370,9 +371,9 @@ function renderHeader() {
   const me = state.me;
   if (!me) return;
   $("who").textContent = `${a && a.display_name ? a.display_name : me.agent_id} · ${me.tenant}`;
-  const status = a ? a.status : "offline";
+  const status = a ? a.status : "logged_out";
   $("presence").dataset.status = status;
-  $("presence-text").textContent = t(`status_${status}`) + (status === "not_ready" && a.status_reason ? ` · ${a.status_reason}` : "");
+  $("presence-text").textContent = t(`status_${status}`) + (status === "away" && a.status_reason ? ` · ${a.status_reason}` : "");
 }
 
 function renderOffers() {
@@ -476,14 +477,14 @@ $("lang").onclick = () => { lang = lang === "en" ? "zh-TW" : "en"; localStorage.
 $("token-save").onclick = () => { token = $("token-input").value.trim(); sessionStorage.setItem("fl_desk_token", token); start().catch(e => showLogin(String(e))); };
 $("token-input").onkeydown = e => { if (e.key === "Enter") $("token-save").click(); };
 $("sign-out").onclick = async () => {
-  await setPresence("offline").catch(() => {});
+  await setPresence("logged_out").catch(() => {});
   sessionStorage.removeItem("fl_desk_token"); token = null;
   state.convs.clear(); state.offers.clear(); state.selected = null; state.lastSeq = null;
   showLogin("");
 };
 $("go-ready").onclick = () => setPresence("ready");
-$("go-away").onclick = () => setPresence("not_ready");
-$("go-offline").onclick = () => setPresence("offline");
+$("go-away").onclick = () => setPresence("away");
+$("go-offline").onclick = () => setPresence("logged_out");
 $("reply-form").onsubmit = e => { e.preventDefault(); reply(); };
 $("reply-text").onkeydown = e => { if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); reply(); } };
 $("close").onclick = closeSelected;

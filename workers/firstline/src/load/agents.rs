@@ -121,7 +121,7 @@ pub(super) async fn start_agents(
                 subjects::presence(&tenant, &agent),
                 &Uuid::now_v7().to_string(),
                 Default::default(),
-                wire::encode(&presence),
+                wire::encode(&AgentPresenceMessage::from(presence)),
             )
             .await?;
         }
@@ -153,7 +153,7 @@ pub(super) async fn read_outbound(
                 let Ok(o) = wire::decode::<OutboundMessage>(&m.payload) else {
                     continue;
                 };
-                if o.author != Author::Bot {
+                if o.author != Author::Bot || o.text.starts_with(PLACE_MARK) {
                     continue;
                 }
                 counters.replies.fetch_add(1, Ordering::Relaxed);

@@ -24,8 +24,8 @@ use firstline_shared::bus;
 use firstline_shared::domain::{AgentId, AgentStatus, TenantId};
 use firstline_shared::subjects;
 use firstline_shared::wire::{
-    self, AgentActionKind, AgentNotification, AgentPresence, Author, CustomerRef, InboundMessage,
-    NotificationKind, OutboundMessage, Version,
+    self, AgentActionKind, AgentNotification, AgentPresence, AgentPresenceMessage, Author,
+    CustomerRef, InboundMessage, NotificationKind, OutboundMessage, Version,
 };
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -101,6 +101,8 @@ impl Default for LoadOptions {
 }
 
 /// The handover keyword the load tenants are configured with.
+/// How the load tenants' place-in-line messages begin ([`agents::read_outbound`] skips them).
+const PLACE_MARK: &str = "[place]";
 pub const HANDOVER: &str = "轉真人";
 
 impl LoadOptions {
@@ -130,6 +132,9 @@ impl LoadOptions {
                     "handover_keywords": [HANDOVER],
                     "bot_reply": "您好，我是客服機器人。輸入「轉真人」由專員為您服務。",
                     "handover_reply": "正在為您轉接專員，請稍候。",
+                    // Told when queued; marked so that it is not taken for a reply owed.
+                    "queue_position_reply": format!("{PLACE_MARK} {{position}} {{minutes}}"),
+                    "queue_position_reply_no_estimate": format!("{PLACE_MARK} {{position}}"),
                     "channels": channels, "agents": agents,
                 })
             })
