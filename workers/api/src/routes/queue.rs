@@ -71,6 +71,17 @@ pub struct SnapshotParams {
 
 const NOTE: &str = "Display order is not dispatch order: conversations are offered by priority, queue time, skills and agents' load (SPEC D5). 儀表板順序不代表分派順序。";
 
+/// The `tz` parameter of the dashboard's endpoints (UTC when absent); a 400 naming it when
+/// the zone is unknown.
+pub(crate) fn time_zone(tz: Option<&str>) -> Result<chrono_tz::Tz, ApiError> {
+    match tz {
+        None => Ok(chrono_tz::UTC),
+        Some(tz) => tz
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("tz: unknown time zone {tz:?}"))),
+    }
+}
+
 #[utoipa::path(get, path = "/api/v1/queue", tag = "queue",
     summary = "The queue snapshot: conversations by state with counts, and the agents panel (admin, supervisor)",
     params(SnapshotParams),
@@ -81,12 +92,7 @@ pub async fn snapshot(
     Query(params): Query<SnapshotParams>,
 ) -> ApiResult<Json<QueueSnapshot>> {
     p.staff()?;
-    let zone: chrono_tz::Tz = match &params.tz {
-        None => chrono_tz::UTC,
-        Some(tz) => tz
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("tz: unknown time zone {tz:?}")))?,
-    };
+    let zone = time_zone(params.tz.as_deref())?;
     let now = Utc::now();
     let midnight = now
         .with_timezone(&zone)

@@ -129,12 +129,7 @@ pub async fn service_level(
     Query(params): Query<ServiceLevelParams>,
 ) -> ApiResult<Json<ServiceLevel>> {
     p.staff()?;
-    let zone: chrono_tz::Tz = match &params.tz {
-        None => chrono_tz::UTC,
-        Some(tz) => tz
-            .parse()
-            .map_err(|_| ApiError::bad_request(format!("tz: unknown time zone {tz:?}")))?,
-    };
+    let zone = super::queue::time_zone(params.tz.as_deref())?;
     let now = Utc::now();
     let date = match &params.date {
         None => now.with_timezone(&zone).date_naive(),
