@@ -151,6 +151,30 @@ impl SkillSet {
     }
 }
 
+/// SPEC D10 assignment weight (分派權重): an integer from 1 to [`MAX_WEIGHT`]; a queued
+/// conversation's score is `weight x seconds waited`. 1 is the default of a channel.
+pub const MAX_WEIGHT: i32 = 1_000_000;
+
+/// Checks a weight given by a person (API, configuration, a bot flow).
+pub fn check_weight(weight: i32) -> Result<i32, InvalidValue> {
+    if (1..=MAX_WEIGHT).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(InvalidValue {
+            what: "weight",
+            value: weight.to_string(),
+            why: "must be an integer from 1 to 1000000",
+        })
+    }
+}
+
+/// The weight that replaces the first version's strict channel `priority` (still read from
+/// old configurations and API clients): `p + 1`, so priority 0 (the default) is weight 1;
+/// negative priorities become 1 (V15 migrated stored priorities the same way).
+pub fn weight_from_priority(priority: i32) -> i32 {
+    priority.clamp(0, MAX_WEIGHT - 1) + 1
+}
+
 /// The states of a conversation (SPEC S).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]

@@ -6,7 +6,9 @@
 //!
 //! - **Place**: 1 + the conversations of the tenant with the same required skills that are
 //!   ahead: those being offered (`assigning`) and those waiting before it in dispatch order
-//!   (priority, then time queued; SPEC D5). A conversation being offered is at place 1.
+//!   (SPEC D10: score, weight x seconds waited, now; then time queued). A conversation being
+//!   offered is at place 1. A heavier conversation queued later can pass it: the place told
+//!   is the place at the time of asking.
 //! - **Estimated wait**: place / the recent service rate of those skills, the rate being the
 //!   accepts of conversations with the same required skills in the last
 //!   [`RATE_WINDOW_SECONDS`] (k accepts in 15 minutes: k/15 per minute), rounded up to whole
@@ -65,7 +67,8 @@ pub fn render(with_estimate: &str, without: &str, place: u64, wait: Option<Durat
 /// one round trip (the waiting and assigning counts use the queue's indexes, the accepts
 /// `conversations_recent_accepts` of V14).
 const PLACE_SQL: &str = "
-    WITH me AS (SELECT id, tenant_id, required_skills, priority, queued_at, state
+    WITH me AS (SELECT id, tenant_id, required_skills, queued_at, state,
+                       weight * extract(epoch FROM statement_timestamp() - queued_at) AS score
                 FROM conversations WHERE id = $1)
     SELECT t.queue_position_reply, t.queue_position_reply_no_estimate,
            me.state,
@@ -74,8 +77,9 @@ const PLACE_SQL: &str = "
                AND c.id <> me.id
                AND ((c.state = 'assigning' AND me.state = 'waiting')
                     OR (c.state = 'waiting' AND me.state = 'waiting'
-                        AND (c.priority > me.priority
-                             OR (c.priority = me.priority AND (c.queued_at, c.id) < (me.queued_at, me.id)))))),
+                        AND (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) > me.score
+                             OR (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) = me.score
+                                 AND (c.queued_at, c.id) < (me.queued_at, me.id)))))),
            (SELECT count(*) FROM conversations c
              WHERE c.tenant_id = me.tenant_id AND c.required_skills = me.required_skills
                AND c.accepted_at > statement_timestamp() - make_interval(secs => $2))

@@ -205,6 +205,24 @@ pub struct InboundMessage {
     /// gateway puts the button's label (or what the channel shows) in `text`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postback: Option<String>,
+    /// An e-mail's headers, from an e-mail gateway (the body goes in `text`). Optional and
+    /// added in version 1: a consumer that does not know it ignores it. Bot flows' condition
+    /// steps can match on them (SPEC D10: urgent mail gets a higher assignment weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailHeaders>,
+}
+
+/// The headers of an inbound e-mail that routing may look at.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EmailHeaders {
+    #[serde(default)]
+    pub subject: String,
+    /// The sender's address (`From`), e.g. `ada@example.com` or `Ada <ada@example.com>`.
+    #[serde(default)]
+    pub from: String,
+    /// The recipients (`To` and `Cc`): which of the tenant's addresses it was sent to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
 }
 
 /// `fl.<tenant>.agent.<agent>.action`, published by the agent desktop or the API.
@@ -388,6 +406,9 @@ pub struct BotWork {
     /// The pressed button's payload, when the message is a postback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postback: Option<String>,
+    /// The e-mail's headers, when it came from an e-mail gateway (for flow conditions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<EmailHeaders>,
 }
 
 /// Internal, `fl.<tenant>.queue.<reason>`: the waiting queue or the offers of a tenant

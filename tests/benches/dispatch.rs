@@ -13,8 +13,9 @@
 //!   reaches the notifier's stream is recorded.
 //!
 //! Run: `scripts/bench` (or `cargo bench -p firstline-tests --bench dispatch`; `FL_BENCH_QUICK=1`
-//! for a short run; `FL_BENCH_AGENTS=1000 FL_BENCH_WAITING=100000` for chosen sizes). The last
-//! line is one JSON object with every figure.
+//! for a short run; `FL_BENCH_AGENTS=1000 FL_BENCH_WAITING=100000` for chosen sizes;
+//! `FL_BENCH_WEIGHTS=1,2,5,1000` gives the waiting conversations these assignment weights in
+//! turn, SPEC D10, default all 1). The last line is one JSON object with every figure.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,15 @@ async fn main() -> anyhow::Result<()> {
         },
     );
     let latency_samples = if quick { 100 } else { 300 };
+    let weights = list("FL_BENCH_WEIGHTS", &[1]);
+    let weights = format!(
+        "ARRAY[{}]::int[]",
+        weights
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
 
     let nats = TestNats::start().await;
     let db = TestDb::create().await;
@@ -71,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let tenant = TenantId::parse("bench")?;
 
     println!(
-        "dispatcher benchmark: {} cores, Postgres and NATS on this machine",
+        "dispatcher benchmark: {} cores, Postgres and NATS on this machine; waiting weights {weights}",
         num_cpus()
     );
     println!(
@@ -81,14 +91,14 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &agents in &agent_counts {
         for &waiting in &waiting_counts {
-            let (offers, secs) = throughput(&config, &pg, &tenant, agents, waiting).await?;
+            let (offers, secs) =
+                throughput(&config, &pg, &tenant, agents, waiting, &weights).await?;
             let latency = latency(
                 &config,
                 &nats,
                 &pg,
                 &tenant,
-                agents,
-                waiting,
+                (agents, waiting, &weights),
                 latency_samples,
             )
             .await?;
@@ -101,7 +111,7 @@ async fn main() -> anyhow::Result<()> {
                 latency.max() as f64 / 1000.0,
             );
             rows.push(json!({
-                "agents": agents, "waiting": waiting, "offers": offers, "offers_per_s": per_s.round(),
+                "agents": agents, "waiting": waiting, "weights": weights, "offers": offers, "offers_per_s": per_s.round(),
                 "enqueue_to_offer_p50_ms": latency.value_at_quantile(0.5) as f64 / 1000.0,
                 "enqueue_to_offer_p99_ms": latency.value_at_quantile(0.99) as f64 / 1000.0,
             }));
@@ -118,12 +128,13 @@ fn num_cpus() -> usize {
 }
 
 /// Empties the tenant's data and creates `agents` ready agents and `waiting` conversations
-/// requiring `skills` (`{}`: anyone can take them).
+/// requiring `skills` (`{}`: anyone can take them), with the `weights` (an SQL array) in turn.
 async fn reset(
     pg: &tokio_postgres::Client,
     agents: i64,
     waiting: i64,
     skills: &str,
+    weights: &str,
 ) -> anyhow::Result<()> {
     pg.batch_execute(&format!(
         "TRUNCATE offers, conversation_transitions, messages, conversations, customers, agents, api_tokens, outbox;
@@ -131,10 +142,10 @@ async fn reset(
            SELECT 'bench', 'a' || i, 10, 'ready', now() - make_interval(secs => i) FROM generate_series(1, {agents}) i;
          INSERT INTO customers (id, tenant_id, channel_id, external_id)
            SELECT gen_random_uuid(), 'bench', 'c', 'w' || i FROM generate_series(1, {waiting}) i;
-         INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, queued_at)
-           SELECT gen_random_uuid(), 'bench', 'c', cu.id, 'waiting', '{skills}',
-                  now() - make_interval(secs => {waiting}) + make_interval(secs => row_number() OVER ())
-           FROM customers cu;
+         INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, weight, queued_at)
+           SELECT gen_random_uuid(), 'bench', 'c', cu.id, 'waiting', '{skills}', w[1 + (n % cardinality(w))::int],
+                  now() - make_interval(secs => {waiting}) + make_interval(secs => n)
+           FROM (SELECT id, row_number() OVER () AS n FROM customers) cu, (SELECT {weights} AS w) ws;
          ANALYZE;"
     ))
     .await?;
@@ -148,8 +159,9 @@ async fn throughput(
     tenant: &TenantId,
     agents: i64,
     waiting: i64,
+    weights: &str,
 ) -> anyhow::Result<(usize, f64)> {
-    reset(pg, agents, waiting, "{}").await?;
+    reset(pg, agents, waiting, "{}", weights).await?;
     let shutdown = CancellationToken::new();
     let services = Services::start(config, &shutdown).await?;
     let dispatcher = Dispatcher::new(services);
@@ -183,11 +195,10 @@ async fn latency(
     nats: &TestNats,
     pg: &tokio_postgres::Client,
     tenant: &TenantId,
-    agents: i64,
-    waiting: i64,
+    (agents, waiting, weights): (i64, i64, &str),
     samples: usize,
 ) -> anyhow::Result<Histogram<u64>> {
-    reset(pg, agents, waiting, "{nobody}").await?;
+    reset(pg, agents, waiting, "{nobody}", weights).await?;
     let client = async_nats::connect(&nats.url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let mut offers = client

@@ -549,10 +549,11 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
     // Channels: create, replace, read, business hours and survey checked, delete.
     let hours = json!({"timezone": "Asia/Taipei", "weekly": {"mon": [["09:00", "18:00"]]}, "closed_message": "closed"});
     let (status, ch) = api
-        .put("/api/v1/channels/chat", a, json!({"kind": "webchat", "name": "Web chat", "required_skills": ["EN"], "bot_enabled": false, "priority": 2, "business_hours": hours, "survey": {"question": "1-5?"}}))
+        .put("/api/v1/channels/chat", a, json!({"kind": "webchat", "name": "Web chat", "required_skills": ["EN"], "bot_enabled": false, "weight": 3, "business_hours": hours, "survey": {"question": "1-5?"}}))
         .await;
     assert_eq!(status, 201, "{ch}");
     assert_eq!(ch["required_skills"], json!(["en"]));
+    assert_eq!(ch["weight"], 3, "SPEC D10");
     assert_eq!(ch["business_hours"]["timezone"], "Asia/Taipei");
     assert_eq!(ch["survey"]["scale"], 5);
     let (status, ch) = api
@@ -565,6 +566,22 @@ async fn settings_channels_and_agents_are_managed_with_clear_errors() {
     assert_eq!(status, 200);
     assert_eq!(ch["business_hours"], Value::Null);
     assert_eq!(ch["bot_idle_seconds"], 1800);
+    assert_eq!(ch["weight"], 1, "PUT replaces: the default weight");
+    // The first version's priority is still read, as weight priority + 1.
+    let (_, ch) = api
+        .put(
+            "/api/v1/channels/chat",
+            a,
+            json!({"kind": "webchat", "priority": 4}),
+        )
+        .await;
+    assert_eq!(ch["weight"], 5);
+    refused(
+        api.put("/api/v1/channels/chat", a, json!({"weight": 0}))
+            .await,
+        422,
+        "weight",
+    );
     assert_eq!(
         api.ok("/api/v1/channels/chat", &t.supervisor).await["bot_enabled"],
         true

@@ -11,7 +11,7 @@ use uuid::Uuid;
 const SETUP: &str = r#"{"tenants":[{"id": "acme", "dispatch_cycle_seconds": 120,
    "channels": [{"id": "line", "kind": "line", "bot_enabled": true},
                 {"id": "mail", "kind": "email", "bot_enabled": false},
-                {"id": "vip", "kind": "webchat", "bot_enabled": false, "required_skills": ["vip"]}],
+                {"id": "vip", "kind": "webchat", "bot_enabled": false, "required_skills": ["vip"], "weight": 7}],
    "agents": [{"id": "amy", "name": "Amy Lin", "capacity": 2},
               {"id": "ben", "name": "Ben Wu", "capacity": 3},
               {"id": "zed", "name": "Zhang Wei-Ting, second-line billing and refunds", "capacity": 3}]}]}"#;
@@ -42,7 +42,9 @@ const SHOWN: &str = r#"(() => { try { return JSON.stringify({
     counts: Object.fromEntries([...document.querySelectorAll("[data-count]")].map(e => [e.dataset.count, +e.textContent])),
     rows: [...document.querySelectorAll("tr[data-conversation-id]")].map(r => ({
         id: r.dataset.conversationId, state: r.dataset.state, section: r.closest("section").dataset.section,
-        text: r.textContent })),
+        text: r.textContent, weight: r.querySelector("td[data-weight]")?.textContent ?? null,
+        score: r.querySelector("td[data-score-since]")?.textContent ?? null })),
+    headers: [...document.querySelectorAll("section[data-section=waiting] th")].map(h => h.textContent),
     agents: [...document.querySelectorAll("tr[data-agent-id]")].map(r => ({
         id: r.dataset.agentId, status: r.dataset.status, text: r.textContent })),
     marker: window.__marker || null,
@@ -178,6 +180,41 @@ async fn the_dashboard_shows_the_queue_and_updates_live() {
         row(waiting)["text"].as_str().unwrap().contains("vip"),
         "required skills shown"
     );
+    // SPEC D10: each queued conversation's weight (the channel's, 7) and score (weight x
+    // seconds waited, growing while the page is open).
+    assert!(
+        shown["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h == "Weight")
+            && shown["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h == "Score"),
+        "{}",
+        shown["headers"]
+    );
+    assert_eq!(row(waiting)["weight"], "7");
+    assert_eq!(row(assigning)["weight"], "1");
+    let score = |v: &Value| -> f64 {
+        v.as_str()
+            .unwrap_or("")
+            .replace(',', "")
+            .parse()
+            .unwrap_or(-1.0)
+    };
+    assert!(score(&row(waiting)["score"]) >= 0.0, "{}", row(waiting));
+    let first_score = score(&row(waiting)["score"]);
+    let id = waiting.to_string();
+    wait_shown(&mut page, "V1's score to grow by 7 a second", |v| {
+        v["rows"].as_array().is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r["id"] == id.as_str() && score(&r["score"]) >= first_score + 14.0)
+        })
+    })
+    .await;
     assert_eq!(row(assigning)["section"], "assigning");
     assert!(
         row(assigning)["text"].as_str().unwrap().contains("amy"),

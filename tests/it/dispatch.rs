@@ -330,9 +330,9 @@ async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
 
 /// SPEC D9: editing a channel's required skills reaches its queued conversations; one already
 /// offered keeps its offer until the dispatch cycle ends, then is re-dispatched under the new
-/// skills. SPEC D5: a channel's priority puts its conversations first.
+/// skills. (A channel's weight, SPEC D10: `weight.rs`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
+async fn channel_edits_take_effect_at_the_next_cycle() {
     let app = TestApp::spawn(SETUP).await;
     app.presence("t1", "amy", "ready", 1, &[]).await;
     app.customer_says("t1", "mail", "K1", "first").await;
@@ -394,35 +394,6 @@ async fn channel_edits_take_effect_at_the_next_cycle_and_priority_goes_first() {
         || async { (k1_offer().await.as_deref() == Some("vic")).then_some(()) },
     )
     .await;
-
-    // Priority: a queued conversation of a priority channel goes before older ones.
-    configure(
-        r#"{"tenants":[{"id":"t1","channels":[
-        {"id":"mail","bot_enabled":false},
-        {"id":"vipline","bot_enabled":false,"priority":10}]}]}"#,
-    )
-    .await;
-    app.presence("t1", "vic", "offline", 5, &["vip"]).await;
-    app.presence("t1", "amy", "offline", 1, &[]).await;
-    wait_for_count(
-        &app.pg,
-        "nobody ready",
-        Duration::from_secs(20),
-        "SELECT count(*) FROM agents WHERE status = 'ready'",
-        0,
-    )
-    .await;
-    app.customer_says("t1", "mail", "P1", "old").await;
-    app.wait_for_state("t1", "mail", "P1", "waiting").await;
-    app.customer_says("t1", "vipline", "P2", "newer, but a priority channel")
-        .await;
-    app.wait_for_state("t1", "vipline", "P2", "waiting").await;
-    app.presence("t1", "zed", "ready", 1, &[]).await;
-    app.wait_for_state("t1", "vipline", "P2", "assigning").await;
-    assert_eq!(
-        app.state_of("t1", "mail", "P1").await.as_deref(),
-        Some("waiting")
-    );
 }
 
 /// README decision: an agent who goes offline keeps the conversations they serve; the

@@ -37,3 +37,4 @@ mod tracing;
 mod try_it;
 mod webchat;
 mod webhooks;
+mod weight;

@@ -1,7 +1,10 @@
 //! Scripted flows (交談腳本, SPEC state `script`): a graph of steps. A `message` step says
 //! something and goes on; `buttons` offers choices that branch; `question` asks and keeps the
-//! answer on the conversation; `handover` sends the customer to an agent with the skills the
-//! flow needs (SPEC L4, D4); `end` completes the conversation (SPEC L3).
+//! answer on the conversation; `condition` looks at the customer's message (its text, and an
+//! e-mail's subject, sender and recipients), may set the conversation's assignment weight
+//! (SPEC D10, the product's 緊急信件轉派 example) and branches; `handover` sends the customer
+//! to an agent with the skills the flow needs (SPEC L4, D4); `end` completes the conversation
+//! (SPEC L3).
 //!
 //! A flow is edited as a draft and published as a numbered version (草稿與發佈); publishing
 //! refuses a graph with a dangling branch, a step that cannot be reached, or a step from which
@@ -11,12 +14,12 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use firstline_shared::db::BotSays;
-use firstline_shared::domain::SkillSet;
-use firstline_shared::wire::QuickReply;
+use firstline_shared::domain::{self, SkillSet};
+use firstline_shared::wire::{EmailHeaders, QuickReply};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::keywords::check_url;
+use crate::keywords::{check_url, compile_regex};
 use crate::text::normalize;
 
 /// A flow's definition (a draft, or a published version).
@@ -70,6 +73,103 @@ pub enum Step {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         text: Option<String>,
     },
+    /// Looks at the customer's message that reached this step: when any of `when` matches,
+    /// sets the conversation's assignment weight to `set_weight` (SPEC D10; kept for when it
+    /// is queued) and goes on to `then`; else to `else` (by default `then` too). Goes on at
+    /// once, like a message step.
+    Condition {
+        when: Vec<MessageCondition>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        set_weight: Option<i32>,
+        then: String,
+        #[serde(default, rename = "else", skip_serializing_if = "Option::is_none")]
+        otherwise: Option<String>,
+    },
+}
+
+/// A test of the customer's message: `pattern` contained in (`contains`, ignoring case and
+/// full/half width) or matched by (`regex`, case-insensitive) a part of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageCondition {
+    /// Which part: the text (an e-mail's body), or an e-mail's `subject`, `from` or `to` (any
+    /// recipient); `any`: the text or the subject. A chat message has no e-mail parts.
+    #[serde(default)]
+    pub field: MessageField,
+    #[serde(rename = "match")]
+    pub kind: ConditionMatch,
+    pub pattern: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageField {
+    #[default]
+    Text,
+    Subject,
+    From,
+    To,
+    Any,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConditionMatch {
+    Contains,
+    Regex,
+}
+
+/// The customer's message a flow step looks at.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Said<'a> {
+    pub text: &'a str,
+    pub email: Option<&'a EmailHeaders>,
+}
+
+impl MessageCondition {
+    fn check(&self) -> Result<(), String> {
+        match self.kind {
+            ConditionMatch::Contains if normalize(&self.pattern).is_empty() => {
+                Err("a condition's pattern is empty".into())
+            }
+            ConditionMatch::Regex => compile_regex(&self.pattern).map(|_| ()).map_err(|e| {
+                format!(
+                    "pattern {:?} is not a valid regular expression: {e}",
+                    self.pattern
+                )
+            }),
+            ConditionMatch::Contains => Ok(()),
+        }
+    }
+
+    /// Whether the message matches (a regex that does not compile matches nothing: publishing
+    /// refuses one).
+    pub fn matches(&self, said: Said<'_>) -> bool {
+        let email = said.email;
+        let parts: Vec<&str> = match self.field {
+            MessageField::Text => vec![said.text],
+            MessageField::Subject => email.map(|e| e.subject.as_str()).into_iter().collect(),
+            MessageField::From => email.map(|e| e.from.as_str()).into_iter().collect(),
+            MessageField::To => email
+                .map(|e| e.to.iter().map(String::as_str).collect())
+                .unwrap_or_default(),
+            MessageField::Any => std::iter::once(said.text)
+                .chain(email.map(|e| e.subject.as_str()))
+                .collect(),
+        };
+        match self.kind {
+            ConditionMatch::Contains => {
+                let pattern = normalize(&self.pattern);
+                parts
+                    .iter()
+                    .any(|p| normalize(p).contains(pattern.as_str()))
+            }
+            ConditionMatch::Regex => match compile_regex(&self.pattern) {
+                Ok(re) => parts.iter().any(|p| re.is_match(p)),
+                Err(_) => false,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,6 +184,11 @@ impl Step {
     fn targets(&self) -> Vec<&str> {
         match self {
             Self::Message { next, .. } | Self::Question { next, .. } => vec![next],
+            Self::Condition {
+                then, otherwise, ..
+            } => std::iter::once(then.as_str())
+                .chain(otherwise.as_deref())
+                .collect(),
             Self::Buttons { buttons, .. } => buttons.iter().map(|b| b.next.as_str()).collect(),
             Self::Handover { .. } | Self::End { .. } => vec![],
         }
@@ -207,6 +312,21 @@ fn check_step(id: &str, step: &Step) -> Result<(), String> {
                 return fail("save_as must be a name of letters, digits and '_'");
             }
         }
+        Step::Condition {
+            when, set_weight, ..
+        } => {
+            if when.is_empty() {
+                return fail("a condition step needs at least one test in `when`");
+            }
+            for c in when {
+                c.check().or_else(|e| fail(&e))?;
+            }
+            if let Some(w) = set_weight {
+                if let Err(e) = domain::check_weight(*w) {
+                    return fail(&format!("set_weight: {e}"));
+                }
+            }
+        }
         Step::Handover { .. } | Step::End { .. } => {}
     }
     Ok(())
@@ -239,6 +359,8 @@ pub struct FlowOutcome {
     pub next: FlowNext,
     /// The answers kept, after this step (stored on the conversation, also when it ends).
     pub vars: Map<String, Value>,
+    /// SPEC D10: the assignment weight a condition step set, if one did.
+    pub weight: Option<i32>,
 }
 
 /// The payload of button `index` of `step`: which step it answers travels with it, so a
@@ -247,24 +369,43 @@ fn payload(step: &str, index: usize) -> String {
     format!("flow:{step}:{}", index + 1)
 }
 
-/// Runs `flow` from its start.
-pub fn start(flow: &FlowDef) -> FlowOutcome {
-    let mut says = Vec::new();
-    let vars = Map::new();
-    let next = run_from(flow, &flow.start, &vars, &mut says);
-    FlowOutcome { says, next, vars }
+/// The steps' output while they run.
+#[derive(Default)]
+struct Run {
+    says: Vec<BotSays>,
+    weight: Option<i32>,
 }
 
-/// Takes the customer's message (`text`, or a button's `postback`) at `at` and runs on.
-pub fn answer(flow: &FlowDef, at: FlowPosition, text: &str, postback: Option<&str>) -> FlowOutcome {
-    let mut says = Vec::new();
+/// Runs `flow` from its start, on the customer's message `said` that started it.
+pub fn start(flow: &FlowDef, said: Said<'_>) -> FlowOutcome {
+    let mut run = Run::default();
+    let vars = Map::new();
+    let next = run_from(flow, &flow.start, &vars, said, &mut run);
+    FlowOutcome {
+        says: run.says,
+        next,
+        vars,
+        weight: run.weight,
+    }
+}
+
+/// Takes the customer's message (`said`, or a button's `postback`) at `at` and runs on.
+pub fn answer(
+    flow: &FlowDef,
+    at: FlowPosition,
+    said: Said<'_>,
+    postback: Option<&str>,
+) -> FlowOutcome {
+    let mut run = Run::default();
+    let text = said.text;
     let FlowPosition { step, mut vars } = at;
     let Some(current) = flow.steps.get(&step) else {
         // Cannot happen with a published (checked, frozen) version; end cleanly if it does.
         return FlowOutcome {
-            says,
+            says: run.says,
             next: FlowNext::End,
             vars,
+            weight: None,
         };
     };
     let next = match current {
@@ -273,12 +414,13 @@ pub fn answer(flow: &FlowDef, at: FlowPosition, text: &str, postback: Option<&st
             buttons,
             retry_text,
         } => match chosen(&step, buttons, text, postback) {
-            Some(i) => run_from(flow, &buttons[i].next, &vars, &mut says),
+            Some(i) => run_from(flow, &buttons[i].next, &vars, said, &mut run),
             None => {
                 let retry = retry_text.clone().unwrap_or_else(|| {
                     format!("請點選下列選項之一。Please choose one of the options.\n{prompt}")
                 });
-                says.push(buttons_message(&step, &fill(&retry, &vars), buttons));
+                run.says
+                    .push(buttons_message(&step, &fill(&retry, &vars), buttons));
                 FlowNext::Wait(FlowPosition {
                     step,
                     vars: vars.clone(),
@@ -288,12 +430,17 @@ pub fn answer(flow: &FlowDef, at: FlowPosition, text: &str, postback: Option<&st
         Step::Question { save_as, next, .. } => {
             let answer = postback.unwrap_or(text).trim().to_owned();
             vars.insert(save_as.clone(), Value::String(answer));
-            run_from(flow, next, &vars, &mut says)
+            run_from(flow, next, &vars, said, &mut run)
         }
         // The flow only waits at buttons and questions; anything else: run it again.
-        _ => run_from(flow, &step, &vars, &mut says),
+        _ => run_from(flow, &step, &vars, said, &mut run),
     };
-    FlowOutcome { says, next, vars }
+    FlowOutcome {
+        says: run.says,
+        next,
+        vars,
+        weight: run.weight,
+    }
 }
 
 /// Which button the customer chose: a press of this step's button, the label typed, or its
@@ -335,8 +482,10 @@ fn run_from(
     flow: &FlowDef,
     id: &str,
     vars: &Map<String, Value>,
-    says: &mut Vec<BotSays>,
+    said: Said<'_>,
+    run: &mut Run,
 ) -> FlowNext {
+    let says = &mut run.says;
     let mut id = id.to_owned();
     // A checked flow cannot loop through message steps; the bound guards an unchecked one.
     for _ in 0..=flow.steps.len() {
@@ -385,6 +534,21 @@ fn run_from(
                 }
                 return FlowNext::End;
             }
+            Step::Condition {
+                when,
+                set_weight,
+                then,
+                otherwise,
+            } => {
+                if when.iter().any(|c| c.matches(said)) {
+                    if set_weight.is_some() {
+                        run.weight = *set_weight;
+                    }
+                    id = then.clone();
+                } else {
+                    id = otherwise.clone().unwrap_or_else(|| then.clone());
+                }
+            }
         }
     }
     FlowNext::End
@@ -415,6 +579,115 @@ pub fn fill(text: &str, vars: &Map<String, Value>) -> String {
 mod tests {
     use super::*;
 
+    fn said(text: &str) -> Said<'_> {
+        Said { text, email: None }
+    }
+
+    /// The product's 緊急信件轉派 example (SPEC D10): mail whose subject or body says "urgent"
+    /// or "warning" gets weight 1000; then every mail is handed over.
+    fn urgent_mail_flow() -> FlowDef {
+        serde_json::from_value(serde_json::json!({
+            "start": "triage",
+            "steps": {
+                "triage": {"type": "condition",
+                    "when": [{"field": "any", "match": "regex", "pattern": "urgent|warning|緊急"}],
+                    "set_weight": 1000, "then": "agent"},
+                "agent": {"type": "handover"}
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_condition_step_sets_the_weight_of_urgent_mail() {
+        let flow = urgent_mail_flow();
+        flow.check().unwrap();
+        let mail = |subject: &str, body: &'static str| {
+            let email = EmailHeaders {
+                subject: subject.into(),
+                from: "ada@example.com".into(),
+                to: vec!["support@shop.example".into()],
+            };
+            let outcome = start(
+                &flow,
+                Said {
+                    text: body,
+                    email: Some(&email),
+                },
+            );
+            assert_eq!(outcome.next, FlowNext::Handover(None));
+            outcome.weight
+        };
+        assert_eq!(mail("URGENT: card stolen", "please block it"), Some(1000));
+        assert_eq!(mail("Question", "Warning: my order is late"), Some(1000));
+        assert_eq!(mail("緊急：帳號被盜", "請協助"), Some(1000));
+        assert_eq!(mail("Question", "when do you open?"), None);
+        // A chat message has only a text.
+        assert_eq!(start(&flow, said("this is urgent")).weight, Some(1000));
+    }
+
+    #[test]
+    fn conditions_on_the_sender_and_recipients_branch() {
+        let flow: FlowDef = serde_json::from_value(serde_json::json!({
+            "start": "who",
+            "steps": {
+                "who": {"type": "condition",
+                    "when": [{"field": "from", "match": "contains", "pattern": "@vip.example"},
+                             {"field": "to", "match": "contains", "pattern": "vip@shop.example"}],
+                    "set_weight": 50, "then": "vip", "else": "others"},
+                "vip": {"type": "handover", "skills": ["vip"]},
+                "others": {"type": "handover"}
+            }
+        }))
+        .unwrap();
+        flow.check().unwrap();
+        let from = |from: &str, to: &str| {
+            let email = EmailHeaders {
+                subject: String::new(),
+                from: from.into(),
+                to: vec![to.into()],
+            };
+            let o = start(
+                &flow,
+                Said {
+                    text: "hi",
+                    email: Some(&email),
+                },
+            );
+            (o.weight, o.next)
+        };
+        let vip = FlowNext::Handover(Some(SkillSet::new(["vip"])));
+        assert_eq!(
+            from("Bo <bo@VIP.example>", "help@shop.example"),
+            (Some(50), vip.clone())
+        );
+        assert_eq!(from("ada@example.com", "vip@shop.example"), (Some(50), vip));
+        assert_eq!(
+            from("ada@example.com", "help@shop.example"),
+            (None, FlowNext::Handover(None))
+        );
+        // No e-mail parts in a chat message: nothing matches.
+        assert_eq!(start(&flow, said("vip@shop.example")).weight, None);
+    }
+
+    #[test]
+    fn publishing_refuses_a_bad_condition() {
+        let bad = |step: serde_json::Value| {
+            let flow: FlowDef = serde_json::from_value(serde_json::json!({
+                "start": "c", "steps": {"c": step, "end": {"type": "end"}}
+            }))
+            .unwrap();
+            flow.check().unwrap_err()
+        };
+        assert!(
+            bad(serde_json::json!({"type": "condition", "when": [], "then": "end"}))
+                .contains("at least one")
+        );
+        assert!(bad(serde_json::json!({"type": "condition", "when": [{"match": "regex", "pattern": "("}], "then": "end"})).contains("regular expression"));
+        assert!(bad(serde_json::json!({"type": "condition", "when": [{"match": "contains", "pattern": "x"}], "set_weight": 0, "then": "end"})).contains("set_weight"));
+        assert!(bad(serde_json::json!({"type": "condition", "when": [{"match": "contains", "pattern": "x"}], "then": "end", "else": "nowhere"})).contains("dangling"));
+    }
+
     fn order_flow() -> FlowDef {
         serde_json::from_value(serde_json::json!({
             "start": "welcome",
@@ -440,7 +713,7 @@ mod tests {
     fn a_checked_flow_branches_keeps_answers_and_ends() {
         let flow = order_flow();
         flow.check().unwrap();
-        let first = start(&flow);
+        let first = start(&flow, Said::default());
         assert_eq!(first.says.len(), 2);
         assert_eq!(first.says[1].buttons[0].payload, "flow:menu:1");
         let FlowNext::Wait(at) = first.next else {
@@ -448,12 +721,12 @@ mod tests {
         };
         assert_eq!(at.step, "menu");
         // Press 查訂單.
-        let asked = answer(&flow, at, "查訂單", Some("flow:menu:1"));
+        let asked = answer(&flow, at, said("查訂單"), Some("flow:menu:1"));
         assert_eq!(asked.says[0].text, "請輸入訂單編號");
         let FlowNext::Wait(at) = asked.next else {
             panic!()
         };
-        let done = answer(&flow, at, " A123 ", None);
+        let done = answer(&flow, at, said(" A123 "), None);
         assert_eq!(done.says[0].text, "訂單 A123 已出貨。");
         assert_eq!(done.says[1].text, "謝謝，再見！");
         assert_eq!(done.next, FlowNext::End);
@@ -467,22 +740,22 @@ mod tests {
             vars: Map::new(),
         };
         // The label typed, or its number, counts as the press.
-        let refund = answer(&flow, at.clone(), "退貨", None);
+        let refund = answer(&flow, at.clone(), said("退貨"), None);
         assert_eq!(
             refund.next,
             FlowNext::Handover(Some(SkillSet::new(["returns"])))
         );
-        let agent = answer(&flow, at.clone(), "3", None);
+        let agent = answer(&flow, at.clone(), said("3"), None);
         assert_eq!(
             agent.next,
             FlowNext::Handover(Some(SkillSet::new(["billing"])))
         );
         // Anything else: asked again, with the buttons.
-        let again = answer(&flow, at.clone(), "嗯？", None);
+        let again = answer(&flow, at.clone(), said("嗯？"), None);
         assert_eq!(again.next, FlowNext::Wait(at.clone()));
         assert_eq!(again.says[0].buttons.len(), 3);
         // A press of a button of another step is not a choice here.
-        let stale = answer(&flow, at.clone(), "", Some("flow:other:1"));
+        let stale = answer(&flow, at.clone(), said(""), Some("flow:other:1"));
         assert_eq!(stale.next, FlowNext::Wait(at));
     }
 

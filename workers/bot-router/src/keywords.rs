@@ -146,7 +146,7 @@ impl KeywordRule {
     }
 }
 
-fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
+pub(crate) fn compile_regex(pattern: &str) -> Result<Regex, regex::Error> {
     RegexBuilder::new(pattern)
         .case_insensitive(true)
         .size_limit(1 << 20)

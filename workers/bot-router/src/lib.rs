@@ -246,6 +246,10 @@ impl Turn<'_, '_> {
             now,
         };
         let postback = work.postback.as_deref();
+        let said = flow::Said {
+            text: &work.text,
+            email: work.email.as_ref(),
+        };
         let id = self.conversation.id;
         if self.conversation.state == ConversationState::Script {
             let state = store::flow_state(self.tx, id).await?;
@@ -283,7 +287,7 @@ impl Turn<'_, '_> {
                         step,
                         vars: state.vars,
                     };
-                    let outcome = flow::answer(&def, at, &work.text, postback);
+                    let outcome = flow::answer(&def, at, said, postback);
                     return self.follow(&ctx, (&flow_id, version), outcome).await;
                 }
                 _ => {
@@ -295,7 +299,7 @@ impl Turn<'_, '_> {
                             .await?
                         {
                             self.source = "flow";
-                            let outcome = flow::start(&def);
+                            let outcome = flow::start(&def, said);
                             return self.follow(&ctx, (flow_id, version), outcome).await;
                         }
                         tracing::warn!(
@@ -337,7 +341,7 @@ impl Turn<'_, '_> {
                 {
                     Some((version, def)) => {
                         self.source = "flow";
-                        let outcome = flow::start(&def);
+                        let outcome = flow::start(&def, said);
                         self.follow(&ctx, (&flow, version), outcome).await?;
                     }
                     None => {
@@ -366,6 +370,10 @@ impl Turn<'_, '_> {
         let said = !outcome.says.is_empty();
         self.says.extend(outcome.says);
         let id = self.conversation.id;
+        if let Some(weight) = outcome.weight {
+            // SPEC D10: kept on the conversation; the dispatcher scores it when it is queued.
+            store::set_weight(self.tx, id, weight).await?;
+        }
         let vars = outcome.vars;
         match outcome.next {
             FlowNext::Wait(at) => {

@@ -338,6 +338,19 @@ pub async fn require_skills(
     Ok(())
 }
 
+/// SPEC D10: a flow's condition step set the conversation's assignment weight.
+pub async fn set_weight(
+    tx: &Transaction<'_>,
+    conversation: Uuid,
+    weight: i32,
+) -> anyhow::Result<()> {
+    let stmt = tx
+        .prepare_cached("UPDATE conversations SET weight = $2 WHERE id = $1")
+        .await?;
+    tx.execute(&stmt, &[&conversation, &weight]).await?;
+    Ok(())
+}
+
 /// Conversations with the bot idle past their channel's `bot_idle_seconds`, locked (others
 /// skipped: another instance or a message handler has them).
 pub async fn idle_conversations(

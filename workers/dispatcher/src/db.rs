@@ -14,7 +14,7 @@ const LOCK_TENANT: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 725
 
 /// Prepares (in one round trip, and only once per connection) the statements a transaction
 /// and its pass send together: the lock with the settings read, then the expiry with the
-/// reads of the agents, orphans and queue groups. Once prepared, a statement goes out when
+/// reads of the agents, orphans and queue classes. Once prepared, a statement goes out when
 /// its future is first polled, so `futures::join!` sends them in its order, and the
 /// connection runs them in that order: the expiry before the counts and orphans that depend
 /// on it, the lock before anything else.
@@ -26,7 +26,7 @@ pub async fn prepare_pipelined(tx: &Transaction<'_>) -> Result<(), tokio_postgre
             EXPIRE_DUE_OFFERS,
             READY_AGENTS,
             ORPHANED_ASSIGNING,
-            WAITING_GROUPS,
+            WAITING_CLASSES,
         ]
         .map(|sql| tx.prepare_cached(sql)),
     )
@@ -199,7 +199,7 @@ pub async fn ready_agents(
 /// The columns [`candidate_from_row`] reads, with `c` the conversation.
 macro_rules! candidate_columns {
     () => {
-        "c.id, c.required_skills, c.priority, c.queued_at, c.target_agent, c.excluded_agents"
+        "c.id, c.required_skills, c.weight, c.queued_at, c.target_agent, c.excluded_agents"
     };
 }
 const CANDIDATE_COLUMNS: &str = candidate_columns!();
@@ -209,7 +209,7 @@ fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
     Ok(Candidate {
         conversation_id: r.get(0),
         required_skills: SkillSet::new(r.get::<_, Vec<String>>(1)),
-        priority: r.get(2),
+        weight: r.get(2),
         queued_at: r.get(3),
         only_agent: r.get::<_, Option<String>>(4).map(agent).transpose()?,
         declined_by: r
@@ -263,46 +263,58 @@ pub async fn set_orphans_possible(
     Ok(())
 }
 
-const WAITING_GROUPS: &str = "WITH RECURSIVE g(skills) AS (
-                 (SELECT required_skills FROM conversations
-                   WHERE tenant_id = $1 AND state = 'waiting' ORDER BY required_skills LIMIT 1)
+const WAITING_CLASSES: &str = "WITH RECURSIVE g(skills, weight) AS (
+                 (SELECT required_skills, weight FROM conversations
+                   WHERE tenant_id = $1 AND state = 'waiting' ORDER BY required_skills, weight LIMIT 1)
                  UNION ALL
-                 SELECT (SELECT c.required_skills FROM conversations c
-                          WHERE c.tenant_id = $1 AND c.state = 'waiting' AND c.required_skills > g.skills
-                          ORDER BY c.required_skills LIMIT 1)
-                 FROM g WHERE g.skills IS NOT NULL)
-             SELECT skills FROM g WHERE skills IS NOT NULL";
+                 SELECT n.required_skills, n.weight FROM g CROSS JOIN LATERAL
+                   (SELECT c.required_skills, c.weight FROM conversations c
+                     WHERE c.tenant_id = $1 AND c.state = 'waiting'
+                       AND (c.required_skills, c.weight) > (g.skills, g.weight)
+                     ORDER BY c.required_skills, c.weight LIMIT 1) n)
+             SELECT skills, weight FROM g";
 
-/// The distinct required-skill sets among the tenant's waiting conversations: a skip scan of
-/// `conversations_waiting_by_skills`, one index probe per group, whatever the queue's length.
-pub async fn waiting_groups(
+/// A class of the waiting queue: the conversations with one skill set (SPEC D4) and one
+/// weight (D10). Within a class the score order is the queue order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WaitingClass {
+    pub skills: SkillSet,
+    pub weight: i32,
+}
+
+/// The distinct classes among the tenant's waiting conversations: a skip scan of
+/// `conversations_waiting_by_class`, one index probe per class, whatever the queue's length.
+pub async fn waiting_classes(
     tx: &Transaction<'_>,
     tenant: &TenantId,
-) -> anyhow::Result<Vec<SkillSet>> {
-    let stmt = tx.prepare_cached(WAITING_GROUPS).await?;
+) -> anyhow::Result<Vec<WaitingClass>> {
+    let stmt = tx.prepare_cached(WAITING_CLASSES).await?;
     Ok(tx
         .query(&stmt, &[&tenant.as_str()])
         .await?
         .iter()
-        .map(|r| SkillSet::new(r.get::<_, Vec<String>>(0)))
+        .map(|r| WaitingClass {
+            skills: SkillSet::new(r.get::<_, Vec<String>>(0)),
+            weight: r.get(1),
+        })
         .collect())
 }
 
-/// One group's slice of the waiting queue to read: `limit` conversations after the first `skip`.
+/// One class's slice of the waiting queue to read: `limit` conversations after the first `skip`.
 #[derive(Debug)]
-pub struct GroupRead<'a> {
-    pub skills: &'a SkillSet,
+pub struct ClassRead<'a> {
+    pub class: &'a WaitingClass,
     pub limit: i64,
     pub skip: i64,
 }
 
-const GROUP_KEY_SEPARATOR: char = '\u{1f}';
+const SKILLS_SEPARATOR: char = '\u{1f}';
 
-/// The heads of several skill groups of the waiting queue, each in dispatch order, in one query.
+/// The heads of several classes of the waiting queue, each in queue order, in one query.
 pub async fn waiting_heads(
     tx: &Transaction<'_>,
     tenant: &TenantId,
-    reads: &[GroupRead<'_>],
+    reads: &[ClassRead<'_>],
 ) -> anyhow::Result<Vec<Candidate>> {
     if reads.is_empty() {
         return Ok(Vec::new());
@@ -310,23 +322,25 @@ pub async fn waiting_heads(
     // Skill sets differ in length, so each travels as one string (skills hold no control characters).
     let keys: Vec<String> = reads
         .iter()
-        .map(|r| r.skills.to_vec().join(&GROUP_KEY_SEPARATOR.to_string()))
+        .map(|r| r.class.skills.to_vec().join(&SKILLS_SEPARATOR.to_string()))
         .collect();
+    let weights: Vec<i32> = reads.iter().map(|r| r.class.weight).collect();
     let limits: Vec<i64> = reads.iter().map(|r| r.limit).collect();
     let skips: Vec<i64> = reads.iter().map(|r| r.skip).collect();
     let stmt = tx
         .prepare_cached(&format!(
             "SELECT {CANDIDATE_COLUMNS}
-             FROM unnest($2::text[], $3::bigint[], $4::bigint[]) AS g(skills, lim, skip)
+             FROM unnest($2::text[], $3::int[], $4::bigint[], $5::bigint[]) AS g(skills, weight, lim, skip)
              CROSS JOIN LATERAL (
                  SELECT * FROM conversations c
                  WHERE c.tenant_id = $1 AND c.state = 'waiting'
                    AND c.required_skills = string_to_array(g.skills, chr(31))
-                 ORDER BY c.priority DESC, c.queued_at, c.id
+                   AND c.weight = g.weight
+                 ORDER BY c.queued_at, c.id
                  LIMIT g.lim OFFSET g.skip) c"
         ))
         .await?;
-    tx.query(&stmt, &[&tenant.as_str(), &keys, &limits, &skips])
+    tx.query(&stmt, &[&tenant.as_str(), &keys, &weights, &limits, &skips])
         .await?
         .iter()
         .map(candidate_from_row)

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Transaction;
 use firstline_shared::db::{self as shared_db, TenantSettings, Transition};
-use firstline_shared::domain::{ConversationState, SkillSet};
+use firstline_shared::domain::ConversationState;
 use firstline_shared::metrics;
 use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{self, NotificationKind};
@@ -32,12 +32,15 @@ const MAX_ROUNDS: usize = 8;
 
 /// One dispatch pass for a tenant, inside its locked transaction.
 ///
-/// The waiting queue is read by skill group: a group is read only if a ready agent with a
-/// free slot covers it, and only as many of its heads as those agents have free slots. That is
-/// exact: a group's conversation is left only when every agent who could take it is full,
-/// and then so is every one behind it; so the cost of a pass follows the offers it makes, not
-/// the queue's length. A conversation skipped because the free agents declined it can leave
-/// room in its group; then the next heads are read, for up to [`MAX_ROUNDS`] rounds.
+/// The waiting queue is read by class, a class being the conversations of one skill set and
+/// one weight (SPEC D4, D10): within a class the score order (weight x time waited) is the
+/// queue order. A class is read only if a ready agent with a free slot covers its skills, and
+/// only as many of its heads as those agents have free slots; the heads of all classes are
+/// merged by score at the pass's `now`. That is exact: at most that many of a class can be
+/// offered in the pass, and its heads are its best-scored. So the cost of a pass follows the
+/// offers it makes and the number of classes, not the queue's length. A conversation skipped
+/// because the free agents declined it can leave room in its class; then the next heads are
+/// read, for up to [`MAX_ROUNDS`] rounds.
 pub async fn pass(
     tx: &Transaction<'_>,
     outbox: &mut Outbox,
@@ -55,14 +58,14 @@ pub async fn pass(
             false => Ok(None),
         }
     };
-    let (expired, agents, orphans_now, groups) = futures::join!(
+    let (expired, agents, orphans_now, classes) = futures::join!(
         db::expire_due_offers(tx, tenant),
         db::ready_agents(tx, tenant),
         orphans_now,
-        db::waiting_groups(tx, tenant)
+        db::waiting_classes(tx, tenant)
     );
     // The first failure is the cause; the statements after it fail as aborted.
-    let (expired, mut agents, orphans_now, groups) = (expired?, agents?, orphans_now?, groups?);
+    let (expired, mut agents, orphans_now, classes) = (expired?, agents?, orphans_now?, classes?);
     // SPEC D8: offers past the dispatch cycle end; their conversations stay `assigning`
     // (D7) and are re-offered below, to another suitable agent first.
     for expired in expired {
@@ -92,23 +95,25 @@ pub async fn pass(
             None => Vec::new(),
         };
         let mut unplaced: HashSet<Uuid> = orphans.iter().map(|c| c.conversation_id).collect();
-        let mut read: HashMap<&SkillSet, i64> = HashMap::new();
-        let mut exhausted: HashSet<&SkillSet> = HashSet::new();
+        let mut read: HashMap<&db::WaitingClass, i64> = HashMap::new();
+        let mut exhausted: HashSet<&db::WaitingClass> = HashSet::new();
         let mut planned_all = Vec::new();
+        // SPEC D10: one instant for every score of the pass.
+        let now = Utc::now();
         for _ in 0..MAX_ROUNDS {
-            let reads: Vec<db::GroupRead> = groups
+            let reads: Vec<db::ClassRead> = classes
                 .iter()
-                .filter(|g| !exhausted.contains(g))
-                .filter_map(|g| {
+                .filter(|c| !exhausted.contains(c))
+                .filter_map(|c| {
                     let free: u32 = agents
                         .iter()
-                        .filter(|a| a.skills.covers(g))
+                        .filter(|a| a.skills.covers(&c.skills))
                         .map(|a| a.free_slots(offer_limit))
                         .sum();
-                    (free > 0).then(|| db::GroupRead {
-                        skills: g,
+                    (free > 0).then(|| db::ClassRead {
+                        class: c,
                         limit: i64::from(free),
-                        skip: read.get(g).copied().unwrap_or(0),
+                        skip: read.get(c).copied().unwrap_or(0),
                     })
                 })
                 .collect();
@@ -119,15 +124,15 @@ pub async fn pass(
             for r in &reads {
                 let got = queue
                     .iter()
-                    .filter(|c| &c.required_skills == r.skills)
+                    .filter(|c| c.required_skills == r.class.skills && c.weight == r.class.weight)
                     .count() as i64;
-                *read.entry(r.skills).or_default() += got;
+                *read.entry(r.class).or_default() += got;
                 if got < r.limit {
-                    exhausted.insert(r.skills);
+                    exhausted.insert(r.class);
                 }
             }
             queue.append(&mut orphans);
-            queue.sort_by_key(plan::Candidate::order_key);
+            queue.sort_by_key(|c| c.order_key(now));
             db::attach_offer_history(tx, &mut queue).await?;
             let planned = plan::plan(&agents, &queue, offer_limit);
             if planned.is_empty() {

@@ -67,17 +67,28 @@ pub struct Candidate {
     /// Agents whose offer of it expired: chosen only when no other suitable agent has room
     /// (SPEC D8: "to another suitable agent if there is one").
     pub expired_for: Vec<AgentId>,
-    /// SPEC D5: higher first; then earlier `queued_at`, then id. Used to order the queue; the
-    /// plan itself takes the queue as given.
-    pub priority: i32,
+    /// SPEC D10 assignment weight (>= 1): the score is `weight x seconds since queued_at`.
+    /// Used to order the queue; the plan itself takes the queue as given.
+    pub weight: i32,
     pub queued_at: DateTime<Utc>,
 }
 
 impl Candidate {
-    /// SPEC D5 dispatch order: priority (higher first), then time queued, then id.
-    pub fn order_key(&self) -> (std::cmp::Reverse<i32>, DateTime<Utc>, Uuid) {
+    /// SPEC D10: `weight x time waited` at `now`, in weight-microseconds (exact: no rounding
+    /// decides between two conversations). A conversation queued after `now` (another clock)
+    /// has waited 0.
+    pub fn score(&self, now: DateTime<Utc>) -> i128 {
+        let waited = (now - self.queued_at)
+            .num_microseconds()
+            .unwrap_or(i64::MAX);
+        i128::from(self.weight.max(1)) * i128::from(waited.max(0))
+    }
+
+    /// SPEC D10 dispatch order at `now`: score (highest first), then time queued (so equal
+    /// weights are first-come first-served, D5), then id.
+    pub fn order_key(&self, now: DateTime<Utc>) -> (std::cmp::Reverse<i128>, DateTime<Utc>, Uuid) {
         (
-            std::cmp::Reverse(self.priority),
+            std::cmp::Reverse(self.score(now)),
             self.queued_at,
             self.conversation_id,
         )
@@ -91,7 +102,8 @@ pub struct PlannedOffer {
     pub agent: AgentId,
 }
 
-/// The pass. `queue` must be in dispatch order (SPEC D5: priority, then earliest queued).
+/// The pass. `queue` must be in dispatch order ([`Candidate::order_key`]: SPEC D10 score,
+/// then earliest queued).
 ///
 /// - D1: no agent gets more offers than their free slots.
 /// - D2/D3: so the offers never exceed the cap, and are none without a ready agent.
@@ -171,7 +183,7 @@ mod tests {
                 declined_by: vec![],
                 only_agent: None,
                 expired_for: vec![],
-                priority: 0,
+                weight: 1,
                 queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
             })
             .collect()
@@ -273,6 +285,85 @@ mod tests {
         assert_eq!(offers[0].conversation_id, q[1].conversation_id);
     }
 
+    fn at(secs: i64, micros: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap() + chrono::Duration::microseconds(micros)
+    }
+
+    fn queued(id: u128, weight: i32, queued_at: DateTime<Utc>) -> Candidate {
+        Candidate {
+            conversation_id: Uuid::from_u128(id),
+            required_skills: SkillSet::default(),
+            declined_by: vec![],
+            only_agent: None,
+            expired_for: vec![],
+            weight,
+            queued_at,
+        }
+    }
+
+    #[test]
+    fn the_products_example_urgent_mail_weight_1000() {
+        // SPEC D10 (緊急信件轉派): urgent mail, weight 1000, queued after ordinary mail, is
+        // served first once it has waited a thousandth of the ordinary mail's wait...
+        let ordinary = queued(1, 1, at(0, 0));
+        let urgent = queued(2, 1000, at(1, 0));
+        let first = |now| {
+            let mut q = [ordinary.clone(), urgent.clone()];
+            q.sort_by_key(|c| c.order_key(now));
+            q[0].conversation_id.as_u128()
+        };
+        assert_eq!(first(at(3, 0)), 2); // 1000 x 2 s against 1 x 3 s
+        assert_eq!(first(at(1, 1_000)), 1); // 1000 x 1 ms against 1 x 1.001 s
+        assert_eq!(first(at(1, 1_002)), 2); // 1000 x 1.002 ms against 1 x 1.001002 s
+                                            // ...and ordinary mail that has waited more than 1000 times longer still goes first.
+        let old = queued(3, 1, at(-2_000, 0));
+        let mut q = [urgent.clone(), old];
+        q.sort_by_key(|c| c.order_key(at(2, 0))); // 1 x 2002 s against 1000 x 1 s
+        assert_eq!(q[0].conversation_id.as_u128(), 3);
+    }
+
+    #[test]
+    fn a_score_is_exact_and_never_negative() {
+        let c = queued(1, 7, at(10, 0));
+        assert_eq!(c.score(at(12, 5)), 7 * 2_000_005);
+        assert_eq!(c.score(at(9, 0)), 0, "queued after now by another clock");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// SPEC D10: equal weights give first-come first-served, whatever the instant.
+        #[test]
+        fn equal_weights_are_first_come_first_served(
+            weight in 1i32..2000,
+            times in prop::collection::vec(0i64..1_000_000_000, 1..20),
+            now in 0i64..2_000_000_000,
+        ) {
+            let mut q: Vec<Candidate> = times.iter().enumerate()
+                .map(|(i, t)| queued(i as u128 + 1, weight, at(0, *t))).collect();
+            let now = at(0, now);
+            q.sort_by_key(|c| c.order_key(now));
+            prop_assert!(q.windows(2).all(|w| (w[0].queued_at, w[0].conversation_id) < (w[1].queued_at, w[1].conversation_id)));
+        }
+
+        /// SPEC D10: a heavier conversation overtakes a lighter one exactly when its score
+        /// (weight x time waited) passes the other's.
+        #[test]
+        fn a_heavier_conversation_overtakes_exactly_when_its_score_passes(
+            light in 1i32..50, extra in 1i32..2000,
+            light_waited in 0i64..10_000_000_000, heavy_waited in 0i64..10_000_000_000,
+        ) {
+            let heavy_weight = light + extra;
+            let now = at(20_000, 0);
+            let l = queued(1, light, now - chrono::Duration::microseconds(light_waited));
+            let h = queued(2, heavy_weight, now - chrono::Duration::microseconds(heavy_waited));
+            let heavy_first = h.order_key(now) < l.order_key(now);
+            let (hs, ls) = (i128::from(heavy_weight) * i128::from(heavy_waited), i128::from(light) * i128::from(light_waited));
+            let expected = hs > ls || (hs == ls && heavy_waited > light_waited);
+            prop_assert_eq!(heavy_first, expected);
+        }
+    }
+
     // ---- properties against a reference model ----
 
     fn arb_agents() -> impl Strategy<Value = Vec<AgentLoad>> {
@@ -320,7 +411,7 @@ mod tests {
                         declined_by: vec![],
                         only_agent: None,
                         expired_for: vec![],
-                        priority: 0,
+                        weight: 1,
                         queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
                     }
                 })

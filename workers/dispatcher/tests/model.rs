@@ -2,13 +2,14 @@
 //! model of the world (agents, conversations, offers, a clock) that is obviously right
 //! because it does nothing clever: it applies events, and after each one runs a pass exactly
 //! as the dispatcher does (expire offers past their cycle, then [`plan`] over the ready
-//! agents and the queue in SPEC D5 order), then checks the rules independently:
+//! agents and the queue in SPEC D10 order), then checks the rules independently:
 //!
 //! - D1: an agent offered something in a pass is ready and holds at most
 //!   `min(limit, capacity - processing)` open offers after it;
 //! - D2: offers to ready agents never exceed the sum of their places;
 //! - D3/D4: no offer to an agent who is offline, not ready or lacks a required skill;
-//! - D5: FIFO: an agent never gets a conversation while an earlier one it could take is left;
+//! - D10 (D5 for equal weights): an agent never gets a conversation while one it could take
+//!   with a higher score (weight x seconds waited), or an equal score and queued earlier, is left;
 //! - D6: no idle capacity: after a pass, no queued conversation that a ready agent with a free
 //!   slot could take (and did not decline) is left;
 //! - one open offer per conversation, declined never re-offered to the same agent, and D8:
@@ -53,7 +54,8 @@ enum State {
 struct Conv {
     id: Uuid,
     skills: SkillSet,
-    priority: i32,
+    /// SPEC D10.
+    weight: i32,
     queued_at: i64,
     state: State,
     agent: Option<usize>,
@@ -78,7 +80,7 @@ enum Event {
     },
     NewConversation {
         skills: Vec<usize>,
-        priority: i32,
+        weight: i32,
     },
     Accept {
         pick: usize,
@@ -97,8 +99,8 @@ enum Event {
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         2 => (0usize..5, 0u8..3, 0u32..6).prop_map(|(agent, status, capacity)| Event::Presence { agent, status, capacity }),
-        3 => (prop::collection::vec(0usize..3, 0..2), 0i32..2)
-            .prop_map(|(skills, priority)| Event::NewConversation { skills, priority }),
+        3 => (prop::collection::vec(0usize..3, 0..2), prop::sample::select(vec![1, 1, 2, 5, 1000]))
+            .prop_map(|(skills, weight)| Event::NewConversation { skills, weight }),
         2 => any::<usize>().prop_map(|pick| Event::Accept { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Decline { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Close { pick }),
@@ -185,14 +187,11 @@ impl World {
                 self.agents[a].status = status;
                 self.agents[a].capacity = capacity;
             }
-            Event::NewConversation {
-                ref skills,
-                priority,
-            } => {
+            Event::NewConversation { ref skills, weight } => {
                 self.convs.push(Conv {
                     id: Uuid::from_u128(self.convs.len() as u128 + 1),
                     skills: SkillSet::new(skills.iter().map(|k| SKILLS[*k])),
-                    priority,
+                    weight,
                     queued_at: self.now,
                     state: State::Waiting,
                     agent: None,
@@ -254,12 +253,13 @@ impl World {
                     declined_by: conv.declined_by.clone(),
                     only_agent: None,
                     expired_for: conv.expired_for.clone(),
-                    priority: conv.priority,
+                    weight: conv.weight,
                     queued_at: Utc.timestamp_opt(conv.queued_at, 0).unwrap(),
                 }
             })
             .collect();
-        queue.sort_by_key(Candidate::order_key);
+        let now = Utc.timestamp_opt(self.now, 0).unwrap();
+        queue.sort_by_key(|c| c.order_key(now));
         let mut new = vec![];
         for p in plan(&loads, &queue, self.limit) {
             let c = self
@@ -340,13 +340,15 @@ proptest! {
                     );
                 }
             }
-            // D5: FIFO among what an agent could take.
+            // D10 (and D5 for equal weights): by score, weight x seconds waited, highest first,
+            // then first-come first-served, among what an agent could take.
+            let now = world.now;
+            let key = |c: &Conv| (std::cmp::Reverse(i64::from(c.weight) * (now - c.queued_at)), c.queued_at, c.id);
             for &o in &new {
                 let Offer { conv, agent, .. } = world.offers[o];
                 let taken = &world.convs[conv];
-                let key = (std::cmp::Reverse(taken.priority), taken.queued_at, taken.id);
                 for (c, other) in world.convs.iter().enumerate() {
-                    let earlier = (std::cmp::Reverse(other.priority), other.queued_at, other.id) < key;
+                    let earlier = key(other) < key(taken);
                     if earlier && world.queued(c) {
                         let a = &world.agents[agent];
                         prop_assert!(

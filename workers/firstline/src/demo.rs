@@ -323,6 +323,7 @@ async fn send_inbound(
         text: text.to_owned(),
         sent_at: Some(chrono::Utc::now()),
         postback: None,
+        email: None,
     };
     bus::publish(
         js,

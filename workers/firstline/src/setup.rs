@@ -5,7 +5,7 @@
 use firstline_shared::db::{
     self, TenantSettingsPatch, DISPATCH_CYCLE_SECONDS, OFFER_LIMIT, SERVICE_LEVEL_SECONDS,
 };
-use firstline_shared::domain::{AgentId, ChannelId, SkillSet, TenantId};
+use firstline_shared::domain::{self, AgentId, ChannelId, SkillSet, TenantId};
 use serde::Deserialize;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -63,9 +63,26 @@ pub struct ChannelSetup {
     /// SPEC L2.
     #[serde(default = "yes")]
     pub bot_enabled: bool,
-    /// SPEC D5: queue priority of its conversations (higher first).
+    /// SPEC D10: the default assignment weight of its conversations (1 to 1000000, default 1).
     #[serde(default)]
-    pub priority: i32,
+    pub weight: Option<i32>,
+    /// The first version's strict queue priority, read from old configurations: weight
+    /// `priority + 1` when no `weight` is given.
+    #[serde(default)]
+    pub priority: Option<i32>,
+}
+
+impl ChannelSetup {
+    /// SPEC D10: the channel's weight, from `weight`, else the old `priority`, else 1.
+    pub fn weight(&self) -> anyhow::Result<i32> {
+        let weight = match (self.weight, self.priority) {
+            (Some(w), _) => w,
+            (None, Some(p)) => domain::weight_from_priority(p),
+            (None, None) => 1,
+        };
+        domain::check_weight(weight)
+            .map_err(|e| anyhow::anyhow!("channel {}: {e}", self.id.as_str()))
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -162,10 +179,10 @@ impl SetupFile {
             db::update_tenant_settings(&tx, &t.id, &settings).await?;
             for c in &t.channels {
                 tx.execute(
-                    "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled, priority)
+                    "INSERT INTO channels (tenant_id, id, kind, name, required_skills, bot_enabled, weight)
                      VALUES ($1, $2, $3, $4, $5, $6, $7)
-                     ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5, bot_enabled = $6, priority = $7",
-                    &[&t.id.as_str(), &c.id.as_str(), &c.kind, &c.name, &c.required_skills.to_vec(), &c.bot_enabled, &c.priority],
+                     ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5, bot_enabled = $6, weight = $7",
+                    &[&t.id.as_str(), &c.id.as_str(), &c.kind, &c.name, &c.required_skills.to_vec(), &c.bot_enabled, &c.weight()?],
                 )
                 .await?;
             }

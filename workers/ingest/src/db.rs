@@ -15,8 +15,8 @@ pub struct ChannelSettings {
     pub bot_enabled: bool,
     /// SPEC L2: new conversations start in the channel's welcome flow (`script`).
     pub welcome_flow: bool,
-    /// SPEC D5: the queue priority of the channel's conversations.
-    pub priority: i32,
+    /// SPEC D10: the default assignment weight of the channel's conversations.
+    pub weight: i32,
     /// 滿意度調查 settings, when the channel asks.
     pub survey: Option<Survey>,
 }
@@ -28,7 +28,7 @@ pub async fn channel(
 ) -> Result<Option<ChannelSettings>, tokio_postgres::Error> {
     let stmt = tx
         .prepare_cached(
-            "SELECT required_skills, bot_enabled, priority, survey, welcome_flow IS NOT NULL
+            "SELECT required_skills, bot_enabled, weight, survey, welcome_flow IS NOT NULL
              FROM channels WHERE tenant_id = $1 AND id = $2",
         )
         .await?;
@@ -39,7 +39,7 @@ pub async fn channel(
             required_skills: SkillSet::new(r.get::<_, Vec<String>>(0)),
             bot_enabled: r.get(1),
             welcome_flow: r.get(4),
-            priority: r.get(2),
+            weight: r.get(2),
             survey: r
                 .get::<_, Option<serde_json::Value>>(3)
                 .and_then(|v| serde_json::from_value(v).ok()),
@@ -149,7 +149,7 @@ pub async fn open_conversation(
     // needs of it is known without reading it back.
     let insert = tx
         .prepare_cached(
-            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, priority, bot_at, queued_at)
+            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, weight, bot_at, queued_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7,
                      CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
                      CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)
@@ -166,7 +166,7 @@ pub async fn open_conversation(
                 &stored.id,
                 &state.as_str(),
                 &settings.required_skills.to_vec(),
-                &settings.priority,
+                &settings.weight,
             ],
         )
         .await?;

@@ -224,6 +224,7 @@ async fn handle(
                 message_id,
                 text: inbound.text.clone(),
                 postback: inbound.postback.clone(),
+                email: inbound.email.clone(),
             },
         ),
         // L5: left the bot; the message waits in the transcript for the agent. The customer

@@ -77,6 +77,7 @@ pub fn body(customer_id: &str, message: &CustomerMessage) -> InboundMessage {
         text: message.text.clone(),
         sent_at: Some(chrono::Utc::now()),
         postback: message.postback.clone(),
+        email: None,
     }
 }
 

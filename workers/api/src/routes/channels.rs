@@ -4,7 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use firstline_shared::domain::ChannelId;
+use firstline_shared::domain::{self, ChannelId};
 use firstline_shared::hours::BusinessHours;
 use firstline_shared::survey::Survey;
 use serde::{Deserialize, Serialize};
@@ -25,8 +25,9 @@ pub struct Channel {
     pub required_skills: Vec<String>,
     /// SPEC L2: new conversations go to the bot first.
     pub bot_enabled: bool,
-    /// SPEC D5: queue priority of its conversations (higher first).
-    pub priority: i32,
+    /// SPEC D10: the default assignment weight of its conversations (score = weight x seconds
+    /// waited, highest first).
+    pub weight: i32,
     /// A published flow new conversations start in (對話腳本).
     pub welcome_flow: Option<String>,
     /// The bot completes a conversation idle this long; null: never.
@@ -54,8 +55,15 @@ pub struct ChannelInput {
     #[serde(default = "yes")]
     #[schema(default = true)]
     pub bot_enabled: bool,
+    /// SPEC D10: the default assignment weight of its conversations, 1 to 1000000 (default 1).
     #[serde(default)]
-    pub priority: i32,
+    #[schema(minimum = 1, maximum = 1000000, default = 1)]
+    pub weight: Option<i32>,
+    /// Deprecated: the first version's strict queue priority. Read when `weight` is left out,
+    /// as weight `priority + 1` (0 and below: 1).
+    #[serde(default)]
+    #[schema(deprecated)]
+    pub priority: Option<i32>,
     /// The id of a published flow.
     #[serde(default)]
     pub welcome_flow: Option<Text<64>>,
@@ -85,7 +93,7 @@ fn default_idle() -> Option<i32> {
     Some(1800)
 }
 
-const COLUMNS: &str = "id, kind, name, required_skills, bot_enabled, priority, welcome_flow, bot_idle_seconds, business_hours, survey";
+const COLUMNS: &str = "id, kind, name, required_skills, bot_enabled, weight, welcome_flow, bot_idle_seconds, business_hours, survey";
 
 fn from_row(row: &tokio_postgres::Row) -> Channel {
     Channel {
@@ -94,7 +102,7 @@ fn from_row(row: &tokio_postgres::Row) -> Channel {
         name: row.get(2),
         required_skills: row.get(3),
         bot_enabled: row.get(4),
-        priority: row.get(5),
+        weight: row.get(5),
         welcome_flow: row.get(6),
         bot_idle_seconds: row.get(7),
         business_hours: row.get(8),
@@ -147,10 +155,21 @@ pub async fn get_one(
 }
 
 impl ChannelInput {
+    /// SPEC D10: `weight`, else the old `priority`, else 1.
+    fn weight(&self) -> ApiResult<i32> {
+        let weight = match (self.weight, self.priority) {
+            (Some(w), _) => w,
+            (None, Some(p)) => domain::weight_from_priority(p),
+            (None, None) => 1,
+        };
+        domain::check_weight(weight).map_err(|e| ApiError::invalid(e.to_string()))
+    }
+
     fn check(&self) -> ApiResult<()> {
         if self.kind.trim().is_empty() {
             return Err(ApiError::invalid("kind may not be empty"));
         }
+        self.weight()?;
         if let Some(s) = self.bot_idle_seconds {
             if s < 1 {
                 return Err(ApiError::invalid(format!(
@@ -214,11 +233,11 @@ pub async fn put(
         .map_err(anyhow::Error::from)?;
     let row = tx
         .query_one(
-            "INSERT INTO channels AS c (tenant_id, id, kind, name, required_skills, bot_enabled, priority,
+            "INSERT INTO channels AS c (tenant_id, id, kind, name, required_skills, bot_enabled, weight,
                                         welcome_flow, bot_idle_seconds, business_hours, survey)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (tenant_id, id) DO UPDATE SET kind = $3, name = $4, required_skills = $5,
-                 bot_enabled = $6, priority = $7, welcome_flow = $8, bot_idle_seconds = $9,
+                 bot_enabled = $6, weight = $7, welcome_flow = $8, bot_idle_seconds = $9,
                  business_hours = $10, survey = $11
              RETURNING (xmax = 0)",
             &[
@@ -228,7 +247,7 @@ pub async fn put(
                 &input.name.as_str(),
                 &input.required_skills.0.to_vec(),
                 &input.bot_enabled,
-                &input.priority,
+                &input.weight()?,
                 &input.welcome_flow.as_deref(),
                 &input.bot_idle_seconds,
                 &hours,

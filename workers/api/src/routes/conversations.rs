@@ -35,7 +35,11 @@ pub struct ConversationSummary {
     pub state: String,
     /// SPEC D4.
     pub required_skills: Vec<String>,
-    pub priority: i32,
+    /// SPEC D10 assignment weight (分派權重): the channel's, or set by a bot flow.
+    pub weight: i32,
+    /// SPEC D10 dispatch score while queued (waiting, assigning): weight x seconds since it
+    /// was queued, at the time of the response; the queue goes highest first.
+    pub score: Option<f64>,
     /// The agent serving it (processing) or who served it (completed).
     pub agent_id: Option<String>,
     /// The agent it is offered to now (assigning), and until when (SPEC D8).
@@ -53,8 +57,11 @@ pub struct ConversationSummary {
 
 pub(crate) const SUMMARY_SQL: &str = "
     SELECT c.id, c.channel_id, cu.external_id, cu.display_name, c.state, c.required_skills,
-           c.priority, c.agent_id, o.agent_id, o.deadline, c.created_at, c.queued_at,
-           c.processing_at, c.completed_at, c.updated_at
+           c.weight, c.agent_id, o.agent_id, o.deadline, c.created_at, c.queued_at,
+           c.processing_at, c.completed_at, c.updated_at,
+           CASE WHEN c.state IN ('waiting', 'assigning')
+                THEN round((c.weight * greatest(0, extract(epoch FROM statement_timestamp() - c.queued_at)))::numeric, 3)::float8
+           END
     FROM conversations c
     JOIN customers cu ON cu.id = c.customer_id
     LEFT JOIN offers o ON o.conversation_id = c.id AND o.status = 'open'
@@ -70,7 +77,8 @@ pub(crate) fn summary_from_row(row: &tokio_postgres::Row) -> ConversationSummary
         },
         state: row.get(4),
         required_skills: row.get(5),
-        priority: row.get(6),
+        weight: row.get(6),
+        score: row.get(15),
         agent_id: row.get(7),
         offered_to: row.get(8),
         offer_deadline: row.get(9),

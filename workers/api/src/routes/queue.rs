@@ -69,7 +69,7 @@ pub struct SnapshotParams {
     pub tz: Option<String>,
 }
 
-const NOTE: &str = "Display order is not dispatch order: conversations are offered by priority, queue time, skills and agents' load (SPEC D5). 儀表板順序不代表分派順序。";
+const NOTE: &str = "Display order is not dispatch order: conversations are offered by score (weight x seconds waited, SPEC D10), skills and agents' load (SPEC D4, D5). 儀表板順序不代表分派順序。";
 
 /// The `tz` parameter of the dashboard's endpoints (UTC when absent); a 400 naming it when
 /// the zone is unknown.

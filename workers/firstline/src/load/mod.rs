@@ -160,6 +160,7 @@ impl LoadOptions {
             text: question(0, self.text_bytes),
             sent_at: Some(chrono::Utc::now()),
             postback: None,
+            email: None,
         })
     }
 }
@@ -437,6 +438,7 @@ pub async fn run(
                 text,
                 sent_at: Some(chrono::Utc::now()),
                 postback: None,
+                email: None,
             };
             let mut headers = async_nats::HeaderMap::new();
             headers.insert(
