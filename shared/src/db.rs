@@ -396,6 +396,17 @@ pub fn stage_event(
     at: DateTime<Utc>,
 ) {
     let agent = t.agent.or(conversation.agent_id.as_ref());
+    // SPEC D12: a transfer from one agent to another names both (`conversation` is as it was
+    // before the change).
+    let from_agent = conversation
+        .agent_id
+        .as_ref()
+        .filter(|old| {
+            from == Some(ConversationState::Processing)
+                && t.to == ConversationState::Processing
+                && agent != Some(*old)
+        })
+        .cloned();
     // The event id derives from the history row, so a replayed outbox row is deduplicated.
     let event_id = Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
@@ -413,6 +424,7 @@ pub fn stage_event(
             from,
             to: t.to,
             agent_id: agent.cloned(),
+            from_agent_id: from_agent,
             reason: t.reason.to_owned(),
             at,
         },

@@ -221,7 +221,9 @@ impl ConversationState {
 
     /// The lifecycle's edges (SPEC L2-L8), plus the ones our reading of the open points adds:
     /// `assigning -> waiting` (a declined or expired offer with nobody else to take it is
-    /// re-queued only by an explicit decline), and `processing -> waiting` (transfer).
+    /// re-queued only by an explicit decline), `processing -> waiting` (a transfer to skills)
+    /// and `processing -> processing` (SPEC D12: a transfer to a named agent, who serves it at
+    /// once).
     pub fn can_become(self, to: ConversationState) -> bool {
         use ConversationState::*;
         matches!(
@@ -233,7 +235,8 @@ impl ConversationState {
                 | (Waiting, Assigning)      // L6
                 | (Assigning, Processing)   // L7
                 | (Assigning, Waiting)      // decline with no other agent (README)
-                | (Processing, Waiting)     // transfer (README)
+                | (Processing, Waiting)     // transfer to skills (README)
+                | (Processing, Processing)  // SPEC D12: transfer to a named agent
                 | (Waiting | Assigning | Processing, Completed) // L8, and a close by a supervisor
         )
     }
@@ -362,6 +365,13 @@ mod tests {
         }
         // L6/L7: no skipping the offer.
         assert!(!Waiting.can_become(Processing));
+        // Transfers: to skills back to the queue, to a named agent straight to them (SPEC D12).
+        assert!(Processing.can_become(Waiting));
+        assert!(Processing.can_become(Processing));
+        // No other state goes to itself.
+        for s in [Script, Bot, Waiting, Assigning, Completed] {
+            assert!(!s.can_become(s), "{s} -> {s}");
+        }
     }
 
     proptest! {

@@ -251,9 +251,12 @@ pub enum AgentActionKind {
     Reply { conversation_id: Uuid, text: String },
     /// SPEC L8: the problem is solved.
     Close { conversation_id: Uuid },
-    /// Hands a conversation the agent is serving back to the queue (README: transfer), for
-    /// `to_agent` only, or for agents with `skills` (else its current skills); never back to
-    /// the agent who transferred it. It keeps its place in the queue.
+    /// Hands a conversation the agent is serving to another agent or back to the queue.
+    /// With `to_agent` (SPEC D12), straight to that agent, `processing`, whatever their status
+    /// (ready, away, logged out) and load; `skills`, if given too, become what it requires
+    /// should it go back to the queue later. Without `to_agent` (README: transfer), back to
+    /// `waiting` at its place for agents with `skills` (else its current skills), never
+    /// offered back to the agent who transferred it.
     Transfer {
         conversation_id: Uuid,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,10 +318,21 @@ pub enum NotificationKind {
     },
     /// The conversation is `completed`.
     Closed,
-    /// Your transfer went through: the conversation is back in the queue, no longer yours.
+    /// Your transfer went through: the conversation is no longer yours. With `to_agent`, that
+    /// agent serves it now (SPEC D12: `processing`); without, it is back in the queue for
+    /// agents with `required_skills`.
     Transferred {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to_agent: Option<AgentId>,
+        required_skills: SkillSet,
+    },
+    /// SPEC D12: `from_agent` transferred a conversation to you, and you serve it now
+    /// (`processing`), whatever your status and load: a deliberate act of a colleague, with no
+    /// offer to accept. Read its transcript and reply as to any conversation you serve.
+    TransferredToYou {
+        from_agent: AgentId,
+        channel: ChannelId,
+        customer: CustomerRef,
         required_skills: SkillSet,
     },
     /// An action of yours could not be applied.
@@ -387,9 +401,14 @@ pub struct ConversationEvent {
     /// `null` when the conversation was created.
     pub from: Option<ConversationState>,
     pub to: ConversationState,
-    /// The agent offered or serving, where there is one.
+    /// The agent offered or serving, where there is one (after a transfer to a named agent,
+    /// the one who serves it now).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_id: Option<AgentId>,
+    /// On a transfer from one agent to another (`processing` -> `processing`, SPEC D12): the
+    /// agent who served it until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_agent_id: Option<AgentId>,
     /// What caused it: `new_conversation`, `handover` (a hand-over keyword), `handover_after_hours`,
     /// `bot_idle`, `offered`, `reoffered`, `accepted`, `declined`, `transferred`, `closed_by_agent`...
     pub reason: String,

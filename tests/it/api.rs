@@ -1003,17 +1003,34 @@ async fn decline_and_transfer_through_the_api() {
         )
         .await;
     assert_eq!(status, 202, "{body}");
-    eventually("c2 offered to ben", Duration::from_secs(20), || async {
+    // SPEC D12: ben serves it at once, with no offer to accept.
+    eventually("c2 served by ben", Duration::from_secs(20), || async {
         let d = api
             .ok(&format!("/api/v1/conversations/{c2}"), &t.admin)
             .await;
-        (d["offered_to"] == "ben").then_some(())
+        (d["state"] == "processing" && d["agent_id"] == "ben").then_some(())
     })
     .await;
-    // Offered to ben now, it is his to see.
+    // His now, it is his to see and to reply in; no longer amy's.
+    let d = api.ok(&format!("/api/v1/conversations/{c2}"), &t.ben).await;
+    assert_eq!(d["offers"].as_array().unwrap().len(), 1, "{d}");
+    let (status, body) = api
+        .post(
+            &format!("/api/v1/conversations/{c2}/reply"),
+            &t.ben,
+            json!({"text": "Ben here"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
     assert_eq!(
-        api.ok(&format!("/api/v1/conversations/{c2}"), &t.ben).await["state"],
-        "assigning"
+        api.post(
+            &format!("/api/v1/conversations/{c2}/reply"),
+            &t.amy,
+            json!({"text": "amy again"})
+        )
+        .await
+        .0,
+        409
     );
 }
 

@@ -2,8 +2,8 @@
 //! over the real workers, signs in with an agent token and works as an agent does: away with a
 //! reason, ready, an offer with its countdown, accept, the transcript, a reply that reaches the
 //! gateway's subject, a customer message arriving live, a transfer to a skill, a decline with a
-//! reason, a close and a transfer to an agent, each checked in Postgres or on NATS, in English
-//! and Traditional Chinese. Screenshots of each step go to `target/test-output/desk-*.png`.
+//! reason, a close and a transfer to an agent (who serves it at once and sees it on their own
+//! desk, SPEC D12), each checked in Postgres or on NATS, in English and Traditional Chinese. Screenshots of each step go to `target/test-output/desk-*.png`.
 
 use std::time::Duration;
 
@@ -290,7 +290,7 @@ async fn an_agent_works_conversations_in_the_desk() {
     page.screenshot("desk-7-closed.png").await;
 
     // Transfer to an agent: one that does not exist is refused with the API's message, shown;
-    // Ben (offline) is the only one who may take it next.
+    // Ben, logged out, serves it at once (SPEC D12), and his desk (another tab) shows it.
     app.customer_says("acme", "web", "C4", "Please ask Ben")
         .await;
     let c4 = offered(&mut events, "C4").await;
@@ -318,23 +318,48 @@ async fn an_agent_works_conversations_in_the_desk() {
     })
     .await;
     assert_eq!(state_and_skills(&app, c4).await.0, "processing");
+    let ben = app.token("acme", "agent", Some("ben")).await;
+    let mut ben_page = browser.new_page().await;
+    ben_page
+        .navigate(&format!("{}/desk?lang=en#token={ben}", api.base))
+        .await;
+    desk_shown(&mut ben_page, "Ben's desk, logged out", |v| {
+        v["live"] == "true" && v["presence"] == "logged_out"
+    })
+    .await;
     page.type_into("#transfer-target", "ben").await;
     page.click("#transfer").await;
-    wait_state(&app, c4, "waiting").await;
-    let target: Option<String> = app
-        .pg
-        .query_one(
-            "SELECT target_agent FROM conversations WHERE id = $1",
-            &[&c4],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(target.as_deref(), Some("ben"));
+    eventually("Ben serving C4", Duration::from_secs(20), || async {
+        let row = app
+            .pg
+            .query_one(
+                "SELECT state, agent_id FROM conversations WHERE id = $1",
+                &[&c4],
+            )
+            .await
+            .unwrap();
+        let (state, agent): (String, Option<String>) = (row.get(0), row.get(1));
+        (state == "processing" && agent.as_deref() == Some("ben")).then_some(())
+    })
+    .await;
     desk_shown(&mut page, "the conversation transferred to Ben gone", |v| {
         v["serving"].as_array().is_some_and(|s| s.is_empty())
     })
     .await;
+    desk_shown(
+        &mut ben_page,
+        "it on Ben's desk, with its transcript",
+        |v| {
+            v["serving"][0]["conversation"] == c4.to_string()
+                && v["open"] == c4.to_string()
+                && desk_message_shown(v, "customer", "Please ask Ben")
+                && v["notices"]
+                    .as_array()
+                    .is_some_and(|n| n.iter().any(|n| n == "amy transferred customer C4 to you"))
+        },
+    )
+    .await;
+    ben_page.screenshot("desk-8-transferred-to-ben.png").await;
 }
 
 /// The WebSocket reconnects after a drop, from the last notification it saw (`?after=`): an

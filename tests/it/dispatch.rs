@@ -235,8 +235,9 @@ async fn the_seed_examples_of_the_assigning_cap() {
     .await;
 }
 
-/// README: transfer to an agent (only they are offered it) or to a skill (agents with it,
-/// never the one who transferred it); it keeps its place in the queue.
+/// README: transfer to a skill (agents with it, never the one who transferred it; it keeps its
+/// place in the queue), or SPEC D12 to a named agent (straight into their `processing`, no
+/// offer). `transfer::` tests D12 with every status and at capacity.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
     let app = TestApp::spawn(SETUP).await;
@@ -277,8 +278,10 @@ async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
         .await;
     app.wait_for_state("t1", "mail", "T1", "processing").await;
 
-    // To a named agent: only cho, although dan is ready and idle.
+    // SPEC D12, to a named agent: cho serves it at once, with no offer, although dan is ready
+    // and idle.
     app.presence("t1", "dan", "ready", 5, &[]).await;
+    let mut cho = app.client.subscribe("fl.t1.notify.cho").await.unwrap();
     app.agent_does(
         "t1",
         "ben",
@@ -287,10 +290,21 @@ async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
         json!({"to_agent": "cho"}),
     )
     .await;
-    eventually("offered to cho", Duration::from_secs(20), || async {
-        (open_offer_agent(&app, conversation).await.as_deref() == Some("cho")).then_some(())
-    })
-    .await;
+    let told = next_matching(&mut cho, "cho told", |v| v["type"] == "transferred_to_you").await;
+    assert_eq!(told["from_agent"], "ben");
+    // Its skills are kept: they would matter should it go back to the queue.
+    assert_eq!(told["required_skills"], json!(["billing"]));
+    let serving: Option<String> = app
+        .pg
+        .query_one(
+            "SELECT agent_id FROM conversations WHERE id = $1 AND state = 'processing'",
+            &[&conversation],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(serving.as_deref(), Some("cho"));
+    assert_eq!(open_offer_agent(&app, conversation).await, None);
     // A transfer by someone not serving it is refused.
     let mut dan = app.client.subscribe("fl.t1.notify.dan").await.unwrap();
     app.agent_does(
@@ -322,8 +336,7 @@ async fn a_conversation_is_transferred_to_an_agent_or_a_skill() {
             "transferred",
             "offered",
             "accepted",
-            "transferred",
-            "offered"
+            "transferred"
         ]
     );
 }

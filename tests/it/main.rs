@@ -34,6 +34,7 @@ mod schemas;
 mod service_level;
 mod statuses;
 mod tracing;
+mod transfer;
 mod try_it;
 mod webchat;
 mod webhooks;

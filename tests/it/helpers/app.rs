@@ -301,14 +301,15 @@ impl TestApp {
             &format!("{agent} {status} {reason:?} in Postgres"),
             Duration::from_secs(20),
             || async {
+                // The agent's first presence creates it: until then, no row.
                 let row = self
                     .pg
-                    .query_one(
+                    .query_opt(
                         "SELECT status, status_reason FROM agents WHERE tenant_id = $1 AND id = $2",
                         &[&tenant, &agent],
                     )
                     .await
-                    .unwrap();
+                    .unwrap()?;
                 let (s, r): (String, Option<String>) = (row.get(0), row.get(1));
                 (s == status && r.as_deref() == reason).then_some(())
             },

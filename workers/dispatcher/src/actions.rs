@@ -1,7 +1,7 @@
 //! The agents' actions, applied under the tenant's lock before the pass, in the order the
 //! agent sent them (their `FL_ACTIONS` order): accept (SPEC L7), decline (README: back to
 //! `waiting`, never offered to that agent again), reply ([`crate::reply`]), close (SPEC L8),
-//! transfer.
+//! transfer (to a named agent straight to them, SPEC D12; to skills back to `waiting`).
 
 use chrono::Utc;
 use deadpool_postgres::Transaction;
@@ -9,7 +9,7 @@ use firstline_shared::db::{self as shared_db, Transition};
 use firstline_shared::domain::{AgentId, ConversationState, TenantId};
 use firstline_shared::metrics;
 use firstline_shared::outbox::Outbox;
-use firstline_shared::wire::{AgentAction, AgentActionKind, NotificationKind};
+use firstline_shared::wire::{AgentAction, AgentActionKind, CustomerRef, NotificationKind};
 use uuid::Uuid;
 
 use crate::db;
@@ -195,25 +195,34 @@ async fn apply_action(
                 );
                 return Ok(());
             }
-            let required_skills = db::prepare_transfer(
-                tx,
-                conversation_id,
-                agent,
-                to_agent.as_ref(),
-                skills.as_ref(),
-            )
-            .await?;
+            if let Some(to) = to_agent {
+                if !db::agent_exists(tx, tenant, to).await? {
+                    reject(outbox, &format!("to_agent: no agent {to}"));
+                    return Ok(());
+                }
+            }
+            let required_skills =
+                db::prepare_transfer(tx, conversation_id, agent, skills.as_ref()).await?;
+            // SPEC D12: to a named agent, straight into their `processing`, whatever their
+            // status and load (no offer, no capacity check: a deliberate act of a colleague;
+            // their free slots are then 0, so they get no new offers until under capacity).
+            // Else back to `waiting` at its place, for agents with the skills (README).
+            let to_state = match to_agent {
+                Some(_) => ConversationState::Processing,
+                None => ConversationState::Waiting,
+            };
             shared_db::transition(
                 tx,
                 outbox,
                 &mut conversation,
                 Transition {
-                    to: ConversationState::Waiting,
-                    agent: None,
+                    to: to_state,
+                    agent: to_agent.as_ref(),
                     reason: "transferred",
                 },
             )
             .await?;
+            // A reply of the former agent sent before the transfer still goes out (reply.rs).
             record_end(tx, conversation_id, agent, seq).await?;
             outbox.notify_agent(
                 tenant,
@@ -222,9 +231,26 @@ async fn apply_action(
                 Uuid::new_v5(&action.action_id, b"transferred"),
                 NotificationKind::Transferred {
                     to_agent: to_agent.clone(),
-                    required_skills,
+                    required_skills: required_skills.clone(),
                 },
             );
+            if let Some(to) = to_agent {
+                outbox.notify_agent(
+                    tenant,
+                    to,
+                    conversation_id,
+                    Uuid::new_v5(&action.action_id, b"transferred_to_you"),
+                    NotificationKind::TransferredToYou {
+                        from_agent: agent.clone(),
+                        channel: conversation.channel.clone(),
+                        customer: CustomerRef {
+                            id: conversation.customer_external_id.clone(),
+                            name: conversation.customer_name.clone(),
+                        },
+                        required_skills,
+                    },
+                );
+            }
         }
         AgentActionKind::Reply { text, .. } => {
             apply_reply(

@@ -199,7 +199,7 @@ pub async fn ready_agents(
 /// The columns [`candidate_from_row`] reads, with `c` the conversation.
 macro_rules! candidate_columns {
     () => {
-        "c.id, c.required_skills, c.weight, c.queued_at, c.target_agent, c.excluded_agents"
+        "c.id, c.required_skills, c.weight, c.queued_at, c.excluded_agents"
     };
 }
 const CANDIDATE_COLUMNS: &str = candidate_columns!();
@@ -211,9 +211,8 @@ fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
         required_skills: SkillSet::new(r.get::<_, Vec<String>>(1)),
         weight: r.get(2),
         queued_at: r.get(3),
-        only_agent: r.get::<_, Option<String>>(4).map(agent).transpose()?,
         declined_by: r
-            .get::<_, Vec<String>>(5)
+            .get::<_, Vec<String>>(4)
             .into_iter()
             .map(agent)
             .collect::<anyhow::Result<_>>()?,
@@ -514,45 +513,45 @@ pub async fn write_offers(
     Ok(offered)
 }
 
-/// Transfer (README): sets who may take the conversation next, before it goes back to
-/// `waiting`. `to_agent`: only that agent, whatever the skills; else `skills` (or the current
-/// ones), never `from`.
+/// A transfer (README, SPEC D12): `from` is never offered the conversation again; `skills`,
+/// if given, become what it requires. Returns what it requires then.
 pub async fn prepare_transfer(
     tx: &Transaction<'_>,
     conversation: Uuid,
     from: &AgentId,
-    to_agent: Option<&AgentId>,
     skills: Option<&SkillSet>,
 ) -> anyhow::Result<SkillSet> {
-    let skills = match (to_agent, skills) {
-        (_, Some(s)) => Some(s.to_vec()),
-        (Some(_), None) => Some(Vec::new()),
-        (None, None) => None,
-    };
     let stmt = tx
         .prepare_cached(
             "UPDATE conversations SET
-                 target_agent = $2,
-                 excluded_agents = CASE WHEN $3 = ANY(excluded_agents) THEN excluded_agents
-                                        ELSE array_append(excluded_agents, $3) END,
-                 required_skills = coalesce($4, required_skills),
-                 skills_from_channel = skills_from_channel AND $4::text[] IS NULL
+                 excluded_agents = CASE WHEN $2 = ANY(excluded_agents) THEN excluded_agents
+                                        ELSE array_append(excluded_agents, $2) END,
+                 required_skills = coalesce($3, required_skills),
+                 skills_from_channel = skills_from_channel AND $3::text[] IS NULL
              WHERE id = $1
              RETURNING required_skills",
         )
         .await?;
+    let skills = skills.map(SkillSet::to_vec);
     let row = tx
-        .query_one(
-            &stmt,
-            &[
-                &conversation,
-                &to_agent.map(AgentId::as_str),
-                &from.as_str(),
-                &skills,
-            ],
-        )
+        .query_one(&stmt, &[&conversation, &from.as_str(), &skills])
         .await?;
     Ok(SkillSet::new(row.get::<_, Vec<String>>(0)))
+}
+
+/// Whether the tenant has agent `agent` (any status: SPEC D12 transfers to logged-out agents).
+pub async fn agent_exists(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    agent: &AgentId,
+) -> Result<bool, tokio_postgres::Error> {
+    let stmt = tx
+        .prepare_cached("SELECT 1 FROM agents WHERE tenant_id = $1 AND id = $2")
+        .await?;
+    Ok(tx
+        .query_opt(&stmt, &[&tenant.as_str(), &agent.as_str()])
+        .await?
+        .is_some())
 }
 
 /// The earliest deadline of the tenant's open offers: when the next pass is due (D8).

@@ -62,8 +62,6 @@ pub struct Candidate {
     pub required_skills: SkillSet,
     /// Agents who declined it, or transferred it away: never offered it again (README).
     pub declined_by: Vec<AgentId>,
-    /// Transferred to this agent: offered to no one else (README: transfer).
-    pub only_agent: Option<AgentId>,
     /// Agents whose offer of it expired: chosen only when no other suitable agent has room
     /// (SPEC D8: "to another suitable agent if there is one").
     pub expired_for: Vec<AgentId>,
@@ -129,10 +127,6 @@ pub fn plan(agents: &[AgentLoad], queue: &[Candidate], offer_limit: u32) -> Vec<
                 free[*i] > 0
                     && a.skills.covers(&candidate.required_skills)
                     && !candidate.declined_by.contains(&a.id)
-                    && candidate
-                        .only_agent
-                        .as_ref()
-                        .is_none_or(|only| *only == a.id)
             })
             .min_by_key(|(i, a)| {
                 (
@@ -181,7 +175,6 @@ mod tests {
                 conversation_id: Uuid::from_u128(i as u128 + 1),
                 required_skills: SkillSet::new(skills),
                 declined_by: vec![],
-                only_agent: None,
                 expired_for: vec![],
                 weight: 1,
                 queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
@@ -269,22 +262,6 @@ mod tests {
         assert_eq!(plan(std::slice::from_ref(&a), &q, 3)[0].agent.as_str(), "a");
     }
 
-    #[test]
-    fn a_conversation_transferred_to_an_agent_waits_for_that_agent() {
-        let a = agent("a", 10, 0, &[]);
-        let b = agent("b", 10, 5, &[]);
-        let mut q = queue(2, &[]);
-        q[0].only_agent = Some(b.id.clone());
-        let offers = plan(&[a.clone(), b], &q, 3);
-        assert!(offers
-            .iter()
-            .any(|o| o.conversation_id == q[0].conversation_id && o.agent.as_str() == "b"));
-        // Without b ready, it waits; the one behind it is not held up.
-        let offers = plan(&[a], &q, 3);
-        assert_eq!(offers.len(), 1);
-        assert_eq!(offers[0].conversation_id, q[1].conversation_id);
-    }
-
     fn at(secs: i64, micros: i64) -> DateTime<Utc> {
         Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap() + chrono::Duration::microseconds(micros)
     }
@@ -294,7 +271,6 @@ mod tests {
             conversation_id: Uuid::from_u128(id),
             required_skills: SkillSet::default(),
             declined_by: vec![],
-            only_agent: None,
             expired_for: vec![],
             weight,
             queued_at,
@@ -315,7 +291,8 @@ mod tests {
         assert_eq!(first(at(3, 0)), 2); // 1000 x 2 s against 1 x 3 s
         assert_eq!(first(at(1, 1_000)), 1); // 1000 x 1 ms against 1 x 1.001 s
         assert_eq!(first(at(1, 1_002)), 2); // 1000 x 1.002 ms against 1 x 1.001002 s
-                                            // ...and ordinary mail that has waited more than 1000 times longer still goes first.
+
+        // ...and ordinary mail that has waited more than 1000 times longer still goes first.
         let old = queued(3, 1, at(-2_000, 0));
         let mut q = [urgent.clone(), old];
         q.sort_by_key(|c| c.order_key(at(2, 0))); // 1 x 2002 s against 1000 x 1 s
@@ -409,7 +386,6 @@ mod tests {
                         conversation_id: Uuid::from_u128(i as u128 + 1),
                         required_skills: SkillSet::new(skills.iter().map(|s| names[*s])),
                         declined_by: vec![],
-                        only_agent: None,
                         expired_for: vec![],
                         weight: 1,
                         queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),

@@ -14,6 +14,11 @@
 //!   slot could take (and did not decline) is left;
 //! - one open offer per conversation, declined never re-offered to the same agent, and D8:
 //!   no open offer past its deadline after a pass.
+//!
+//! Transfers are among the events (SPEC D12): to a named agent straight into their
+//! `processing`, whatever their status and load (so an agent may serve more than their
+//! capacity: the rules above must hold with them too), or back to the queue for anyone but the
+//! agent who transferred it.
 
 use std::collections::HashMap;
 
@@ -91,6 +96,11 @@ enum Event {
     Close {
         pick: usize,
     },
+    /// A served conversation to agent `to` (SPEC D12), or back to the queue with `None`.
+    Transfer {
+        pick: usize,
+        to: Option<usize>,
+    },
     Tick {
         secs: i64,
     },
@@ -104,6 +114,8 @@ fn event() -> impl Strategy<Value = Event> {
         2 => any::<usize>().prop_map(|pick| Event::Accept { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Decline { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Close { pick }),
+        1 => (any::<usize>(), prop::option::weighted(0.8, 0usize..5))
+            .prop_map(|(pick, to)| Event::Transfer { pick, to }),
         1 => (1i64..90).prop_map(|secs| Event::Tick { secs }),
     ]
 }
@@ -226,6 +238,28 @@ impl World {
                     self.convs[*c].state = State::Completed;
                 }
             }
+            Event::Transfer { pick, to } => {
+                let serving: Vec<usize> = (0..self.convs.len())
+                    .filter(|c| self.convs[*c].state == State::Processing)
+                    .collect();
+                let Some(&c) = serving.get(pick % serving.len().max(1)) else {
+                    return;
+                };
+                let from = self.convs[c].agent.expect("served");
+                let to = to.map(|t| t % self.agents.len());
+                if to == Some(from) {
+                    return; // refused
+                }
+                let id = self.agents[from].id.clone();
+                self.convs[c].declined_by.push(id);
+                match to {
+                    Some(to) => self.convs[c].agent = Some(to),
+                    None => {
+                        self.convs[c].state = State::Waiting;
+                        self.convs[c].agent = None;
+                    }
+                }
+            }
             Event::Tick { secs } => self.now += secs,
         }
     }
@@ -251,7 +285,6 @@ impl World {
                     conversation_id: conv.id,
                     required_skills: conv.skills.clone(),
                     declined_by: conv.declined_by.clone(),
-                    only_agent: None,
                     expired_for: conv.expired_for.clone(),
                     weight: conv.weight,
                     queued_at: Utc.timestamp_opt(conv.queued_at, 0).unwrap(),

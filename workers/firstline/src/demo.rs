@@ -432,7 +432,8 @@ async fn simulated_agent(
                     let _ = act(&js, &tenant, &agent, kind).await;
                 });
             }
-            NotificationKind::Assigned { .. } => {
+            // Accepted, or transferred to them by a colleague (SPEC D12): served alike.
+            NotificationKind::Assigned { .. } | NotificationKind::TransferredToYou { .. } => {
                 tokio::spawn(async move {
                     let text = format!("您好，我是 {agent}，很高興為您服務！");
                     let _ = act(

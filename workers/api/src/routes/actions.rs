@@ -21,7 +21,8 @@ use crate::AppState;
 
 /// An action that was checked and published; its outcome reaches the agent's live
 /// notifications (`assigned`, `closed`, `transferred`, or `action_rejected` if the
-/// conversation changed in between).
+/// conversation changed in between); the agent a conversation is transferred to gets
+/// `transferred_to_you`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ActionAccepted {
     pub action_id: Uuid,
@@ -327,8 +328,10 @@ pub async fn close(
     .await
 }
 
-/// Where a transferred conversation goes: one agent, or agents with these skills (default:
-/// its current skills). Never back to you.
+/// Where a transferred conversation goes: to one agent, who serves it at once whatever their
+/// status and load (SPEC D12; `skills`, if given too, are what it requires should it go back to
+/// the queue later), or back to the queue for agents with these skills (default: its current
+/// skills). Never offered back to you.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TransferInput {
@@ -340,7 +343,7 @@ pub struct TransferInput {
 }
 
 #[utoipa::path(post, path = "/api/v1/conversations/{id}/transfer", tag = "conversations",
-    summary = "Hand the conversation you serve back to the queue, for one agent or for skills",
+    summary = "Hand the conversation you serve to another agent (straight to them, SPEC D12) or back to the queue for skills",
     params(("id" = Uuid, Path, description = "The conversation's id")),
     request_body(content = TransferInput, description = "Optional"),
     responses((status = 202, body = ActionAccepted), (status = 403, body = ErrorBody),

@@ -49,7 +49,8 @@ pub struct ConversationSummary {
     pub created_at: DateTime<Utc>,
     /// When it entered the queue (waiting).
     pub queued_at: Option<DateTime<Utc>>,
-    /// 服務開始時間: when an agent accepted it.
+    /// 服務開始時間: when the agent serving it accepted it, or had it transferred to them
+    /// (SPEC D12).
     pub processing_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub updated_at: DateTime<Utc>,

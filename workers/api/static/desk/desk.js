@@ -23,6 +23,7 @@ const I18N = {
     reasons: ["休息", "用餐", "會議", "訓練"], other: "切換語言",
     revoked: r => `分派已收回（${r}）`, closedNotice: n => `與 ${n} 的交談已結束`,
     transferredNotice: (n, to) => `已將 ${n} 轉接給 ${to}`, rejected: r => `動作未完成：${r}`,
+    transferredToYou: (from, n) => `${from} 將 ${n} 轉接給您`,
     failed: r => `失敗：${r}`,
   },
   "en": {
@@ -39,6 +40,7 @@ const I18N = {
     reasons: ["break", "lunch", "meeting", "training"], other: "Switch language",
     revoked: r => `Offer withdrawn (${r})`, closedNotice: n => `Conversation with ${n} closed`,
     transferredNotice: (n, to) => `${n} transferred to ${to}`, rejected: r => `Action not applied: ${r}`,
+    transferredToYou: (from, n) => `${from} transferred ${n} to you`,
     failed: r => `Failed: ${r}`,
   },
 };
@@ -248,6 +250,12 @@ function handle(n) {
     case "closed": endConv(id, name => t("closedNotice")(name)); break;
     case "transferred":
       endConv(id, name => t("transferredNotice")(name, n.to_agent || n.required_skills.join(", ")));
+      break;
+    case "transferred_to_you":
+      // SPEC D12: a colleague's transfer is yours at once, whatever your status: no offer.
+      ensureConv(id);
+      notice(t("transferredToYou")(n.from_agent, customerName(n.customer)));
+      if (!state.selected) state.selected = id;
       break;
     case "action_rejected": {
       notice(t("rejected")(n.reason), true);
