@@ -174,6 +174,8 @@ pub struct TenantSettingsPatch {
     pub queue_position_keywords: Option<Vec<String>>,
     pub queue_position_reply: Option<String>,
     pub queue_position_reply_no_estimate: Option<String>,
+    /// SPEC D11: the last agent who served a customer counts as responsible when none is set.
+    pub last_agent_responsible: Option<bool>,
 }
 
 /// The one writer of a tenant's settings (the API's `PATCH /api/v1/settings`,
@@ -197,7 +199,8 @@ pub async fn update_tenant_settings(
                  service_level_seconds = coalesce($9, service_level_seconds),
                  queue_position_keywords = coalesce($10, queue_position_keywords),
                  queue_position_reply = coalesce($11, queue_position_reply),
-                 queue_position_reply_no_estimate = coalesce($12, queue_position_reply_no_estimate)
+                 queue_position_reply_no_estimate = coalesce($12, queue_position_reply_no_estimate),
+                 last_agent_responsible = coalesce($13, last_agent_responsible)
              WHERE id = $1",
             &[
                 &tenant.as_str(),
@@ -212,6 +215,7 @@ pub async fn update_tenant_settings(
                 &patch.queue_position_keywords,
                 &patch.queue_position_reply,
                 &patch.queue_position_reply_no_estimate,
+                &patch.last_agent_responsible,
             ],
         )
         .await

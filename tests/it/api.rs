@@ -104,6 +104,12 @@ async fn the_openapi_document_describes_every_endpoint() {
         ("/api/v1/settings", &["get", "patch"]),
         ("/api/v1/channels", &["get"]),
         ("/api/v1/channels/{id}", &["get", "put", "delete"]),
+        ("/api/v1/channels/{channel}/customers/{customer}", &["get"]),
+        (
+            "/api/v1/channels/{channel}/customers/{customer}/responsible-agent",
+            &["put", "delete"],
+        ),
+        ("/api/v1/responsible-agents/deal", &["post"]),
         ("/api/v1/agents", &["get"]),
         ("/api/v1/agents/{id}", &["get", "put"]),
         ("/api/v1/agents/{id}/presence", &["put"]),
@@ -374,6 +380,28 @@ async fn no_token_reaches_another_tenants_data() {
         api.get(&format!("/api/v1/conversations/{c}"), o).await,
         404,
         "no conversation",
+    );
+    // A customer (SPEC D11): acme's I1 on mail is not another tenant's to read or assign.
+    assert_eq!(
+        api.get("/api/v1/channels/mail/customers/I1", &t.admin)
+            .await
+            .0,
+        200
+    );
+    refused(
+        api.get("/api/v1/channels/mail/customers/I1", o).await,
+        404,
+        "no customer",
+    );
+    refused(
+        api.put(
+            "/api/v1/channels/mail/customers/I1/responsible-agent",
+            o,
+            json!({"agent_id": "zoe"}),
+        )
+        .await,
+        404,
+        "no channel",
     );
     refused(
         api.get("/api/v1/channels/line", o).await,

@@ -29,6 +29,7 @@ mod pipeline;
 mod place_in_line;
 mod poison;
 mod readme;
+mod responsible;
 mod scale_out;
 mod schemas;
 mod service_level;

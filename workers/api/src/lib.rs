@@ -99,6 +99,7 @@ pub struct AppState {
         (name = "tenant", description = "The token's tenant and its settings"),
         (name = "channels", description = "Channels: required skills, bot, business hours"),
         (name = "agents", description = "Agents: skills, capacity, presence"),
+        (name = "customers", description = "Customers and their responsible agent (SPEC D11), dealt out in turn"),
         (name = "conversations", description = "Conversations and the agent's actions on them"),
         (name = "queue", description = "The queue snapshot (交談佇列) and its live updates"),
         (name = "live", description = "Live notifications for an agent's desktop"),

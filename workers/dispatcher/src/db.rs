@@ -199,7 +199,7 @@ pub async fn ready_agents(
 /// The columns [`candidate_from_row`] reads, with `c` the conversation.
 macro_rules! candidate_columns {
     () => {
-        "c.id, c.required_skills, c.weight, c.queued_at, c.excluded_agents"
+        "c.id, c.required_skills, c.weight, c.queued_at, c.excluded_agents, c.responsible_agent"
     };
 }
 const CANDIDATE_COLUMNS: &str = candidate_columns!();
@@ -217,6 +217,8 @@ fn candidate_from_row(r: &tokio_postgres::Row) -> anyhow::Result<Candidate> {
             .map(agent)
             .collect::<anyhow::Result<_>>()?,
         expired_for: Vec::new(),
+        responsible: r.get::<_, Option<String>>(5).map(agent).transpose()?,
+        responsible_only: false,
     })
 }
 
@@ -340,6 +342,39 @@ pub async fn waiting_heads(
         ))
         .await?;
     tx.query(&stmt, &[&tenant.as_str(), &keys, &weights, &limits, &skips])
+        .await?
+        .iter()
+        .map(candidate_from_row)
+        .collect()
+}
+
+/// SPEC D11: a responsible agent's waiting conversations considered per pass, at most. More
+/// than that waiting for one agent at once wait their turn in the queue.
+pub const RESPONSIBLE_READ: i64 = 100;
+
+/// SPEC D11: the waiting conversations whose responsible agent is one of `agents` (the ready
+/// ones with a free slot), up to [`RESPONSIBLE_READ`] each, earliest queued first
+/// (`conversations_waiting_by_responsible`).
+pub async fn waiting_for_responsible(
+    tx: &Transaction<'_>,
+    tenant: &TenantId,
+    agents: &[&str],
+) -> anyhow::Result<Vec<Candidate>> {
+    if agents.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {CANDIDATE_COLUMNS}
+             FROM unnest($2::text[]) AS a(id)
+             CROSS JOIN LATERAL (
+                 SELECT * FROM conversations c
+                 WHERE c.tenant_id = $1 AND c.state = 'waiting' AND c.responsible_agent = a.id
+                 ORDER BY c.queued_at
+                 LIMIT {RESPONSIBLE_READ}) c"
+        ))
+        .await?;
+    tx.query(&stmt, &[&tenant.as_str(), &agents])
         .await?
         .iter()
         .map(candidate_from_row)

@@ -100,6 +100,7 @@ pub async fn pass(
         let mut planned_all = Vec::new();
         // SPEC D10: one instant for every score of the pass.
         let now = Utc::now();
+        let mut first_round = true;
         for _ in 0..MAX_ROUNDS {
             let reads: Vec<db::ClassRead> = classes
                 .iter()
@@ -130,6 +131,35 @@ pub async fn pass(
                 if got < r.limit {
                     exhausted.insert(r.class);
                 }
+            }
+            // A conversation read beyond the heads for its responsible agent (below) and
+            // planned in an earlier round can come up again among the next heads.
+            queue.retain(|c| {
+                !planned_all
+                    .iter()
+                    .any(|p: &plan::PlannedOffer| p.conversation_id == c.conversation_id)
+            });
+            if first_round {
+                // SPEC D11: the conversations waiting for a responsible agent with room, which
+                // the heads may not reach; a conversation read both ways is kept once.
+                first_round = false;
+                let free: Vec<&str> = agents
+                    .iter()
+                    .filter(|a| a.free_slots(offer_limit) > 0)
+                    .map(|a| a.id.as_str())
+                    .collect();
+                let theirs = db::waiting_for_responsible(tx, tenant, &free).await?;
+                // Read beyond the heads: only for their responsible agent (plan's first step).
+                let seen: HashSet<Uuid> = queue.iter().map(|c| c.conversation_id).collect();
+                queue.extend(
+                    theirs
+                        .into_iter()
+                        .filter(|c| !seen.contains(&c.conversation_id))
+                        .map(|mut c| {
+                            c.responsible_only = true;
+                            c
+                        }),
+                );
             }
             queue.append(&mut orphans);
             queue.sort_by_key(|c| c.order_key(now));

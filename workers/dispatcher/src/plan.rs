@@ -69,9 +69,23 @@ pub struct Candidate {
     /// Used to order the queue; the plan itself takes the queue as given.
     pub weight: i32,
     pub queued_at: DateTime<Utc>,
+    /// SPEC D11: the customer's responsible agent, offered it first.
+    pub responsible: Option<AgentId>,
+    /// Read beyond the queue's heads only because its responsible agent has room: offered to
+    /// that agent or to no one in this pass (to anyone else it would pass the heads).
+    pub responsible_only: bool,
 }
 
 impl Candidate {
+    /// SPEC D11: the responsible agent, while they may still be offered it first: not after
+    /// they declined it or let one offer of it expire ("do not accept within one dispatch
+    /// cycle").
+    pub fn responsible_first(&self) -> Option<&AgentId> {
+        self.responsible
+            .as_ref()
+            .filter(|r| !self.declined_by.contains(r) && !self.expired_for.contains(r))
+    }
+
     /// SPEC D10: `weight x time waited` at `now`, in weight-microseconds (exact: no rounding
     /// decides between two conversations). A conversation queued after `now` (another clock)
     /// has waited 0.
@@ -108,6 +122,8 @@ pub struct PlannedOffer {
 /// - D4/D6: a conversation no agent with room can take is skipped; the ones behind it go on.
 /// - D5: each conversation goes to the suitable agent with room who is least loaded
 ///   (processing + open offers), then idle longest, then by id (deterministic).
+/// - D11: but first, each responsible agent with room gets their customers' conversations
+///   (in dispatch order); one they declined or let expire goes to anyone suitable.
 pub fn plan(agents: &[AgentLoad], queue: &[Candidate], offer_limit: u32) -> Vec<PlannedOffer> {
     let mut free: Vec<u32> = agents.iter().map(|a| a.free_slots(offer_limit)).collect();
     let mut load: Vec<u32> = agents
@@ -116,9 +132,35 @@ pub fn plan(agents: &[AgentLoad], queue: &[Candidate], offer_limit: u32) -> Vec<
         .collect();
     let mut left: u32 = free.iter().sum();
     let mut offers = Vec::new();
-    for candidate in queue {
+    // SPEC D11, first: each responsible agent's free slots go to their customers'
+    // conversations, in dispatch order, when they can take them (skills, D4).
+    let mut placed = vec![false; queue.len()];
+    for (k, candidate) in queue.iter().enumerate() {
+        let Some(responsible) = candidate.responsible_first() else {
+            continue;
+        };
+        let Some(i) = agents.iter().position(|a| &a.id == responsible) else {
+            continue;
+        };
+        if free[i] > 0 && agents[i].skills.covers(&candidate.required_skills) {
+            free[i] -= 1;
+            load[i] += 1;
+            left -= 1;
+            placed[k] = true;
+            offers.push(PlannedOffer {
+                conversation_id: candidate.conversation_id,
+                agent: agents[i].id.clone(),
+            });
+        }
+    }
+    // Then everything else, to the best suitable agent with room (a responsible agent who is
+    // not ready or full, or who let it expire, no longer holds it).
+    for (k, candidate) in queue.iter().enumerate() {
         if left == 0 {
             break;
+        }
+        if placed[k] || candidate.responsible_only {
+            continue;
         }
         let best = agents
             .iter()
@@ -177,6 +219,8 @@ mod tests {
                 declined_by: vec![],
                 expired_for: vec![],
                 weight: 1,
+                responsible: None,
+                responsible_only: false,
                 queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
             })
             .collect()
@@ -274,6 +318,8 @@ mod tests {
             expired_for: vec![],
             weight,
             queued_at,
+            responsible: None,
+            responsible_only: false,
         }
     }
 
@@ -376,23 +422,82 @@ mod tests {
         })
     }
 
+    /// Conversations, some with a responsible agent (`a0`..`a7`, SPEC D11), some of those
+    /// read only for them, some declined by or expired for their responsible agent.
     fn arb_queue() -> impl Strategy<Value = Vec<Candidate>> {
-        prop::collection::vec(prop::collection::vec(0usize..3, 0..2), 0..30).prop_map(|rows| {
+        let row = (
+            prop::collection::vec(0usize..3, 0..2),
+            prop::option::weighted(0.4, 0usize..8),
+            0u8..6,
+        );
+        prop::collection::vec(row, 0..30).prop_map(|rows| {
             rows.into_iter()
                 .enumerate()
-                .map(|(i, skills)| {
+                .map(|(i, (skills, responsible, how))| {
                     let names = ["en", "ja", "vip"];
-                    Candidate {
+                    let responsible = responsible.map(|r| AgentId::parse(format!("a{r}")).unwrap());
+                    let mut c = Candidate {
                         conversation_id: Uuid::from_u128(i as u128 + 1),
                         required_skills: SkillSet::new(skills.iter().map(|s| names[*s])),
                         declined_by: vec![],
                         expired_for: vec![],
                         weight: 1,
+                        responsible: responsible.clone(),
+                        responsible_only: responsible.is_some() && how == 0,
                         queued_at: Utc.timestamp_opt(1_700_000_000 + i as i64, 0).unwrap(),
+                    };
+                    match (responsible, how) {
+                        (Some(r), 1) => c.declined_by.push(r),
+                        (Some(r), 2) => c.expired_for.push(r),
+                        _ => {}
                     }
+                    c
                 })
                 .collect()
         })
+    }
+
+    #[test]
+    fn the_responsible_agent_first_then_anyone_suitable() {
+        // SPEC D11: amy is idle longest, but ben is the customer's responsible agent.
+        let mut amy = agent("amy", 10, 0, &[]);
+        amy.idle_since = Utc.timestamp_opt(1_600_000_000, 0).unwrap();
+        let ben = agent("ben", 10, 2, &[]);
+        let mut q = queue(2, &[]);
+        q[1].responsible = Some(ben.id.clone());
+        let to = |offers: &[PlannedOffer], c: &Candidate| {
+            offers
+                .iter()
+                .find(|o| o.conversation_id == c.conversation_id)
+                .map(|o| o.agent.as_str().to_owned())
+        };
+        let offers = plan(&[amy.clone(), ben.clone()], &q, 3);
+        assert_eq!(to(&offers, &q[1]).as_deref(), Some("ben"));
+        assert_eq!(to(&offers, &q[0]).as_deref(), Some("amy"));
+        // Ben not ready (absent from the ready agents) or full: anyone suitable, at once.
+        let offers = plan(std::slice::from_ref(&amy), &q, 3);
+        assert_eq!(to(&offers, &q[1]).as_deref(), Some("amy"));
+        let mut full = ben.clone();
+        full.open_offers = 3;
+        let offers = plan(&[amy.clone(), full], &q, 3);
+        assert_eq!(to(&offers, &q[1]).as_deref(), Some("amy"));
+        // Ben let one offer expire (one dispatch cycle unaccepted): anyone suitable first.
+        q[1].expired_for = vec![ben.id.clone()];
+        let offers = plan(&[amy.clone(), ben.clone()], &q, 3);
+        assert_eq!(to(&offers, &q[1]).as_deref(), Some("amy"));
+        // Read only for its responsible agent, who is full: left for a later pass.
+        let mut q = queue(1, &[]);
+        q[0].responsible = Some(ben.id.clone());
+        q[0].responsible_only = true;
+        let mut full = ben.clone();
+        full.open_offers = 3;
+        assert!(plan(&[amy, full], &q, 3).is_empty());
+        // A responsible agent without the skills (SPEC D4) is passed over.
+        let mut q = queue(1, &["vip"]);
+        q[0].responsible = Some(ben.id.clone());
+        let mut vip = agent("vic", 10, 5, &["vip"]);
+        vip.idle_since = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        assert_eq!(to(&plan(&[ben, vip], &q, 3), &q[0]).as_deref(), Some("vic"));
     }
 
     proptest! {
@@ -423,24 +528,39 @@ mod tests {
             let open: u32 = agents.iter().map(|a| a.open_offers.min(a.places(limit))).sum();
             prop_assert!(open + offers.len() as u32 <= assigning_cap(&agents, limit), "D2");
             // No idle capacity left behind (D6): no unoffered conversation that an agent
-            // with a slot left could take.
-            for c in q.iter().filter(|c| !seen.contains(&c.conversation_id)) {
+            // with a slot left could take (one read only for its responsible agent aside).
+            for c in q.iter().filter(|c| !seen.contains(&c.conversation_id) && !c.responsible_only) {
                 for a in &agents {
                     let left = a.free_slots(limit) - given.get(&a.id).copied().unwrap_or(0);
-                    prop_assert!(!(left > 0 && a.skills.covers(&c.required_skills)),
+                    prop_assert!(!(left > 0 && a.skills.covers(&c.required_skills) && !c.declined_by.contains(&a.id)),
                         "{} could take {} but it was left waiting", a.id, c.conversation_id);
                 }
             }
             // D5 FIFO: an agent never gets a later conversation while an earlier one it could
-            // take was left waiting.
+            // take was left waiting, unless the agent is the later one's responsible (D11).
             for (pos, o) in offers.iter().enumerate() {
                 let a = by_id[&o.agent];
                 let qpos = q.iter().position(|c| c.conversation_id == o.conversation_id).unwrap();
+                let c = &q[qpos];
+                prop_assert!(!c.responsible_only || c.responsible_first() == Some(&a.id),
+                    "read only for its responsible agent, offered to {}", a.id);
+                if c.responsible_first() == Some(&a.id) {
+                    continue;
+                }
                 for earlier in &q[..qpos] {
                     prop_assert!(
-                        seen.contains(&earlier.conversation_id) || !a.skills.covers(&earlier.required_skills),
+                        seen.contains(&earlier.conversation_id) || !a.skills.covers(&earlier.required_skills)
+                            || earlier.responsible_only || earlier.declined_by.contains(&a.id),
                         "offer #{pos} skipped an earlier conversation its agent could take"
                     );
+                }
+            }
+            // D11: a responsible agent left with a free slot got every conversation of theirs
+            // they could take (not declined, not expired, skills).
+            for a in agents.iter().filter(|a| a.free_slots(limit) > given.get(&a.id).copied().unwrap_or(0)) {
+                for c in q.iter().filter(|c| c.responsible_first() == Some(&a.id) && a.skills.covers(&c.required_skills)) {
+                    prop_assert!(offers.iter().any(|o| o.conversation_id == c.conversation_id && o.agent == a.id),
+                        "D11: {} has room but {} went elsewhere or waits", a.id, c.conversation_id);
                 }
             }
         }

@@ -9,7 +9,10 @@
 //! - D2: offers to ready agents never exceed the sum of their places;
 //! - D3/D4: no offer to an agent who is offline, not ready or lacks a required skill;
 //! - D10 (D5 for equal weights): an agent never gets a conversation while one it could take
-//!   with a higher score (weight x seconds waited), or an equal score and queued earlier, is left;
+//!   with a higher score (weight x seconds waited), or an equal score and queued earlier, is left
+//!   (unless the agent is the conversation's responsible agent, D11);
+//! - D11: a ready responsible agent with a free slot never leaves a customer of theirs queued
+//!   (unless they declined it or let an offer of it expire);
 //! - D6: no idle capacity: after a pass, no queued conversation that a ready agent with a free
 //!   slot could take (and did not decline) is left;
 //! - one open offer per conversation, declined never re-offered to the same agent, and D8:
@@ -61,6 +64,8 @@ struct Conv {
     skills: SkillSet,
     /// SPEC D10.
     weight: i32,
+    /// SPEC D11: the customer's responsible agent.
+    responsible: Option<usize>,
     queued_at: i64,
     state: State,
     agent: Option<usize>,
@@ -86,6 +91,7 @@ enum Event {
     NewConversation {
         skills: Vec<usize>,
         weight: i32,
+        responsible: Option<usize>,
     },
     Accept {
         pick: usize,
@@ -109,8 +115,9 @@ enum Event {
 fn event() -> impl Strategy<Value = Event> {
     prop_oneof![
         2 => (0usize..5, 0u8..3, 0u32..6).prop_map(|(agent, status, capacity)| Event::Presence { agent, status, capacity }),
-        3 => (prop::collection::vec(0usize..3, 0..2), prop::sample::select(vec![1, 1, 2, 5, 1000]))
-            .prop_map(|(skills, weight)| Event::NewConversation { skills, weight }),
+        3 => (prop::collection::vec(0usize..3, 0..2), prop::sample::select(vec![1, 1, 2, 5, 1000]),
+              prop::option::weighted(0.3, 0usize..5))
+            .prop_map(|(skills, weight, responsible)| Event::NewConversation { skills, weight, responsible }),
         2 => any::<usize>().prop_map(|pick| Event::Accept { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Decline { pick }),
         1 => any::<usize>().prop_map(|pick| Event::Close { pick }),
@@ -199,11 +206,16 @@ impl World {
                 self.agents[a].status = status;
                 self.agents[a].capacity = capacity;
             }
-            Event::NewConversation { ref skills, weight } => {
+            Event::NewConversation {
+                ref skills,
+                weight,
+                responsible,
+            } => {
                 self.convs.push(Conv {
                     id: Uuid::from_u128(self.convs.len() as u128 + 1),
                     skills: SkillSet::new(skills.iter().map(|k| SKILLS[*k])),
                     weight,
+                    responsible: responsible.map(|r| r % self.agents.len()),
                     queued_at: self.now,
                     state: State::Waiting,
                     agent: None,
@@ -288,6 +300,8 @@ impl World {
                     expired_for: conv.expired_for.clone(),
                     weight: conv.weight,
                     queued_at: Utc.timestamp_opt(conv.queued_at, 0).unwrap(),
+                    responsible: conv.responsible.map(|r| self.agents[r].id.clone()),
+                    responsible_only: false,
                 }
             })
             .collect();
@@ -377,9 +391,17 @@ proptest! {
             // then first-come first-served, among what an agent could take.
             let now = world.now;
             let key = |c: &Conv| (std::cmp::Reverse(i64::from(c.weight) * (now - c.queued_at)), c.queued_at, c.id);
+            // D11: the responsible agent, while they have not declined it or let it expire.
+            let responsible_first = |c: &Conv| c.responsible.filter(|r| {
+                let id = &world.agents[*r].id;
+                !c.declined_by.contains(id) && !c.expired_for.contains(id)
+            });
             for &o in &new {
                 let Offer { conv, agent, .. } = world.offers[o];
                 let taken = &world.convs[conv];
+                if responsible_first(taken) == Some(agent) {
+                    continue; // D11 before D10
+                }
                 for (c, other) in world.convs.iter().enumerate() {
                     let earlier = key(other) < key(taken);
                     if earlier && world.queued(c) {
@@ -389,6 +411,21 @@ proptest! {
                             "{ctx}: {} got {} before the earlier {}", a.id, taken.id, other.id
                         );
                     }
+                }
+            }
+            // D11: a ready responsible agent with a free slot left has every queued
+            // conversation of theirs they can take.
+            for l in &ready {
+                if l.free_slots(limit) == 0 {
+                    continue;
+                }
+                let a = world.agents.iter().position(|x| x.id == l.id).unwrap();
+                for c in (0..world.convs.len()).filter(|c| world.queued(*c)) {
+                    let conv = &world.convs[c];
+                    prop_assert!(
+                        !(responsible_first(conv) == Some(a) && l.skills.covers(&conv.skills)),
+                        "{ctx}: {} has room but its customer's {} waits (D11)", l.id, conv.id
+                    );
                 }
             }
         }

@@ -43,6 +43,9 @@ pub struct TenantSetup {
     pub queue_position_reply: Option<String>,
     #[serde(default)]
     pub queue_position_reply_no_estimate: Option<String>,
+    /// SPEC D11: the last agent who served a customer counts as responsible.
+    #[serde(default)]
+    pub last_agent_responsible: Option<bool>,
     #[serde(default)]
     pub channels: Vec<ChannelSetup>,
     #[serde(default)]
@@ -175,6 +178,7 @@ impl SetupFile {
                 queue_position_keywords: t.queue_position_keywords.clone(),
                 queue_position_reply: t.queue_position_reply.clone(),
                 queue_position_reply_no_estimate: t.queue_position_reply_no_estimate.clone(),
+                last_agent_responsible: t.last_agent_responsible,
             };
             db::update_tenant_settings(&tx, &t.id, &settings).await?;
             for c in &t.channels {

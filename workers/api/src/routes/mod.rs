@@ -4,6 +4,7 @@ mod actions;
 mod agents;
 mod channels;
 mod conversations;
+mod customers;
 mod queue;
 mod service_level;
 mod tenant;
@@ -29,6 +30,12 @@ pub fn register(router: OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
         .routes(routes!(agents::list))
         .routes(routes!(agents::get_one, agents::put))
         .routes(routes!(agents::presence))
+        .routes(routes!(customers::get_one))
+        .routes(routes!(
+            customers::put_responsible,
+            customers::delete_responsible
+        ))
+        .routes(routes!(customers::deal_out))
         .routes(routes!(conversations::list))
         .routes(routes!(conversations::get_one))
         .routes(routes!(actions::accept))

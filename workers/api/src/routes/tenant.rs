@@ -61,6 +61,9 @@ pub struct Settings {
     /// The text when there is no estimate (nothing of those skills accepted lately), with
     /// `{position}`.
     pub queue_position_reply_no_estimate: String,
+    /// SPEC D11: the last agent who served a customer on a channel counts as their
+    /// responsible agent when none is set (default false).
+    pub last_agent_responsible: bool,
 }
 
 /// A change of settings: fields left out keep their value.
@@ -90,6 +93,8 @@ pub struct SettingsPatch {
     pub queue_position_keywords: Option<Vec<Text<100>>>,
     pub queue_position_reply: Option<Text<5000>>,
     pub queue_position_reply_no_estimate: Option<Text<5000>>,
+    /// SPEC D11: the last agent who served a customer counts as responsible.
+    pub last_agent_responsible: Option<bool>,
 }
 
 /// The most hand-over keywords a tenant has.
@@ -118,6 +123,7 @@ impl SettingsPatch {
                 .queue_position_reply_no_estimate
                 .clone()
                 .map(String::from),
+            last_agent_responsible: self.last_agent_responsible,
         }
     }
 
@@ -197,7 +203,7 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
         .query_one(
             "SELECT id, name, dispatch_cycle_seconds, offer_limit, handover_keywords, bot_reply,
                     handover_reply, kb_min_score, service_level_seconds, queue_position_keywords,
-                    queue_position_reply, queue_position_reply_no_estimate
+                    queue_position_reply, queue_position_reply_no_estimate, last_agent_responsible
              FROM tenants WHERE id = $1",
             &[&p.tenant.as_str()],
         )
@@ -215,6 +221,7 @@ async fn read_settings(state: &AppState, p: &Principal) -> ApiResult<Settings> {
         queue_position_keywords: row.get(9),
         queue_position_reply: row.get(10),
         queue_position_reply_no_estimate: row.get(11),
+        last_agent_responsible: row.get(12),
     })
 }
 
