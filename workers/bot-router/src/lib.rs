@@ -11,6 +11,7 @@
 //! conversation left the bot is not answered (L5). Each customer message is answered once,
 //! in the order the customer sent it (the stream is partitioned like `FL_INBOUND`).
 
+pub mod condition;
 pub mod decide;
 pub mod flow;
 pub mod kb;
@@ -246,7 +247,7 @@ impl Turn<'_, '_> {
             now,
         };
         let postback = work.postback.as_deref();
-        let said = flow::Said {
+        let said = crate::condition::Said {
             text: &work.text,
             email: work.email.as_ref(),
         };

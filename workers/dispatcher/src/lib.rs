@@ -30,6 +30,7 @@ mod dispatcher;
 mod events;
 mod pass;
 pub mod plan;
+pub mod queue;
 mod reply;
 mod timers;
 

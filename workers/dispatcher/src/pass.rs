@@ -13,7 +13,7 @@ use firstline_shared::outbox::Outbox;
 use firstline_shared::wire::{self, NotificationKind};
 use uuid::Uuid;
 
-use crate::{db, plan};
+use crate::{db, plan, queue};
 
 /// What one pass did.
 #[derive(Clone, Debug, Default)]
@@ -62,7 +62,7 @@ pub async fn pass(
         db::expire_due_offers(tx, tenant),
         db::ready_agents(tx, tenant),
         orphans_now,
-        db::waiting_classes(tx, tenant)
+        queue::waiting_classes(tx, tenant)
     );
     // The first failure is the cause; the statements after it fail as aborted.
     let (expired, mut agents, orphans_now, classes) = (expired?, agents?, orphans_now?, classes?);
@@ -95,14 +95,14 @@ pub async fn pass(
             None => Vec::new(),
         };
         let mut unplaced: HashSet<Uuid> = orphans.iter().map(|c| c.conversation_id).collect();
-        let mut read: HashMap<&db::WaitingClass, i64> = HashMap::new();
-        let mut exhausted: HashSet<&db::WaitingClass> = HashSet::new();
+        let mut read: HashMap<&queue::WaitingClass, i64> = HashMap::new();
+        let mut exhausted: HashSet<&queue::WaitingClass> = HashSet::new();
         let mut planned_all = Vec::new();
         // SPEC D10: one instant for every score of the pass.
         let now = Utc::now();
         let mut first_round = true;
         for _ in 0..MAX_ROUNDS {
-            let reads: Vec<db::ClassRead> = classes
+            let reads: Vec<queue::ClassRead> = classes
                 .iter()
                 .filter(|c| !exhausted.contains(c))
                 .filter_map(|c| {
@@ -111,7 +111,7 @@ pub async fn pass(
                         .filter(|a| a.skills.covers(&c.skills))
                         .map(|a| a.free_slots(offer_limit))
                         .sum();
-                    (free > 0).then(|| db::ClassRead {
+                    (free > 0).then(|| queue::ClassRead {
                         class: c,
                         limit: i64::from(free),
                         skip: read.get(c).copied().unwrap_or(0),
@@ -121,7 +121,7 @@ pub async fn pass(
             if reads.is_empty() && orphans.is_empty() {
                 break;
             }
-            let mut queue = db::waiting_heads(tx, tenant, &reads).await?;
+            let mut queue = queue::waiting_heads(tx, tenant, &reads).await?;
             for r in &reads {
                 let got = queue
                     .iter()
@@ -148,7 +148,7 @@ pub async fn pass(
                     .filter(|a| a.free_slots(offer_limit) > 0)
                     .map(|a| a.id.as_str())
                     .collect();
-                let theirs = db::waiting_for_responsible(tx, tenant, &free).await?;
+                let theirs = queue::waiting_for_responsible(tx, tenant, &free).await?;
                 // Read beyond the heads: only for their responsible agent (plan's first step).
                 let seen: HashSet<Uuid> = queue.iter().map(|c| c.conversation_id).collect();
                 queue.extend(
