@@ -28,7 +28,7 @@ const PULL_HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// The first and the longest wait before pulling again after a failed pull.
 const PULL_RETRY_MIN: Duration = Duration::from_millis(100);
-const PULL_RETRY_MAX: Duration = Duration::from_secs(2);
+const PULL_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Waits `retry_in` (false: `shutdown` came first) and doubles it, up to [`PULL_RETRY_MAX`].
 async fn pause(

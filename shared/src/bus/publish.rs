@@ -22,7 +22,8 @@ pub async fn publish(
     payload: Bytes,
 ) -> anyhow::Result<bool> {
     headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
-    let mut delay = Duration::from_millis(50);
+    let mut delay = RETRY_DELAY_MIN;
+    let mut ack_wait = ACK_WAIT_MIN;
     let mut attempt = 0;
     let give_up = tokio::time::Instant::now() + PUBLISH_PATIENCE;
     loop {
@@ -31,7 +32,10 @@ pub async fn publish(
             .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
             .await
         {
-            Ok(ack) => ack.await.map_err(anyhow::Error::from),
+            Ok(ack) => match tokio::time::timeout(ack_wait, ack).await {
+                Ok(acked) => acked.map_err(anyhow::Error::from),
+                Err(_) => Err(anyhow::anyhow!("no ack within {ack_wait:?}")),
+            },
             Err(e) => Err(e.into()),
         };
         match result {
@@ -43,7 +47,8 @@ pub async fn publish(
             Err(e) if tokio::time::Instant::now() + delay < give_up => {
                 tracing::warn!(%subject, msg_id, attempt, "publish not acknowledged, retrying: {e:#}");
                 tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
+                delay = (delay * 2).min(RETRY_DELAY_MAX);
+                ack_wait = (ack_wait * 2).min(ACK_WAIT_MAX);
             }
             Err(e) => {
                 return Err(e.context(format!("publishing {msg_id} to {subject}")));
@@ -51,6 +56,17 @@ pub async fn publish(
         }
     }
 }
+
+/// The ack wait of [`publish`]'s first attempt, doubled at each retry up to [`ACK_WAIT_MAX`]
+/// (the client's own ack timeout). A stream whose leader died answers nothing until a new one
+/// is elected (5-7 s here): short waits at first find the new leader within a second of its
+/// election, where waiting the client's 5 s each time could add up to 5 s more.
+const ACK_WAIT_MIN: Duration = Duration::from_secs(1);
+const ACK_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The pause between attempts: from 50 ms, doubling, at most half a second ("no responders"
+/// and "no stream" answers come at once during an election; retrying every 2 s added up to 2 s).
+const RETRY_DELAY_MIN: Duration = Duration::from_millis(50);
+const RETRY_DELAY_MAX: Duration = Duration::from_millis(500);
 
 /// How long [`publish`] tries again before it gives up: longer than a JetStream leader
 /// election after a node of a cluster dies (5-7 s here; `tests/it/cluster.rs`), during which a
@@ -122,11 +138,16 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
                     .await,
             );
         }
-        for (m, sent) in window.iter().zip(pending) {
-            let acked = match sent {
+        // Every ack of the window awaited together: when a node dies, the acks of all the
+        // messages sent to it are lost at once and cost one ack timeout, not one each.
+        let acks = futures::future::join_all(pending.into_iter().map(|sent| async move {
+            match sent {
                 Ok(ack) => ack.await.map(|_| ()).map_err(anyhow::Error::from),
-                Err(e) => Err(e.into()),
-            };
+                Err(e) => Err(anyhow::Error::from(e)),
+            }
+        }))
+        .await;
+        for (m, acked) in window.iter().zip(acks) {
             results.push(match acked {
                 Ok(()) => Ok(()),
                 Err(e) if is_too_large(&e) => {
@@ -135,6 +156,8 @@ pub async fn publish_all(js: &JetStream, messages: &[Outgoing]) -> Vec<anyhow::R
                 // The server did not take one in [`PUBLISH_PATIENCE`]: the rest are not
                 // tried one by one for as long each (the caller keeps them, as the outbox does).
                 Err(e) if gave_up => Err(e.context("not published: NATS did not answer")),
+                // Tried again one at a time, in order: the first waits out the election, the
+                // others then go through at once.
                 Err(_) => {
                     let again = publish(
                         js,
