@@ -13,6 +13,9 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{self, JetStream};
 use crate::wire::{self, WireMessage};
 
+pub mod publisher;
+pub use publisher::Publisher;
+
 /// One message waiting for its transaction to commit.
 #[derive(Clone, Debug)]
 pub struct Pending {

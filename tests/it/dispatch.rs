@@ -480,3 +480,93 @@ async fn passes_asked_for_at_once_share_transactions() {
         "16 passes asked for at once, each alone: {together:?}"
     );
 }
+
+/// Issue 21: the dispatcher's transactions do not wait for their messages to be published. With
+/// the delivery stream taking nothing (here: gone, as a stream is while its leader is elected,
+/// but for longer), an offer's notification cannot be published; each next presence is still
+/// applied and offered at once (while a transaction waited for its publishes, the second offer
+/// came 30 s later, when the first one's publish gave up). The notifications are published, in
+/// the background, once the stream is back: nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offers_go_on_while_the_delivery_stream_takes_nothing() {
+    const SETUP: &str = r#"{"tenants":[{
+        "id": "t1", "dispatch_cycle_seconds": 120,
+        "channels": [{"id": "mail", "kind": "email", "bot_enabled": false}]
+    }]}"#;
+    let mut app = TestApp::without_workers(SETUP).await;
+    let common = app.config.clone();
+    let shutdown = app.shutdown.clone();
+    app.spawn_worker(firstline_ingest::run(
+        firstline_ingest::Config {
+            common: common.clone(),
+        },
+        shutdown.clone(),
+    ));
+    app.spawn_worker(firstline_dispatcher::run(
+        firstline_dispatcher::Config::new(common),
+        shutdown,
+    ));
+    for customer in ["W1", "W2", "W3"] {
+        app.customer_says("t1", "mail", customer, "help").await;
+    }
+    wait_for_count(
+        &app.pg,
+        "three conversations queued, their messages published",
+        Duration::from_secs(30),
+        "SELECT (SELECT count(*) FROM conversations WHERE state = 'waiting')
+              - (SELECT count(*) FROM outbox)",
+        3,
+    )
+    .await;
+    app.js.delete_stream("FL_DELIVERY").await.unwrap();
+
+    let offered_to = |agent: &'static str| {
+        let pg = &app.pg;
+        move || async move {
+            (count(
+                pg,
+                "SELECT count(*) FROM offers WHERE agent_id = $1",
+                &[&agent],
+            )
+            .await
+                == 1)
+                .then_some(())
+        }
+    };
+    for agent in ["amy", "ben", "cara"] {
+        app.presence("t1", agent, "ready", 1, &[]).await;
+        eventually(
+            &format!("{agent} offered a conversation within 10 s, the delivery stream gone"),
+            Duration::from_secs(10),
+            offered_to(agent),
+        )
+        .await;
+    }
+
+    firstline_shared::bus::ensure_streams(&app.js)
+        .await
+        .unwrap();
+    let notified = eventually(
+        "the three offers' notifications published once the stream is back",
+        Duration::from_secs(60),
+        || async {
+            let stored = app.stored("FL_DELIVERY", "fl.t1.delivery.agent").await;
+            (stored.len() >= 3).then_some(stored)
+        },
+    )
+    .await;
+    for agent in ["amy", "ben", "cara"] {
+        assert!(
+            notified.iter().any(|d| d["agent_id"] == agent),
+            "{agent} notified: {notified:?}"
+        );
+    }
+    wait_for_count(
+        &app.pg,
+        "the outbox emptied",
+        Duration::from_secs(30),
+        "SELECT count(*) FROM outbox",
+        0,
+    )
+    .await;
+}

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use firstline_shared::bus::Delivered;
 use firstline_shared::db as shared_db;
 use firstline_shared::domain::TenantId;
-use firstline_shared::outbox::Outbox;
+use firstline_shared::outbox::{Outbox, Publisher};
 use firstline_shared::wire::AgentActionKind;
 use firstline_shared::worker::Services;
 use firstline_shared::{telemetry, HandleError};
@@ -33,11 +33,15 @@ pub struct Dispatcher {
     /// Per tenant with a transaction under way in this instance: what waits for the next one
     /// (see [`Dispatcher::apply_and_pass`]).
     pub(crate) waiting: Arc<Mutex<HashMap<TenantId, Vec<Submission>>>>,
+    /// Publishes each transaction's outbox after the commit, in the background: a stream that
+    /// takes nothing (its leader being elected) does not hold up the tenant's next transaction.
+    publisher: Publisher,
 }
 
 impl Dispatcher {
     pub fn new(services: Services) -> Self {
         Self {
+            publisher: Publisher::new(services.clone()),
             services,
             deadlines: Arc::default(),
             deadlines_changed: Arc::default(),
@@ -87,7 +91,8 @@ impl Dispatcher {
     }
 
     /// One transaction holding the tenant's advisory lock: applies `events` in order, runs one
-    /// pass, commits; then publishes the outputs and arms the deadline timer.
+    /// pass, commits; then hands the outputs to the background publisher and arms the deadline
+    /// timer.
     pub(crate) async fn transaction(
         &self,
         tenant: &TenantId,
@@ -142,7 +147,8 @@ impl Dispatcher {
         };
         let staged = outbox.stage(&tx).await?;
         tx.commit().await?;
-        staged.publish(&self.services.js, &client).await;
+        drop(client);
+        self.publisher.hand(staged).await;
         if needs_pass {
             self.arm(tenant, report.next_deadline);
         }
