@@ -65,7 +65,7 @@ pub async fn upsert_customer(
     let find = tx
         .prepare_cached(
             "SELECT id, display_name FROM customers
-             WHERE tenant_id = $1 AND channel_id = $2 AND external_id = $3 FOR UPDATE",
+             WHERE tenant_id = $1 AND channel_id = $2 AND external_id = $3 FOR NO KEY UPDATE",
         )
         .await?;
     if let Some(row) = tx
@@ -131,7 +131,7 @@ pub async fn open_conversation(
     let find = tx
         .prepare_cached(&format!(
             "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR UPDATE OF c"
+             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR NO KEY UPDATE OF c"
         ))
         .await?;
     if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
@@ -246,7 +246,7 @@ pub async fn awaiting_rating(
         .prepare_cached(
             "SELECT id, state = 'completed' AND survey_sent_at IS NOT NULL AND rating IS NULL
                     AND survey_sent_at > statement_timestamp() - make_interval(mins => $2)
-             FROM conversations WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+             FROM conversations WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1 FOR NO KEY UPDATE",
         )
         .await?;
     let window = i32::try_from(window_minutes).unwrap_or(i32::MAX);
