@@ -193,10 +193,11 @@ fn longest_gap(
 /// keyed publishes go to) is SIGKILLed and restarted; once it has caught up, another (the one
 /// leading `FL_QUEUE`, else `FL_ACTIONS`) is killed. The gateway's publishes keep succeeding
 /// (the longest one, retries included, under 20 s: a leader election and some), offers and
-/// accepts keep flowing (no gap of 30 s or more from the first kill to the end of the load:
-/// a leader election, a missed heartbeat and a pull retry; 9-10 s in four runs, 25 s in a fifth,
-/// cause not found yet: issue 21 asks for ~10 s), and every
-/// message is stored exactly once, each customer's in order, no partition stalled.
+/// accepts keep flowing (no gap of 15 s or more from the first kill to the end of the load: a
+/// leader election, a missed heartbeat and a pull retry; issue 21 asks for ~10 s; before the
+/// dispatcher published in the background and a window's lost acks cost one timeout, gaps of
+/// 25-65 s were seen), and every message is stored exactly once, each customer's in order, no
+/// partition stalled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_offers_and_accepts_keep_flowing_while_leader_nodes_die() {
     use crate::helpers::desk::Desks;
@@ -399,7 +400,7 @@ async fn publishes_offers_and_accepts_keep_flowing_while_leader_nodes_die() {
         "a publish took {slowest:?}"
     );
     assert!(
-        offer_gap < Duration::from_secs(30) && accept_gap < Duration::from_secs(30),
+        offer_gap < Duration::from_secs(15) && accept_gap < Duration::from_secs(15),
         "offers stopped for {offer_gap:?}, accepts for {accept_gap:?}"
     );
     assert_eq!(
