@@ -44,6 +44,7 @@ use firstline_shared::config::CommonConfig;
 use firstline_tests::db::TestDb;
 use firstline_tests::metrics::{free_addr, handled, scrape};
 use firstline_tests::nats::{TestCluster, TestNats};
+use firstline_tests::pgstat;
 use firstline_tests::workers::WorkerProcess;
 use futures::StreamExt;
 use serde_json::json;
@@ -96,25 +97,11 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU ticks of every `postgres` process (the server is shared: other databases count too).
-fn postgres_ticks() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == "postgres")
-                .unwrap_or(false)
-        })
-        .map(cpu_ticks)
-        .sum()
-}
-
 /// Processes measured: the four workers, NATS, Postgres (all backends).
 struct Procs {
     pids: Vec<(&'static str, u32)>,
+    /// The benchmark's Postgres server (its other clusters' processes are not counted).
+    postmaster: Option<u32>,
 }
 
 impl Procs {
@@ -124,7 +111,8 @@ impl Procs {
         for (n, p) in &self.pids {
             *t.entry(*n).or_insert(0) += cpu_ticks(*p);
         }
-        t.insert("postgres", postgres_ticks());
+        let pg = pgstat::server_pids(self.postmaster);
+        t.insert("postgres", pg.into_iter().map(cpu_ticks).sum());
         t
     }
     fn rss(&self) -> BTreeMap<&'static str, u64> {
@@ -371,11 +359,21 @@ async fn hops(
                  WHERE m.author = 'customer' AND m.sent_at >= $1").await;
     let offer = q("SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM o.created_at - c.queued_at) * 1000)
                    FROM offers o JOIN conversations c ON c.id = o.conversation_id WHERE o.created_at >= $1").await;
+    // How many of the step's messages opened a conversation (the mix: cold or steady).
+    let opened: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM conversations WHERE created_at >= $1",
+            &[&since],
+        )
+        .await
+        .expect("conversations opened")
+        .get(0);
     let pair = |v: &[f64]| json!({"p50_ms": v.first().copied().unwrap_or(f64::NAN), "p99_ms": v.get(1).copied().unwrap_or(f64::NAN)});
     json!({
         "publish_to_stored": pair(&stored),
         "stored_to_bot_reply_stored": pair(&bot),
         "queued_to_offered": pair(&offer),
+        "conversations_opened": opened,
     })
 }
 
@@ -565,7 +563,16 @@ async fn run() {
     for pid in &nats_pids {
         pids.push(("nats-server", *pid));
     }
-    let procs = Procs { pids };
+    let procs = Procs {
+        pids,
+        postmaster: pgstat::postmaster_pid(&pg).await,
+    };
+    // FL_BENCH_PG_TOP=N: the N statements that took longest in each step, per message.
+    let pg_top = env_f64("FL_BENCH_PG_TOP", 0.0) as usize;
+    let statements = match pg_top {
+        0 => None,
+        _ => Some(pgstat::Statements::start(&pg).await),
+    };
     // Warm up: consumers created, caches filled, every agent ready.
     let mut warm = options(200.0, 3.0);
     warm.progress = None;
@@ -601,6 +608,9 @@ async fn run() {
             load_average()
         );
         let opts = options(rate, duration);
+        if let Some(s) = &statements {
+            s.reset(&pg).await;
+        }
         let t0 = procs.ticks();
         let started = Instant::now();
         let report = load::run(client.clone(), &opts, Default::default())
@@ -618,8 +628,19 @@ async fn run() {
                 )
             })
             .collect();
-        let hop = hops(&pg, report.started_at).await;
+        let mut hop = hops(&pg, report.started_at).await;
         load::print_report(&report);
+        println!(
+            "conversations opened: {} ({:.2} per inbound message)",
+            hop["conversations_opened"],
+            hop["conversations_opened"].as_f64().unwrap_or(0.0) / (report.sent.max(1) as f64)
+        );
+        if let Some(s) = &statements {
+            if let Some(p) = s.profile(&pg, report.sent as f64, pg_top).await {
+                print!("{}", p.table(150));
+                hop["pg_statements"] = serde_json::to_value(&p).unwrap_or_default();
+            }
+        }
         let kept = report.kept_up();
         rows.push((report, cpu, rss, hop, kept));
         if !kept {
