@@ -127,11 +127,11 @@ pub async fn open_conversation(
 ) -> anyhow::Result<(Conversation, bool)> {
     let (stored, named) = customer;
     // One round trip for the common case: the open conversation, locked, with what events
-    // need of it.
+    // need of it (`FOR NO KEY UPDATE`: see `db::conversation_for_update`).
     let find = tx
         .prepare_cached(&format!(
             "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR UPDATE OF c"
+             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR NO KEY UPDATE OF c"
         ))
         .await?;
     if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
@@ -246,7 +246,7 @@ pub async fn awaiting_rating(
         .prepare_cached(
             "SELECT id, state = 'completed' AND survey_sent_at IS NOT NULL AND rating IS NULL
                     AND survey_sent_at > statement_timestamp() - make_interval(mins => $2)
-             FROM conversations WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1 FOR UPDATE",
+             FROM conversations WHERE customer_id = $1 ORDER BY created_at DESC LIMIT 1 FOR NO KEY UPDATE",
         )
         .await?;
     let window = i32::try_from(window_minutes).unwrap_or(i32::MAX);
