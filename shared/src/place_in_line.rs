@@ -64,8 +64,9 @@ pub fn render(with_estimate: &str, without: &str, place: u64, wait: Option<Durat
 }
 
 /// The tenant's texts, the conversation's place and its skills' recent accepts:
-/// one round trip (the waiting and assigning counts use the queue's indexes, the accepts
-/// `conversations_recent_accepts` of V14). The accepts are counted up to (window / 1 minute) x
+/// one round trip (the waiting and assigning counts each with its state spelled out, so that
+/// they read the queue's partial indexes, not every conversation of the tenant as one count
+/// over both states did; the accepts `conversations_recent_accepts` of V14). The accepts are counted up to (window / 1 minute) x
 /// place only: from there on the estimate is at most a minute, told as 1 whatever the count
 /// ([`minutes`]), and a busy desk's 15 minutes hold tens of thousands of accepts (issue 22:
 /// counting them all was a fifth of Postgres's work per inbound message).
@@ -73,14 +74,18 @@ const PLACE_SQL: &str = "
     WITH me AS (SELECT id, tenant_id, required_skills, queued_at, state,
                        weight * extract(epoch FROM statement_timestamp() - queued_at) AS score
                 FROM conversations WHERE id = $1),
-    ahead AS (SELECT count(*) AS n FROM conversations c, me
-             WHERE c.tenant_id = me.tenant_id AND c.required_skills = me.required_skills
-               AND c.id <> me.id
-               AND ((c.state = 'assigning' AND me.state = 'waiting')
-                    OR (c.state = 'waiting' AND me.state = 'waiting'
-                        AND (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) > me.score
-                             OR (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) = me.score
-                                 AND (c.queued_at, c.id) < (me.queued_at, me.id))))))
+    ahead AS MATERIALIZED (SELECT CASE WHEN me.state = 'waiting' THEN
+                  (SELECT count(*) FROM conversations c
+                    WHERE c.tenant_id = me.tenant_id AND c.state = 'assigning'
+                      AND c.required_skills = me.required_skills)
+                  + (SELECT count(*) FROM conversations c
+                    WHERE c.tenant_id = me.tenant_id AND c.state = 'waiting'
+                      AND c.required_skills = me.required_skills AND c.id <> me.id
+                      AND (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) > me.score
+                           OR (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) = me.score
+                               AND (c.queued_at, c.id) < (me.queued_at, me.id))))
+                  ELSE 0 END AS n
+              FROM me)
     SELECT t.queue_position_reply, t.queue_position_reply_no_estimate,
            me.state,
            ahead.n,
