@@ -377,26 +377,9 @@ async fn hops(
     })
 }
 
-/// The load of one step. `one-channel` (`FL_BENCH_MIX`): one tenant, one channel with the bot,
-/// nine in ten messages to the bot and one in ten asking for a human, on the keyed subject.
+/// The load of one step: the mix of `FL_BENCH_MIX` ([`load::Mix`]) at `rate` for `duration`.
 fn options(rate: f64, duration: f64) -> LoadOptions {
-    let one_channel = mix() == "one-channel";
-    let steady = mix() == "steady";
-    LoadOptions {
-        tenants: if one_channel { 1 } else { 3 },
-        channels: if one_channel { 1 } else { 2 },
-        bot_share: match () {
-            _ if one_channel => 0.9,
-            _ if steady => 0.95,
-            _ => 0.8,
-        },
-        // Steady: returning customers, about eight bot messages each over the step.
-        customers: if steady {
-            ((rate * duration * 0.95 / 8.0) as usize).max(200)
-        } else {
-            30_000
-        },
-        handover_share: if steady { 0.02 } else { 0.1 },
+    let mut opts = LoadOptions {
         rate,
         duration: Duration::from_secs_f64(duration),
         agents: 100,
@@ -407,7 +390,11 @@ fn options(rate: f64, duration: f64) -> LoadOptions {
         drain: Duration::from_secs(20),
         prefix: "bench".into(),
         ..LoadOptions::default()
-    }
+    };
+    load::Mix::parse(&mix())
+        .expect("FL_BENCH_MIX is cold, steady or one-channel")
+        .apply(&mut opts);
+    opts
 }
 
 fn mix() -> String {
