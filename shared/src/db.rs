@@ -260,7 +260,11 @@ pub fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conver
 }
 
 /// Loads a conversation of `tenant` and locks its row until the transaction ends, so that
-/// two handlers never change one conversation at once.
+/// two handlers never change one conversation at once. `FOR NO KEY UPDATE` (no handler changes
+/// a conversation's id): it excludes every other handler's lock as `FOR UPDATE` does, but not
+/// the `FOR KEY SHARE` of the foreign-key checks of rows inserted for the conversation
+/// (messages, transitions) by another worker's transaction, which `FOR UPDATE` made wait for
+/// the whole batch (issue 22: a lock convoy between ingest and the bot-router).
 pub async fn conversation_for_update(
     tx: &Transaction<'_>,
     tenant: &TenantId,
@@ -268,7 +272,7 @@ pub async fn conversation_for_update(
 ) -> anyhow::Result<Option<Conversation>> {
     let sql = format!(
         "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-         WHERE c.id = $1 AND c.tenant_id = $2 FOR UPDATE OF c"
+         WHERE c.id = $1 AND c.tenant_id = $2 FOR NO KEY UPDATE OF c"
     );
     let stmt = tx.prepare_cached(&sql).await?;
     tx.query_opt(&stmt, &[&id, &tenant.as_str()])

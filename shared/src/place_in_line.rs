@@ -64,26 +64,36 @@ pub fn render(with_estimate: &str, without: &str, place: u64, wait: Option<Durat
 }
 
 /// The tenant's texts, the conversation's place and its skills' recent accepts:
-/// one round trip (the waiting and assigning counts use the queue's indexes, the accepts
-/// `conversations_recent_accepts` of V14).
+/// one round trip (the waiting and assigning counts each with its state spelled out, so that
+/// they read the queue's partial indexes, not every conversation of the tenant as one count
+/// over both states did; the accepts `conversations_recent_accepts` of V14). The accepts are counted up to (window / 1 minute) x
+/// place only: from there on the estimate is at most a minute, told as 1 whatever the count
+/// ([`minutes`]), and a busy desk's 15 minutes hold tens of thousands of accepts (issue 22:
+/// counting them all was a fifth of Postgres's work per inbound message).
 const PLACE_SQL: &str = "
     WITH me AS (SELECT id, tenant_id, required_skills, queued_at, state,
                        weight * extract(epoch FROM statement_timestamp() - queued_at) AS score
-                FROM conversations WHERE id = $1)
+                FROM conversations WHERE id = $1),
+    ahead AS MATERIALIZED (SELECT CASE WHEN me.state = 'waiting' THEN
+                  (SELECT count(*) FROM conversations c
+                    WHERE c.tenant_id = me.tenant_id AND c.state = 'assigning'
+                      AND c.required_skills = me.required_skills)
+                  + (SELECT count(*) FROM conversations c
+                    WHERE c.tenant_id = me.tenant_id AND c.state = 'waiting'
+                      AND c.required_skills = me.required_skills AND c.id <> me.id
+                      AND (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) > me.score
+                           OR (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) = me.score
+                               AND (c.queued_at, c.id) < (me.queued_at, me.id))))
+                  ELSE 0 END AS n
+              FROM me)
     SELECT t.queue_position_reply, t.queue_position_reply_no_estimate,
            me.state,
-           (SELECT count(*) FROM conversations c
+           ahead.n,
+           (SELECT count(*) FROM (SELECT 1 FROM conversations c
              WHERE c.tenant_id = me.tenant_id AND c.required_skills = me.required_skills
-               AND c.id <> me.id
-               AND ((c.state = 'assigning' AND me.state = 'waiting')
-                    OR (c.state = 'waiting' AND me.state = 'waiting'
-                        AND (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) > me.score
-                             OR (c.weight * extract(epoch FROM statement_timestamp() - c.queued_at) = me.score
-                                 AND (c.queued_at, c.id) < (me.queued_at, me.id)))))),
-           (SELECT count(*) FROM conversations c
-             WHERE c.tenant_id = me.tenant_id AND c.required_skills = me.required_skills
-               AND c.accepted_at > statement_timestamp() - make_interval(secs => $2))
-    FROM me JOIN tenants t ON t.id = me.tenant_id";
+               AND c.accepted_at > statement_timestamp() - make_interval(secs => $2)
+             LIMIT ceil($2 / 60.0)::bigint * (ahead.n + 1)) recent)
+    FROM me JOIN tenants t ON t.id = me.tenant_id CROSS JOIN ahead";
 
 /// What a conversation's place in line is, read from Postgres.
 struct Place {
@@ -188,6 +198,22 @@ mod tests {
         assert_eq!(minutes(Duration::seconds(60)), 1);
         assert_eq!(minutes(Duration::seconds(61)), 2);
         assert_eq!(estimate(1, 0, Duration::minutes(15)), None);
+    }
+
+    /// The statement counts accepts up to 15 x place (PLACE_SQL): from there the text is the same.
+    #[test]
+    fn accepts_beyond_fifteen_per_place_tell_one_minute() {
+        let window = Duration::seconds(RATE_WINDOW_SECONDS);
+        for place in [1u64, 2, 7, 40] {
+            let cap = (RATE_WINDOW_SECONDS as u64 / 60) * place;
+            for k in [cap, cap + 1, cap * 3, 50_000] {
+                assert_eq!(
+                    minutes(estimate(place, k, window).unwrap()),
+                    1,
+                    "{place} {k}"
+                );
+            }
+        }
     }
 
     /// A small deterministic random source (xorshift64*), for the simulation below.

@@ -44,6 +44,7 @@ use firstline_shared::config::CommonConfig;
 use firstline_tests::db::TestDb;
 use firstline_tests::metrics::{free_addr, handled, scrape};
 use firstline_tests::nats::{TestCluster, TestNats};
+use firstline_tests::pgstat;
 use firstline_tests::workers::WorkerProcess;
 use futures::StreamExt;
 use serde_json::json;
@@ -96,25 +97,11 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// CPU ticks of every `postgres` process (the server is shared: other databases count too).
-fn postgres_ticks() -> u64 {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .map(|c| c.trim() == "postgres")
-                .unwrap_or(false)
-        })
-        .map(cpu_ticks)
-        .sum()
-}
-
 /// Processes measured: the four workers, NATS, Postgres (all backends).
 struct Procs {
     pids: Vec<(&'static str, u32)>,
+    /// The benchmark's Postgres server (its other clusters' processes are not counted).
+    postmaster: Option<u32>,
 }
 
 impl Procs {
@@ -124,7 +111,8 @@ impl Procs {
         for (n, p) in &self.pids {
             *t.entry(*n).or_insert(0) += cpu_ticks(*p);
         }
-        t.insert("postgres", postgres_ticks());
+        let pg = pgstat::server_pids(self.postmaster);
+        t.insert("postgres", pg.into_iter().map(cpu_ticks).sum());
         t
     }
     fn rss(&self) -> BTreeMap<&'static str, u64> {
@@ -371,34 +359,27 @@ async fn hops(
                  WHERE m.author = 'customer' AND m.sent_at >= $1").await;
     let offer = q("SELECT percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY extract(epoch FROM o.created_at - c.queued_at) * 1000)
                    FROM offers o JOIN conversations c ON c.id = o.conversation_id WHERE o.created_at >= $1").await;
+    // How many of the step's messages opened a conversation (the mix: cold or steady).
+    let opened: i64 = pg
+        .query_one(
+            "SELECT count(*) FROM conversations WHERE created_at >= $1",
+            &[&since],
+        )
+        .await
+        .expect("conversations opened")
+        .get(0);
     let pair = |v: &[f64]| json!({"p50_ms": v.first().copied().unwrap_or(f64::NAN), "p99_ms": v.get(1).copied().unwrap_or(f64::NAN)});
     json!({
         "publish_to_stored": pair(&stored),
         "stored_to_bot_reply_stored": pair(&bot),
         "queued_to_offered": pair(&offer),
+        "conversations_opened": opened,
     })
 }
 
-/// The load of one step. `one-channel` (`FL_BENCH_MIX`): one tenant, one channel with the bot,
-/// nine in ten messages to the bot and one in ten asking for a human, on the keyed subject.
+/// The load of one step: the mix of `FL_BENCH_MIX` ([`load::Mix`]) at `rate` for `duration`.
 fn options(rate: f64, duration: f64) -> LoadOptions {
-    let one_channel = mix() == "one-channel";
-    let steady = mix() == "steady";
-    LoadOptions {
-        tenants: if one_channel { 1 } else { 3 },
-        channels: if one_channel { 1 } else { 2 },
-        bot_share: match () {
-            _ if one_channel => 0.9,
-            _ if steady => 0.95,
-            _ => 0.8,
-        },
-        // Steady: returning customers, about eight bot messages each over the step.
-        customers: if steady {
-            ((rate * duration * 0.95 / 8.0) as usize).max(200)
-        } else {
-            30_000
-        },
-        handover_share: if steady { 0.02 } else { 0.1 },
+    let mut opts = LoadOptions {
         rate,
         duration: Duration::from_secs_f64(duration),
         agents: 100,
@@ -409,7 +390,11 @@ fn options(rate: f64, duration: f64) -> LoadOptions {
         drain: Duration::from_secs(20),
         prefix: "bench".into(),
         ..LoadOptions::default()
-    }
+    };
+    load::Mix::parse(&mix())
+        .expect("FL_BENCH_MIX is cold, steady or one-channel")
+        .apply(&mut opts);
+    opts
 }
 
 fn mix() -> String {
@@ -565,7 +550,16 @@ async fn run() {
     for pid in &nats_pids {
         pids.push(("nats-server", *pid));
     }
-    let procs = Procs { pids };
+    let procs = Procs {
+        pids,
+        postmaster: pgstat::postmaster_pid(&pg).await,
+    };
+    // FL_BENCH_PG_TOP=N: the N statements that took longest in each step, per message.
+    let pg_top = env_f64("FL_BENCH_PG_TOP", 0.0) as usize;
+    let statements = match pg_top {
+        0 => None,
+        _ => Some(pgstat::Statements::start(&pg).await),
+    };
     // Warm up: consumers created, caches filled, every agent ready.
     let mut warm = options(200.0, 3.0);
     warm.progress = None;
@@ -601,6 +595,9 @@ async fn run() {
             load_average()
         );
         let opts = options(rate, duration);
+        if let Some(s) = &statements {
+            s.reset(&pg).await;
+        }
         let t0 = procs.ticks();
         let started = Instant::now();
         let report = load::run(client.clone(), &opts, Default::default())
@@ -618,8 +615,19 @@ async fn run() {
                 )
             })
             .collect();
-        let hop = hops(&pg, report.started_at).await;
+        let mut hop = hops(&pg, report.started_at).await;
         load::print_report(&report);
+        println!(
+            "conversations opened: {} ({:.2} per inbound message)",
+            hop["conversations_opened"],
+            hop["conversations_opened"].as_f64().unwrap_or(0.0) / (report.sent.max(1) as f64)
+        );
+        if let Some(s) = &statements {
+            if let Some(p) = s.profile(&pg, report.sent as f64, pg_top).await {
+                print!("{}", p.table(150));
+                hop["pg_statements"] = serde_json::to_value(&p).unwrap_or_default();
+            }
+        }
         let kept = report.kept_up();
         rows.push((report, cpu, rss, hop, kept));
         if !kept {
@@ -682,6 +690,18 @@ async fn run() {
     let pg_cpu_ms_per_msg = best
         .map(|r| r.1.get("postgres").copied().unwrap_or(f64::NAN) * 10.0 / r.0.answered_per_s)
         .map(|v| (v * 1000.0).round() / 1000.0);
+    // The same at the step that answered most, kept up or not (a slow hour keeps up with none).
+    let pg_cpu_at_most = rows
+        .iter()
+        .max_by(|a, b| a.0.answered_per_s.total_cmp(&b.0.answered_per_s))
+        .map(|r| r.1.get("postgres").copied().unwrap_or(f64::NAN) * 10.0 / r.0.answered_per_s)
+        .map(|v| (v * 1000.0).round() / 1000.0);
+    println!(
+        "Postgres CPU at the step that answered most: {} ms per message",
+        pg_cpu_at_most
+            .map(|v| format!("{v:.3}"))
+            .unwrap_or_else(|| "-".into())
+    );
     println!(
         "sustained {pipeline:.0} msgs/s (kept up), most answered {saturated:.0} msgs/s; ratio to the raw ceiling {:.3}, to the relay floor {:.3}; Postgres CPU {} ms per message; p99 at that rate {p99:.2} ms; p99 at 5,000/s offered: {}",
         pipeline / raw,
@@ -708,6 +728,7 @@ async fn run() {
             "ratio": (pipeline / raw * 1000.0).round() / 1000.0,
             "ratio_to_relay_floor": (pipeline / relay * 1000.0).round() / 1000.0,
             "pg_cpu_ms_per_msg": pg_cpu_ms_per_msg,
+            "pg_cpu_ms_per_msg_at_most_answered": pg_cpu_at_most,
             "mix": mix(),
             "instances_per_worker": instances,
             "stream_replicas": replicas,

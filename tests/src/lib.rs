@@ -11,5 +11,6 @@
 pub mod db;
 pub mod metrics;
 pub mod nats;
+pub mod pgstat;
 pub mod wait;
 pub mod workers;

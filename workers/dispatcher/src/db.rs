@@ -330,7 +330,7 @@ pub async fn write_offers(
             "WITH old AS (
                  SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
                  WHERE c.id = ANY($2) AND c.tenant_id = $1
-                 FOR UPDATE OF c)
+                 FOR NO KEY UPDATE OF c)
              UPDATE conversations c SET state = 'assigning', agent_id = NULL, assigning_at = now(), updated_at = now()
              FROM old WHERE c.id = old.id AND old.state IN ('waiting', 'assigning')
              RETURNING old.*"

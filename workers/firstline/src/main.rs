@@ -156,6 +156,10 @@ struct LoadArgs {
     /// Channels with a bot per tenant (and as many without).
     #[arg(long, default_value_t = 2)]
     channels: usize,
+    /// A preset mix (cold, steady, one-channel: load/mix.rs): sets the tenants, channels,
+    /// customers and shares, over the options below.
+    #[arg(long, value_enum)]
+    mix: Option<load::Mix>,
     /// Returning customers who talk to the bot.
     #[arg(long, default_value_t = 10_000)]
     customers: usize,
@@ -449,6 +453,10 @@ async fn run_load(
         prefix: args.prefix,
         per_channel: args.per_channel,
     };
+    let mut options = options;
+    if let Some(mix) = args.mix {
+        mix.apply(&mut options);
+    }
     firstline_shared::db::create_database_if_missing(&common.database_url).await?;
     firstline_shared::db::migrate(&common.database_url).await?;
     options.configure(&common.database_url).await?;

@@ -127,7 +127,7 @@ pub async fn open_conversation(
 ) -> anyhow::Result<(Conversation, bool)> {
     let (stored, named) = customer;
     // One round trip for the common case: the open conversation, locked, with what events
-    // need of it.
+    // need of it (`FOR NO KEY UPDATE`: see `db::conversation_for_update`).
     let find = tx
         .prepare_cached(&format!(
             "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id

@@ -38,7 +38,9 @@ pub use report::print_report;
 use report::progress;
 
 mod agents;
+mod mix;
 mod report;
+pub use mix::Mix;
 
 /// What to send, how fast, and how the simulated agents behave.
 #[derive(Clone, Debug)]
