@@ -104,22 +104,41 @@ impl Staged {
         if self.rows.is_empty() {
             return;
         }
-        let outgoing: Vec<bus::Outgoing> = self.rows.iter().map(|(_, p)| p.outgoing()).collect();
-        let results = bus::publish_all(js, &outgoing).await;
-        let mut done = Vec::with_capacity(self.rows.len());
-        for ((id, pending), result) in self.rows.iter().zip(results) {
-            match result {
-                Ok(()) => done.push(*id),
-                Err(e) if unpublishable(js, *id, pending, &e).await => done.push(*id),
-                Err(e) => tracing::warn!(
-                    msg_id = pending.msg_id,
-                    "outbox publish deferred to the sweeper: {e:#}"
-                ),
-            }
+        let (done, failed) = publish_rows(js, self.rows).await;
+        for ((_, pending), e) in failed {
+            tracing::warn!(
+                msg_id = pending.msg_id,
+                "outbox publish deferred to the sweeper: {e:#}"
+            );
         }
-        if let Err(e) = delete(client, &done).await {
-            tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
+        delete_published(client, &done).await;
+    }
+}
+
+/// Publishes `rows` in order: returns the ids of those the stream took (or that can never go
+/// and were dead-lettered, [`unpublishable`]), and the others, in order, with their error.
+async fn publish_rows(
+    js: &JetStream,
+    rows: Vec<(i64, Pending)>,
+) -> (Vec<i64>, Vec<((i64, Pending), anyhow::Error)>) {
+    let outgoing: Vec<bus::Outgoing> = rows.iter().map(|(_, p)| p.outgoing()).collect();
+    let results = bus::publish_all(js, &outgoing).await;
+    let mut done = Vec::with_capacity(rows.len());
+    let mut failed = Vec::new();
+    for ((id, pending), result) in rows.into_iter().zip(results) {
+        match result {
+            Ok(()) => done.push(id),
+            Err(e) if unpublishable(js, id, &pending, &e).await => done.push(id),
+            Err(e) => failed.push(((id, pending), e)),
         }
+    }
+    (done, failed)
+}
+
+/// [`delete`]s published rows; a failure only means the sweeper sends them again.
+async fn delete_published(client: &impl GenericClient, ids: &[i64]) {
+    if let Err(e) = delete(client, ids).await {
+        tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
     }
 }
 
@@ -203,36 +222,21 @@ pub async fn sweep_once(js: &JetStream, pool: &Pool, min_age: Duration) -> anyho
             &[&min_age.as_secs_f64()],
         )
         .await?;
-    let outgoing: Vec<bus::Outgoing> = rows
+    let rows: Vec<(i64, Pending)> = rows
         .iter()
         .map(|row| {
-            Pending {
+            let pending = Pending {
                 subject: row.get(1),
                 msg_id: row.get(2),
                 payload: Bytes::from(row.get::<_, Vec<u8>>(3)),
                 traceparent: row.get(4),
-            }
-            .outgoing()
+            };
+            (row.get(0), pending)
         })
         .collect();
-    let mut done = Vec::new();
-    for ((row, m), result) in rows
-        .iter()
-        .zip(&outgoing)
-        .zip(bus::publish_all(js, &outgoing).await)
-    {
-        let id = row.get::<_, i64>(0);
-        let pending = Pending {
-            subject: m.subject.clone(),
-            msg_id: m.msg_id.clone(),
-            payload: m.payload.clone(),
-            traceparent: None,
-        };
-        match result {
-            Ok(()) => done.push(id),
-            Err(e) if unpublishable(js, id, &pending, &e).await => done.push(id),
-            Err(e) => tracing::warn!("outbox sweep: {e:#}"),
-        }
+    let (done, failed) = publish_rows(js, rows).await;
+    for (_, e) in failed {
+        tracing::warn!("outbox sweep: {e:#}");
     }
     tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&done])
         .await?;

@@ -18,8 +18,8 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{delete, unpublishable, Pending, Staged};
-use crate::bus::{self, JetStream};
+use super::{delete_published, Pending, Staged};
+use crate::bus::JetStream;
 use crate::worker::Services;
 
 /// How many handed-in batches a lane holds before [`Publisher::hand`] waits: a stream that takes
@@ -145,33 +145,23 @@ async fn run_lane(
 /// Publishes `rows` in order and deletes those the stream took (or that can never go and are
 /// dead-lettered); returns the others, in order, to try again.
 async fn publish_rows(js: &JetStream, pool: &Pool, rows: Vec<Row>) -> Vec<Row> {
-    let outgoing: Vec<bus::Outgoing> = rows.iter().map(|(_, p)| p.outgoing()).collect();
-    let results = bus::publish_all(js, &outgoing).await;
-    let mut done = Vec::with_capacity(rows.len());
-    let mut again = Vec::new();
-    for ((id, pending), result) in rows.into_iter().zip(results) {
-        match result {
-            Ok(()) => done.push(id),
-            Err(e) if unpublishable(js, id, &pending, &e).await => done.push(id),
-            Err(e) => {
-                tracing::warn!(
-                    msg_id = pending.msg_id,
-                    "outbox publish not acknowledged, trying again: {e:#}"
-                );
-                again.push((id, pending));
-            }
-        }
-    }
+    let (done, failed) = super::publish_rows(js, rows).await;
     if !done.is_empty() {
-        let deleted = match pool.get().await {
-            Ok(client) => delete(&client, &done).await,
-            Err(e) => Err(e.into()),
-        };
-        if let Err(e) = deleted {
-            tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
+        match pool.get().await {
+            Ok(client) => delete_published(&client, &done).await,
+            Err(e) => tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}"),
         }
     }
-    again
+    failed
+        .into_iter()
+        .map(|(row, e)| {
+            tracing::warn!(
+                msg_id = row.1.msg_id,
+                "outbox publish not acknowledged, trying again: {e:#}"
+            );
+            row
+        })
+        .collect()
 }
 
 #[cfg(test)]

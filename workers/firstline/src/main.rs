@@ -435,7 +435,7 @@ async fn run_load(
     args: LoadArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let options = load::LoadOptions {
+    let mut options = load::LoadOptions {
         rate: args.rate,
         duration: Duration::from_secs_f64(args.duration),
         tenants: args.tenants.max(1),
@@ -453,7 +453,6 @@ async fn run_load(
         prefix: args.prefix,
         per_channel: args.per_channel,
     };
-    let mut options = options;
     if let Some(mix) = args.mix {
         mix.apply(&mut options);
     }

@@ -18,13 +18,9 @@ pub enum Mix {
 }
 
 impl Mix {
+    /// The mix named `s` as `--mix` takes it (clap's names: `cold`, `steady`, `one-channel`).
     pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "cold" => Some(Self::Cold),
-            "steady" => Some(Self::Steady),
-            "one-channel" => Some(Self::OneChannel),
-            _ => None,
-        }
+        <Self as clap::ValueEnum>::from_str(s, false).ok()
     }
 
     pub fn as_str(self) -> &'static str {
