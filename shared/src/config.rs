@@ -51,6 +51,12 @@ pub struct CommonConfig {
     /// one at a time (about 2.5 times slower).
     #[arg(long, env = "FL_PARTITION_BATCH", default_value_t = 64)]
     pub partition_batch: usize,
+    /// Transactions an instance runs at once for the batches of its partitions; the batches
+    /// that become ready meanwhile wait and are handled together in the next one (group
+    /// commit: one commit, one outbox insert and one move of the marks for many partitions).
+    /// 0 gives every partition's batch a transaction of its own, as many at once as come.
+    #[arg(long, env = "FL_PARTITION_TRANSACTIONS", default_value_t = 2)]
+    pub partition_transactions: usize,
     /// Partitions of each partitioned stream (1 to 1024). The unit of order and of sharing:
     /// each is read by one instance at a time, and the partitions are dealt evenly over the
     /// live instances. The same on every instance; a change applies to new messages (change
@@ -80,7 +86,7 @@ impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} worker_threads={} stream_replicas={}",
+            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} partition_transactions={} worker_threads={} stream_replicas={}",
             redact_url(&self.nats_url),
             self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
@@ -88,6 +94,7 @@ impl CommonConfig {
             self.ack_wait_secs,
             self.max_deliver,
             self.partition_batch,
+            self.partition_transactions,
             self.worker_threads,
             self.stream_replicas,
         )
@@ -109,6 +116,7 @@ impl CommonConfig {
             ack_wait_secs: 30,
             max_deliver: 20,
             partition_batch: 64,
+            partition_transactions: 2,
             partitions: crate::subjects::DEFAULT_PARTITIONS,
             partition_lease_secs: 5.0,
             worker_threads: 1,

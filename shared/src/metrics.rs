@@ -66,6 +66,12 @@ pub fn batch_handled(consumer: &'static str, path: &'static str) {
     counter!("fl_batches_total", "consumer" => consumer, "path" => path).increment(1);
 }
 
+/// A transaction that handled the batches of `partitions` partitions at once (group commit,
+/// `partitions::combine`).
+pub fn batches_combined(partitions: usize) {
+    histogram!("fl_partition_batches_combined").record(partitions as f64);
+}
+
 /// A dispatcher transaction that applied `submissions` hand-ins (batches, timer passes) at once.
 pub fn dispatch_combined(submissions: usize) {
     histogram!("fl_dispatch_combined_submissions").record(submissions as f64);

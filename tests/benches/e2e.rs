@@ -526,7 +526,11 @@ async fn run() {
     config.stream_replicas = replicas;
     // Batched partitions, the default (README: Scaling out); FL_PARTITION_BATCH=1 to compare.
     config.partition_batch = env_f64("FL_PARTITION_BATCH", 64.0) as usize;
-    println!("workers: FL_PARTITION_BATCH={}", config.partition_batch);
+    config.partition_transactions = env_f64("FL_PARTITION_TRANSACTIONS", 2.0) as usize;
+    println!(
+        "workers: FL_PARTITION_BATCH={} FL_PARTITION_TRANSACTIONS={}",
+        config.partition_batch, config.partition_transactions
+    );
     let replicas_env = replicas.to_string();
     let mut workers: Vec<WorkerProcess> = Vec::new();
     let mut pids: Vec<(&'static str, u32)> = Vec::new();

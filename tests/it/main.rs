@@ -19,6 +19,7 @@ mod dispatch;
 mod docs;
 mod faults;
 mod fencing;
+mod group_commit;
 mod house;
 mod live;
 mod load;

@@ -82,6 +82,10 @@ impl WorkerProcess {
                 "FL_PARTITION_BATCH".to_owned(),
                 config.partition_batch.to_string(),
             ),
+            (
+                "FL_PARTITION_TRANSACTIONS".to_owned(),
+                config.partition_transactions.to_string(),
+            ),
             ("FL_PARTITIONS".to_owned(), config.partitions.to_string()),
             (
                 "FL_PARTITION_LEASE_SECS".to_owned(),

@@ -19,6 +19,11 @@
 //!   the messages handled from the first on (a poison message stops it: the reader moves it
 //!   on once the dead letter is out). A batch that fails the check changes nothing; its
 //!   messages fail with [`HandleError::out_of_order`] and the reader ends (docs/ordering.md).
+//! - A batch may hold the batches of several partitions (group commit, `partitions::combine`):
+//!   the first statement locks every partition's mark (in the partitions' order, so that two
+//!   transactions never wait for each other's marks), each is checked and moved. Only the fast
+//!   path runs such a batch: anything but a clean success splits it, and each partition's
+//!   messages then run as a batch of their own, as above.
 
 mod fence;
 mod lanes;
@@ -66,23 +71,55 @@ where
         ctx,
         handle: &handle,
     };
-    let partition = batch.first().and_then(|m| m.partition.clone());
-    let fenced = |mark: u64| all_failed(batch, HandleError::out_of_order(mark + 1));
-    // The fast path for a batch, or any message of a partition (its mark is checked there).
-    let fence = if batch.len() > 1 || partition.is_some() {
-        match run.whole(&mut client, batch, partition.clone(), &key).await {
-            Whole::Done(done) => return done,
-            Whole::Failed(e) => return all_failed(batch, e),
-            Whole::Fenced(mark) => return fenced(mark),
-            Whole::OneByOne(fence) => fence,
+    let partitions = partitions_of(batch);
+    if partitions.len() < 2 {
+        return run
+            .single(&mut client, batch, partitions.first().cloned(), &key)
+            .await;
+    }
+    if let Whole::Done(done) = run.whole(&mut client, batch, &partitions, &key).await {
+        return done;
+    }
+    // Split: each partition's messages as a batch of their own, in the order they came.
+    crate::metrics::batch_handled(consumer, "split");
+    let mut results: Vec<Option<Result<(), HandleError>>> = vec![None; batch.len()];
+    let mut kept = Vec::new();
+    for p in partitions {
+        let (at, part): (Vec<usize>, Vec<Delivered>) = batch
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| {
+                m.partition
+                    .as_ref()
+                    .is_some_and(|q| q.consumer == p.consumer)
+            })
+            .map(|(i, m)| (i, m.clone()))
+            .unzip();
+        let (rs, ts) = run.single(&mut client, &part, Some(p), &key).await;
+        for (i, r) in at.into_iter().zip(rs) {
+            results[i] = Some(r);
         }
-    } else {
-        None
-    };
-    run.one_by_one(&mut client, batch, &fence).await
+        kept.extend(ts);
+    }
+    let results = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(HandleError::transient("not handled"))))
+        .collect();
+    (results, kept)
 }
 
-/// Every message of `batch` failed alike (no connection, no commit...).
+/// The distinct partitions of `batch`'s messages, in the order of their names.
+fn partitions_of(batch: &[Delivered]) -> Vec<Arc<Partition>> {
+    let mut partitions: Vec<Arc<Partition>> = Vec::new();
+    for p in batch.iter().filter_map(|m| m.partition.as_ref()) {
+        if !partitions.iter().any(|q| q.consumer == p.consumer) {
+            partitions.push(p.clone());
+        }
+    }
+    partitions.sort_by_key(|p| p.consumer);
+    partitions
+}
+
 fn all_failed<T>(batch: &[Delivered], e: HandleError) -> (Vec<Result<(), HandleError>>, Vec<T>) {
     (batch.iter().map(|_| Err(e.clone())).collect(), Vec::new())
 }
@@ -106,19 +143,47 @@ enum Whole<T> {
     Fenced(u64),
     /// Rolled back (a message failed or was not to be kept): to be handled one by one, with
     /// the partition's mark as checked.
-    OneByOne(Option<Fence>),
+    OneByOne(Vec<Fence>),
 }
 
 impl<C: ?Sized, H> Run<'_, C, H> {
-    /// The fast path: the whole batch in lanes (one per key) on one transaction, while, for a
-    /// held partition, its mark is locked and checked. The lock is the connection's first
-    /// statement, so Postgres runs the batch's statements after it is granted; the batch is
-    /// kept only if the check passes and every message is kept.
-    async fn whole<T, K>(
+    /// One partition's batch (or messages of no partition): the fast path, and the slow one
+    /// if it does not succeed.
+    async fn single<T, K>(
         &self,
         client: &mut deadpool_postgres::Object,
         batch: &[Delivered],
         partition: Option<Arc<Partition>>,
+        key: &K,
+    ) -> (Vec<Result<(), HandleError>>, Vec<T>)
+    where
+        K: Fn(&Delivered) -> Option<String>,
+        H: for<'a> Fn(&'a C, &'a Transaction<'a>, &'a mut Outbox, &'a Delivered) -> Step<'a, T>,
+    {
+        let fenced = |mark: u64| all_failed(batch, HandleError::out_of_order(mark + 1));
+        let partitions: Vec<Arc<Partition>> = partition.into_iter().collect();
+        let fence = if batch.len() > 1 || !partitions.is_empty() {
+            match self.whole(client, batch, &partitions, key).await {
+                Whole::Done(done) => return done,
+                Whole::Failed(e) => return all_failed(batch, e),
+                Whole::Fenced(mark) => return fenced(mark),
+                Whole::OneByOne(fences) => fences.into_iter().next(),
+            }
+        } else {
+            None
+        };
+        self.one_by_one(client, batch, &fence).await
+    }
+
+    /// The fast path: the whole batch in lanes (one per key) on one transaction, while the
+    /// marks of its partitions are locked and checked. The lock is the connection's first
+    /// statement, so Postgres runs the batch's statements after it is granted; the batch is
+    /// kept only if every check passes and every message is kept.
+    async fn whole<T, K>(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        batch: &[Delivered],
+        partitions: &[Arc<Partition>],
         key: &K,
     ) -> Whole<T>
     where
@@ -132,16 +197,16 @@ impl<C: ?Sized, H> Run<'_, C, H> {
             Ok(tx) => tx,
             Err(e) => return Whole::Failed(e.into()),
         };
-        if partition.is_some() {
+        if !partitions.is_empty() {
             if let Err(e) = prepare_lock(&tx).await {
                 return mark_failed(&e);
             }
         }
         let tx_ref = &tx;
         let checking = async {
-            match &partition {
-                Some(p) => Some(Fence::check(tx_ref, p.clone()).await),
-                None => None,
+            match partitions {
+                [] => None,
+                _ => Some(Fence::check(tx_ref, partitions).await),
             }
         };
         let handling = in_lanes(lanes(batch, key), |i| async move {
@@ -158,15 +223,14 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         });
         // `futures::join!` polls in the order given: the lock is sent before the batch.
         let (checked, done) = futures::join!(checking, handling);
-        let fence = match checked {
-            Some(Ok(Some(fence))) => Some(fence),
-            Some(Ok(None)) => {
+        let fences = match checked {
+            Some(Ok(Ok(fences))) => fences,
+            Some(Ok(Err(moved))) => {
                 let _ = tx.rollback().await;
-                let mark = partition.as_ref().map_or(0, |p| p.mark());
-                return Whole::Fenced(mark);
+                return Whole::Fenced(moved.mark());
             }
             Some(Err(e)) => return mark_failed(&e),
-            None => None,
+            None => Vec::new(),
         };
         if let Ok(done) = done {
             let mut outbox = Outbox::new();
@@ -175,10 +239,12 @@ impl<C: ?Sized, H> Run<'_, C, H> {
                 outbox.append(own);
                 kept.push(t);
             }
-            let mark = fence.as_ref().map(|f| f.moved(batch.iter()));
-            return match commit(tx, outbox, mark).await {
+            let marks: Vec<_> = fences.iter().map(|f| f.moved(batch.iter())).collect();
+            return match commit(tx, outbox, &marks).await {
                 Ok(staged) => {
-                    remember(&fence, mark);
+                    for (fence, mark) in fences.iter().zip(&marks) {
+                        remember(fence, *mark);
+                    }
                     crate::metrics::batch_handled(self.consumer, "lanes");
                     staged.publish(&self.services.js, &*client).await;
                     Whole::Done((batch.iter().map(|_| Ok(())).collect(), kept))
@@ -191,7 +257,7 @@ impl<C: ?Sized, H> Run<'_, C, H> {
         if let Err(e) = tx.rollback().await {
             return Whole::Failed(e.into());
         }
-        Whole::OneByOne(fence)
+        Whole::OneByOne(fences)
     }
 
     /// The slow path: each message of `batch` in a savepoint of its own, so that a poison
@@ -253,10 +319,12 @@ impl<C: ?Sized, H> Run<'_, C, H> {
             .zip(&results)
             .take_while(|(_, r)| r.is_ok())
             .map(|(m, _)| m);
-        let mark = fence.as_ref().map(|f| f.moved(handled));
-        match commit(tx, outbox, mark).await {
+        let marks: Vec<_> = fence.iter().map(|f| f.moved(handled.clone())).collect();
+        match commit(tx, outbox, &marks).await {
             Ok(staged) => {
-                remember(fence, mark);
+                if let (Some(fence), Some(mark)) = (fence, marks.first()) {
+                    remember(fence, *mark);
+                }
                 crate::metrics::batch_handled(self.consumer, "one_by_one");
                 staged.publish(&self.services.js, &*client).await;
                 (results, kept)
@@ -308,14 +376,20 @@ impl<C: ?Sized, H> Run<'_, C, H> {
 async fn commit(
     tx: Transaction<'_>,
     outbox: Outbox,
-    mark: Option<(&'static str, u64)>,
+    marks: &[(&'static str, u64)],
 ) -> anyhow::Result<crate::outbox::Staged> {
     let staged = outbox.stage(&tx).await?;
-    if let Some((consumer, sequence)) = mark {
+    if !marks.is_empty() {
+        let consumers: Vec<&str> = marks.iter().map(|(c, _)| *c).collect();
+        let sequences: Vec<i64> = marks.iter().map(|(_, s)| *s as i64).collect();
         let stmt = tx
-            .prepare_cached("UPDATE partition_marks SET stream_sequence = $2 WHERE consumer = $1")
+            .prepare_cached(
+                "UPDATE partition_marks p SET stream_sequence = m.sequence
+                 FROM unnest($1::text[], $2::bigint[]) AS m(consumer, sequence)
+                 WHERE p.consumer = m.consumer",
+            )
             .await?;
-        tx.execute(&stmt, &[&consumer, &(sequence as i64)]).await?;
+        tx.execute(&stmt, &[&consumers, &sequences]).await?;
     }
     tx.commit().await?;
     Ok(staged)

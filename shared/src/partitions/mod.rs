@@ -16,6 +16,7 @@
 //!   commit moves the mark, the other finds it moved and stops.
 
 mod assign;
+mod combine;
 mod lease;
 mod reader;
 
@@ -38,6 +39,7 @@ use crate::config::CommonConfig;
 use crate::error::HandleError;
 use crate::subjects::{self, StreamSpec};
 use crate::worker::Services;
+use combine::Combiner;
 use reader::{End, Reader};
 
 /// A held partition, as its reader and the batch's transaction see it.
@@ -120,6 +122,13 @@ where
         ?lease,
         "dealing partitions over the live instances"
     );
+    // Group commit: the batches of partitions that are ready at once share a transaction.
+    let combiner = Combiner::new(
+        &handler,
+        config.partition_transactions,
+        config.partition_batch.max(1) * 4,
+    );
+    let combined = |batch| combiner.handle(batch);
     let supervisor = Supervisor {
         services,
         config,
@@ -127,7 +136,7 @@ where
         sets: &dealt_together,
         filters: &filters,
         streams: &streams,
-        handler: &handler,
+        handler: &combined,
     };
     let strays = shutdown.child_token();
     let sweeping = futures::future::join_all(sets.iter().map(|set| {
