@@ -61,7 +61,8 @@ pub fn partitions_held(worker: &'static str, n: usize) {
 
 /// A partition's batch committed (ingest, bot-router): `path` is `lanes` (its messages side by
 /// side, no savepoints) or `one_by_one` (with a savepoint each, after the lanes failed; README:
-/// Scaling out).
+/// Scaling out); `split`: a combined batch of several partitions that could not commit whole,
+/// run again per partition (each of those counted again as `lanes` or `one_by_one`).
 pub fn batch_handled(consumer: &'static str, path: &'static str) {
     counter!("fl_batches_total", "consumer" => consumer, "path" => path).increment(1);
 }

@@ -177,10 +177,10 @@ async fn handle(
         tracing::debug!(state = %conversation.state, "conversation left the bot; no reply");
         return Ok(None);
     }
-    if !store::claim_message(tx, work.message_id).await? {
+    let Some(mark_stale) = store::claim_message(tx, work.message_id, conversation.id).await? else {
         tracing::info!(message = %work.message_id, "already answered");
         return Ok(None);
-    }
+    };
     let mut turn = Turn {
         tx,
         caches: read.caches,
@@ -190,6 +190,7 @@ async fn handle(
         outbox: Outbox::new(),
         says: Vec::new(),
         source: "fallback",
+        mark_stale,
     };
     turn.run(&work).await?;
     let Turn {
@@ -223,6 +224,8 @@ struct Turn<'a, 't> {
     says: Vec<BotSays>,
     /// What answered (for the metrics).
     source: &'static str,
+    /// The conversation's bot activity mark is a second old or more ([`store::touch`]).
+    mark_stale: bool,
 }
 
 impl Turn<'_, '_> {
@@ -325,12 +328,12 @@ impl Turn<'_, '_> {
                 tracing::debug!(source = ?source, "bot reply");
                 self.source = source.kind();
                 self.says.push(says);
-                store::touch(self.tx, id).await?;
+                self.touch().await?;
             }
             BotAction::Handover => {
                 self.source = "handover";
                 if !self.handover(&ctx, None, false).await? {
-                    store::touch(self.tx, id).await?;
+                    self.touch().await?;
                 }
             }
             BotAction::StartFlow { says, flow, rule } => {
@@ -353,10 +356,19 @@ impl Turn<'_, '_> {
                         );
                         self.source = "fallback";
                         self.says.push(BotSays::text(ctx.fallback_reply));
-                        store::touch(self.tx, id).await?;
+                        self.touch().await?;
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Marks the conversation active with the bot, when its mark is stale (a fresh one is
+    /// left as it is: [`store::touch`]).
+    async fn touch(&mut self) -> anyhow::Result<()> {
+        if std::mem::take(&mut self.mark_stale) {
+            store::touch(self.tx, self.conversation.id).await?;
         }
         Ok(())
     }

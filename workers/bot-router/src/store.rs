@@ -310,15 +310,26 @@ pub async fn touch(tx: &Transaction<'_>, conversation: Uuid) -> anyhow::Result<(
     Ok(())
 }
 
-/// Marks the customer message handled; `false` if it already was (a redelivery).
-pub async fn claim_message(tx: &Transaction<'_>, message: Uuid) -> anyhow::Result<bool> {
+/// Marks the customer message handled: `None` if it already was (a redelivery), else whether
+/// the conversation's activity mark is a second old or more, so that [`touch`] runs only when
+/// it would change something (one statement answers both; the conversation is locked).
+pub async fn claim_message(
+    tx: &Transaction<'_>,
+    message: Uuid,
+    conversation: Uuid,
+) -> anyhow::Result<Option<bool>> {
     let stmt = tx
         .prepare_cached(
             "UPDATE messages SET bot_handled_at = statement_timestamp()
-             WHERE id = $1 AND bot_handled_at IS NULL",
+             WHERE id = $1 AND bot_handled_at IS NULL
+             RETURNING coalesce((SELECT bot_active_at < statement_timestamp() - interval '1 second'
+                                 FROM conversations WHERE id = $2), true)",
         )
         .await?;
-    Ok(tx.execute(&stmt, &[&message]).await? == 1)
+    Ok(tx
+        .query_opt(&stmt, &[&message, &conversation])
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// Sets the skills a hand-over asks for (SPEC D4): the conversation no longer follows its

@@ -50,6 +50,8 @@ pub async fn channel(
 pub struct StoredCustomer {
     pub id: Uuid,
     pub name: Option<String>,
+    /// Created by this message: it has no conversation yet, open or closed.
+    pub new: bool,
 }
 
 /// Finds or creates the customer and locks their row until the transaction ends: two first
@@ -82,9 +84,14 @@ pub async fn upsert_customer(
             return Ok(StoredCustomer {
                 id,
                 name: customer.name.clone(),
+                new: false,
             });
         }
-        return Ok(StoredCustomer { id, name });
+        return Ok(StoredCustomer {
+            id,
+            name,
+            new: false,
+        });
     }
     let stmt = tx
         .prepare_cached(
@@ -92,7 +99,7 @@ pub async fn upsert_customer(
              VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (tenant_id, channel_id, external_id)
              DO UPDATE SET display_name = coalesce(EXCLUDED.display_name, customers.display_name)
-             RETURNING id, display_name",
+             RETURNING id, display_name, xmax = 0",
         )
         .await?;
     let row = tx
@@ -110,6 +117,8 @@ pub async fn upsert_customer(
     Ok(StoredCustomer {
         id: row.get(0),
         name: row.get(1),
+        // Inserted (not the conflict's update of a row another transaction just made).
+        new: row.get(2),
     })
 }
 
@@ -127,15 +136,18 @@ pub async fn open_conversation(
 ) -> anyhow::Result<(Conversation, bool)> {
     let (stored, named) = customer;
     // One round trip for the common case: the open conversation, locked, with what events
-    // need of it (`FOR NO KEY UPDATE`: see `db::conversation_for_update`).
-    let find = tx
-        .prepare_cached(&format!(
-            "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
-             WHERE c.customer_id = $1 AND c.state <> 'completed' FOR NO KEY UPDATE OF c"
-        ))
-        .await?;
-    if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
-        return Ok((db::conversation_from_row(&row)?, false));
+    // need of it (`FOR NO KEY UPDATE`: see `db::conversation_for_update`). A customer created
+    // by this message has none: no statement whose answer is known.
+    if !stored.new {
+        let find = tx
+            .prepare_cached(&format!(
+                "SELECT {CONVERSATION_COLUMNS} FROM conversations c JOIN customers cu ON cu.id = c.customer_id
+                 WHERE c.customer_id = $1 AND c.state <> 'completed' FOR NO KEY UPDATE OF c"
+            ))
+            .await?;
+        if let Some(row) = tx.query_opt(&find, &[&stored.id]).await? {
+            return Ok((db::conversation_from_row(&row)?, false));
+        }
     }
     let state = if settings.bot_enabled && settings.welcome_flow {
         ConversationState::Script

@@ -17,7 +17,7 @@ use firstline_shared::batch;
 use firstline_shared::bus::Delivered;
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db as shared_db;
-use firstline_shared::domain::ConversationState;
+use firstline_shared::domain::{ChannelId, ConversationState, TenantId};
 use firstline_shared::outbox::Outbox;
 use firstline_shared::partitions::{self, PartitionSet};
 use firstline_shared::place_in_line;
@@ -26,6 +26,7 @@ use firstline_shared::wire::{
 };
 use firstline_shared::worker::Services;
 use firstline_shared::{subjects, telemetry, HandleError};
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -106,17 +107,24 @@ impl Route {
 /// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
 /// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
+    let channels = Channels::default();
     let (results, _) = batch::in_one_transaction(
         services,
         "ingest",
         &batch,
-        &(),
+        &channels,
         customer_key,
-        |_, tx, outbox, m| Box::pin(async move { Ok(handle(tx, outbox, m).await?.then_some(())) }),
+        |channels, tx, outbox, m| {
+            Box::pin(async move { Ok(handle(tx, channels, outbox, m).await?.then_some(())) })
+        },
     )
     .await;
     results
 }
+
+/// The settings of a batch's channels, read once per batch (most batches are of one channel,
+/// or of a few: issue 22).
+type Channels = batch::Memo<(TenantId, ChannelId), Option<Arc<db::ChannelSettings>>>;
 
 /// The customer a message is from (its subject names the tenant and channel): one customer's
 /// messages are handled in order, different customers' side by side.
@@ -139,6 +147,7 @@ fn customer_key(m: &Delivered) -> Option<String> {
 /// nothing to keep (a duplicate), roll the savepoint back.
 async fn handle(
     tx: &deadpool_postgres::Transaction<'_>,
+    channels: &Channels,
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<bool, HandleError> {
@@ -152,13 +161,19 @@ async fn handle(
     }
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
-    let Some(channel_settings) = db::channel(tx, &tenant, &channel).await? else {
+    let settings = channels
+        .get((tenant.clone(), channel.clone()), || async {
+            Ok::<_, tokio_postgres::Error>(db::channel(tx, &tenant, &channel).await?.map(Arc::new))
+        })
+        .await?;
+    let Some(channel_settings) = settings else {
         return Err(HandleError::poison(format!(
             "unknown channel {channel:?} of tenant {tenant:?}: configure it, then replay this dead letter"
         )));
     };
     let customer = db::upsert_customer(tx, &tenant, &channel, &inbound.customer).await?;
-    if let Some(survey) = &channel_settings.survey {
+    // A survey answer is for an earlier conversation: a new customer has none.
+    if let Some(survey) = channel_settings.survey.as_ref().filter(|_| !customer.new) {
         if let Some(rating) = survey.rating(&inbound.text, inbound.postback.as_deref()) {
             if let Some(answered) =
                 db::awaiting_rating(tx, &tenant, customer.id, survey.window_minutes).await?
