@@ -12,6 +12,7 @@ use firstline_shared::worker::Services;
 use firstline_shared::HandleError;
 
 use crate::helpers::{count, wait_for_count, TestApp};
+use crate::load::{start_ingest, texts_in_order};
 
 const SETUP: &str = r#"{"tenants":[{"id":"t1","channels":[{"id":"mail","bot_enabled":false}]}]}"#;
 
@@ -178,13 +179,7 @@ async fn ingest_commits_the_batches_of_many_partitions_together() {
                 .await;
         }
     }
-    let worker = firstline_ingest::run(
-        firstline_ingest::Config {
-            common: app.config.clone(),
-        },
-        app.shutdown.clone(),
-    );
-    app.spawn_worker(worker);
+    start_ingest(&mut app);
     wait_for_count(
         &app.pg,
         "all stored",
@@ -211,19 +206,7 @@ async fn ingest_commits_the_batches_of_many_partitions_together() {
         "{partitions} partitions' backlog in {transactions} transactions: not combined"
     );
     for c in 0..16 {
-        let texts: Vec<String> = app
-            .pg
-            .query(
-                "SELECT m.body FROM messages m JOIN conversations v ON v.id = m.conversation_id
-                 JOIN customers cu ON cu.id = v.customer_id
-                 WHERE cu.external_id = $1 AND m.author = 'customer' ORDER BY m.created_at, m.id",
-                &[&format!("U{c}")],
-            )
-            .await
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let texts = texts_in_order(&app, &format!("U{c}")).await;
         let expected: Vec<String> = (0..10).map(|i| i.to_string()).collect();
         assert_eq!(texts, expected, "customer U{c} in order");
     }

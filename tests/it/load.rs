@@ -141,7 +141,7 @@ async fn backlog_app() -> TestApp {
     app
 }
 
-fn start_ingest(app: &mut TestApp) {
+pub(crate) fn start_ingest(app: &mut TestApp) {
     let worker = firstline_ingest::run(
         firstline_ingest::Config {
             common: app.config.clone(),
@@ -151,7 +151,7 @@ fn start_ingest(app: &mut TestApp) {
     app.spawn_worker(worker);
 }
 
-async fn texts_in_order(app: &TestApp, customer: &str) -> Vec<String> {
+pub(crate) async fn texts_in_order(app: &TestApp, customer: &str) -> Vec<String> {
     app.pg
         .query(
             "SELECT m.body FROM messages m JOIN customers c ON c.id = (
