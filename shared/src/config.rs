@@ -39,6 +39,14 @@ pub struct CommonConfig {
     /// Largest number of Postgres connections this process opens.
     #[arg(long, env = "FL_DB_POOL_SIZE", default_value_t = 8)]
     pub db_pool_size: usize,
+    /// How Postgres plans the workers' prepared statements (`plan_cache_mode` of every pooled
+    /// connection). `force_generic_plan`, the default, plans each once per connection: with
+    /// `auto` (Postgres's own default) most of the hot statements, those taking arrays
+    /// (`= ANY($1)`, `unnest($1)`), were planned again on every execution, a fifth of the
+    /// time Postgres spent in statements (docs/benchmarks.md, issue 22).
+    #[arg(long, env = "FL_DB_PLAN_CACHE_MODE", default_value = "force_generic_plan",
+          value_parser = ["force_generic_plan", "auto", "force_custom_plan"])]
+    pub db_plan_cache_mode: String,
     /// How long a consumer waits for an ack before redelivering (seconds).
     #[arg(long, env = "FL_ACK_WAIT_SECS", default_value_t = 30)]
     pub ack_wait_secs: u64,
@@ -86,11 +94,12 @@ impl CommonConfig {
     /// The settings with the database password replaced, for logs.
     pub fn redacted(&self) -> String {
         format!(
-            "nats_url={} nats_user={} database_url={} db_pool_size={} ack_wait_secs={} max_deliver={} partition_batch={} partition_transactions={} worker_threads={} stream_replicas={}",
+            "nats_url={} nats_user={} database_url={} db_pool_size={} db_plan_cache_mode={} ack_wait_secs={} max_deliver={} partition_batch={} partition_transactions={} worker_threads={} stream_replicas={}",
             redact_url(&self.nats_url),
             self.nats_user.as_deref().unwrap_or("-"),
             redact_url(&self.database_url),
             self.db_pool_size,
+            self.db_plan_cache_mode,
             self.ack_wait_secs,
             self.max_deliver,
             self.partition_batch,
@@ -113,6 +122,7 @@ impl CommonConfig {
             nats_tls_required: false,
             metrics_addr: None,
             db_pool_size: 8,
+            db_plan_cache_mode: "force_generic_plan".into(),
             ack_wait_secs: 30,
             max_deliver: 20,
             partition_batch: 64,

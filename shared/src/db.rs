@@ -25,10 +25,17 @@ mod embedded {
 
 /// A connection pool. Connections are opened lazily and re-opened after a Postgres restart.
 pub fn pool(config: &CommonConfig) -> anyhow::Result<Pool> {
-    let pg: tokio_postgres::Config = config
+    let mut pg: tokio_postgres::Config = config
         .database_url
         .parse()
         .context("parsing the database URL")?;
+    // Appended to what the URL's own `options` say, so that those still apply.
+    let options = format!(
+        "{} -c plan_cache_mode={}",
+        pg.get_options().unwrap_or_default(),
+        config.db_plan_cache_mode
+    );
+    pg.options(options.trim_start());
     let manager = deadpool_postgres::Manager::from_config(
         pg,
         NoTls,

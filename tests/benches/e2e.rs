@@ -84,6 +84,23 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14).unwrap_or(0) + get(15).unwrap_or(0)
 }
 
+/// Per name, the share of a core (%) each spent between two readings `seconds` apart.
+fn percent(
+    t0: &BTreeMap<&'static str, u64>,
+    t1: &BTreeMap<&'static str, u64>,
+    seconds: f64,
+) -> BTreeMap<&'static str, f64> {
+    t1.iter()
+        .map(|(n, t)| {
+            let before = t0.get(n).copied().unwrap_or(0);
+            (
+                *n,
+                t.saturating_sub(before) as f64 / 100.0 / seconds * 100.0,
+            )
+        })
+        .collect()
+}
+
 /// Resident memory in KiB.
 fn rss_kb(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -592,6 +609,22 @@ async fn run() {
         .await;
     }
 
+    // Idle: what every process spends with the workers running and no message offered (their
+    // polls, leases and sweeps, Postgres's background writers); a step's per-message figures
+    // carry this share too, largest at the lowest rate.
+    let idle_seconds = if quick { 1.0 } else { 5.0 };
+    let i0 = procs.ticks();
+    let idle_started = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(idle_seconds)).await;
+    let idle = percent(&i0, &procs.ticks(), idle_started.elapsed().as_secs_f64());
+    println!(
+        "idle ({idle_seconds:.0} s, no load): {}",
+        idle.iter()
+            .map(|(n, c)| format!("{} {c:.1} %", short(n)))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+
     let mut rows = Vec::new();
     for &rate in &rates {
         println!(
@@ -610,15 +643,7 @@ async fn run() {
         let elapsed = started.elapsed().as_secs_f64();
         let t1 = procs.ticks();
         let rss = procs.rss();
-        let cpu: BTreeMap<&str, f64> = t1
-            .iter()
-            .map(|(n, t)| {
-                (
-                    *n,
-                    (t - t0.get(n).copied().unwrap_or(0)) as f64 / 100.0 / elapsed * 100.0,
-                )
-            })
-            .collect();
+        let cpu = percent(&t0, &t1, elapsed);
         let mut hop = hops(&pg, report.started_at).await;
         load::print_report(&report);
         println!(
@@ -700,6 +725,13 @@ async fn run() {
         .max_by(|a, b| a.0.answered_per_s.total_cmp(&b.0.answered_per_s))
         .map(|r| r.1.get("postgres").copied().unwrap_or(f64::NAN) * 10.0 / r.0.answered_per_s)
         .map(|v| (v * 1000.0).round() / 1000.0);
+    // The same over what Postgres spends idle: the cost the messages themselves add.
+    let idle_pg = idle.get("postgres").copied().unwrap_or(0.0);
+    let pg_cpu_over_idle = best
+        .map(|r| {
+            (r.1.get("postgres").copied().unwrap_or(f64::NAN) - idle_pg) * 10.0 / r.0.answered_per_s
+        })
+        .map(|v| (v * 1000.0).round() / 1000.0);
     println!(
         "Postgres CPU at the step that answered most: {} ms per message",
         pg_cpu_at_most
@@ -707,10 +739,11 @@ async fn run() {
             .unwrap_or_else(|| "-".into())
     );
     println!(
-        "sustained {pipeline:.0} msgs/s (kept up), most answered {saturated:.0} msgs/s; ratio to the raw ceiling {:.3}, to the relay floor {:.3}; Postgres CPU {} ms per message; p99 at that rate {p99:.2} ms; p99 at 5,000/s offered: {}",
+        "sustained {pipeline:.0} msgs/s (kept up), most answered {saturated:.0} msgs/s; ratio to the raw ceiling {:.3}, to the relay floor {:.3}; Postgres CPU {} ms per message ({} over idle); p99 at that rate {p99:.2} ms; p99 at 5,000/s offered: {}",
         pipeline / raw,
         pipeline / relay,
         pg_cpu_ms_per_msg.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
+        pg_cpu_over_idle.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into()),
         at_5000.map(|v| format!("{v:.2} ms")).unwrap_or_else(|| "not run".into())
     );
     let instance_shares = shares(&metrics).await;
@@ -733,6 +766,8 @@ async fn run() {
             "ratio_to_relay_floor": (pipeline / relay * 1000.0).round() / 1000.0,
             "pg_cpu_ms_per_msg": pg_cpu_ms_per_msg,
             "pg_cpu_ms_per_msg_at_most_answered": pg_cpu_at_most,
+            "pg_cpu_ms_per_msg_over_idle": pg_cpu_over_idle,
+            "idle_cpu_percent": idle,
             "mix": mix(),
             "instances_per_worker": instances,
             "stream_replicas": replicas,

@@ -34,6 +34,7 @@ mod responsible;
 mod scale_out;
 mod schemas;
 mod service_level;
+mod statements;
 mod statuses;
 mod tracing;
 mod transfer;
