@@ -272,6 +272,27 @@ pub fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conver
 /// the `FOR KEY SHARE` of the foreign-key checks of rows inserted for the conversation
 /// (messages, transitions) by another worker's transaction, which `FOR UPDATE` made wait for
 /// the whole batch (issue 22: a lock convoy between ingest and the bot-router).
+/// Locks `ids`' conversations (those that exist) in the order of their ids, in one statement:
+/// a batch's first lock, taken before its messages lock them one by one (each lane in its own
+/// order), so that two workers' batches over the same conversations (ingest's and the
+/// bot-router's, group commit) wait for each other instead of deadlocking (issue 22: a
+/// deadlock cost a second, `deadlock_timeout`, and the batch).
+pub async fn lock_conversations_in_order(
+    tx: &Transaction<'_>,
+    ids: &[Uuid],
+) -> Result<(), tokio_postgres::Error> {
+    if ids.len() < 2 {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT id FROM conversations WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+        )
+        .await?;
+    tx.execute(&stmt, &[&ids]).await?;
+    Ok(())
+}
+
 pub async fn conversation_for_update(
     tx: &Transaction<'_>,
     tenant: &TenantId,

@@ -23,6 +23,7 @@ mod group_commit;
 mod house;
 mod live;
 mod load;
+mod lock_order;
 mod metrics;
 mod multi_instance;
 mod observe;

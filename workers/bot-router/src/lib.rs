@@ -106,6 +106,11 @@ async fn handle_batch(
         caches,
         tenants: batch::Memo::default(),
         channels: batch::Memo::default(),
+        locked: batch::Memo::default(),
+        conversations: batch
+            .iter()
+            .filter_map(|m| conversation_key(m)?.parse().ok())
+            .collect(),
     };
     let (results, answered) = batch::in_one_transaction(
         services,
@@ -128,6 +133,10 @@ struct Read<'a> {
     caches: &'a Caches,
     tenants: batch::Memo<TenantId, Option<Arc<TenantSettings>>>,
     channels: Channels,
+    /// The lock of the batch's conversations, taken once, in their order, before any message
+    /// locks its own ([`db::lock_conversations_in_order`]).
+    locked: batch::Memo<(), ()>,
+    conversations: Vec<uuid::Uuid>,
 }
 
 /// The settings of a batch's channels, read once per batch.
@@ -156,6 +165,11 @@ async fn handle(
         TenantId::parse(m.tenant_token()).map_err(|e| HandleError::poison(e.to_string()))?;
     let work: BotWork = wire::decode(&m.payload)?;
     telemetry::record_ids(Some(&tenant), None, Some(&work.conversation_id), None);
+    read.locked
+        .get((), || {
+            db::lock_conversations_in_order(tx, &read.conversations)
+        })
+        .await?;
     let settings = read
         .tenants
         .get(tenant.clone(), || async {

@@ -54,6 +54,31 @@ pub struct StoredCustomer {
     pub new: bool,
 }
 
+/// Locks the open conversations of `customers` ((tenant, channel, external id): a batch's
+/// senders) in the order of their ids, before the batch's messages lock them one by one
+/// ([`db::lock_conversations_in_order`] says why). A customer without one is skipped.
+pub async fn lock_open_conversations(
+    tx: &Transaction<'_>,
+    customers: &[(String, String, String)],
+) -> Result<(), tokio_postgres::Error> {
+    if customers.len() < 2 {
+        return Ok(());
+    }
+    let tenants: Vec<&str> = customers.iter().map(|c| c.0.as_str()).collect();
+    let channels: Vec<&str> = customers.iter().map(|c| c.1.as_str()).collect();
+    let ids: Vec<&str> = customers.iter().map(|c| c.2.as_str()).collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT c.id FROM unnest($1::text[], $2::text[], $3::text[]) AS s(tenant_id, channel_id, external_id)
+             JOIN customers cu ON (cu.tenant_id, cu.channel_id, cu.external_id) = (s.tenant_id, s.channel_id, s.external_id)
+             JOIN conversations c ON c.customer_id = cu.id AND c.state <> 'completed'
+             ORDER BY c.id FOR NO KEY UPDATE OF c",
+        )
+        .await?;
+    tx.execute(&stmt, &[&tenants, &channels, &ids]).await?;
+    Ok(())
+}
+
 /// Finds or creates the customer and locks their row until the transaction ends: two first
 /// messages of one customer, handled at once, are serialized here (SPEC L1).
 pub async fn upsert_customer(

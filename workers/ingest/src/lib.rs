@@ -107,24 +107,61 @@ impl Route {
 /// duplicate's work is rolled back, a poison message alone is dead-lettered, a transient
 /// failure stops the batch there.
 async fn handle_batch(services: &Services, batch: Vec<Delivered>) -> Vec<Result<(), HandleError>> {
-    let channels = Channels::default();
+    let read = Read {
+        channels: Channels::default(),
+        locked: batch::Memo::default(),
+        senders: batch.iter().filter_map(sender).collect(),
+    };
     let (results, _) = batch::in_one_transaction(
         services,
         "ingest",
         &batch,
-        &channels,
+        &read,
         customer_key,
-        |channels, tx, outbox, m| {
-            Box::pin(async move { Ok(handle(tx, channels, outbox, m).await?.then_some(())) })
+        |read, tx, outbox, m| {
+            Box::pin(async move { Ok(handle(tx, read, outbox, m).await?.then_some(())) })
         },
     )
     .await;
     results
 }
 
-/// The settings of a batch's channels, read once per batch (most batches are of one channel,
-/// or of a few: issue 22).
+/// What a batch's messages share: the settings of its channels, read once per batch (most
+/// batches are of one channel, or of a few: issue 22), and the lock of its senders' open
+/// conversations, taken once, in order, before any message locks its own.
+struct Read {
+    channels: Channels,
+    locked: batch::Memo<(), ()>,
+    senders: Vec<(String, String, String)>,
+}
+
+impl Read {
+    /// [`db::lock_open_conversations`] of the batch, once (by the first message that asks; the
+    /// others wait for it).
+    async fn lock_in_order(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+    ) -> Result<(), HandleError> {
+        self.locked
+            .get((), || db::lock_open_conversations(tx, &self.senders))
+            .await
+            .map_err(HandleError::from)
+    }
+}
+
 type Channels = batch::Memo<(TenantId, ChannelId), Option<Arc<db::ChannelSettings>>>;
+
+/// A message's sender: (tenant, channel, the customer's id on the channel).
+fn sender(m: &Delivered) -> Option<(String, String, String)> {
+    let (tenant, channel) = subjects::parse_inbound(&m.subject).ok()?;
+    let key = customer_key(m)?;
+    let (_, customer) = key.split_once('\n')?;
+    Some((
+        tenant.as_str().to_owned(),
+        channel.as_str().to_owned(),
+        customer.to_owned(),
+    ))
+}
 
 /// The customer a message is from (its subject names the tenant and channel): one customer's
 /// messages are handled in order, different customers' side by side.
@@ -147,7 +184,7 @@ fn customer_key(m: &Delivered) -> Option<String> {
 /// nothing to keep (a duplicate), roll the savepoint back.
 async fn handle(
     tx: &deadpool_postgres::Transaction<'_>,
-    channels: &Channels,
+    read: &Read,
     outbox: &mut Outbox,
     m: &Delivered,
 ) -> Result<bool, HandleError> {
@@ -161,7 +198,9 @@ async fn handle(
     }
     telemetry::record_ids(Some(&tenant), Some(&channel), None, None);
 
-    let settings = channels
+    read.lock_in_order(tx).await?;
+    let settings = read
+        .channels
         .get((tenant.clone(), channel.clone()), || async {
             Ok::<_, tokio_postgres::Error>(db::channel(tx, &tenant, &channel).await?.map(Arc::new))
         })
