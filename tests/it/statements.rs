@@ -1,5 +1,6 @@
-//! How the workers' connections talk to Postgres (shared/src/db.rs): their prepared statements
-//! are planned once per connection (`FL_DB_PLAN_CACHE_MODE`), not again on every execution.
+//! A worker and its Postgres (shared/src/db.rs): the migrations it runs at start refuse a
+//! database that a newer build migrated further; its prepared statements are planned once per
+//! connection (`FL_DB_PLAN_CACHE_MODE`), not again on every execution.
 
 use firstline_shared::config::CommonConfig;
 use firstline_shared::db;
@@ -44,4 +45,41 @@ async fn pooled_statements_are_planned_once_per_connection() {
     // setting saves.
     let (_, custom) = plans("auto").await;
     assert!(custom >= 5, "auto made {custom} custom plans");
+}
+
+/// docs/operations.md, "Upgrading": an instance of an older build does not start on a database
+/// that a newer build has migrated past its own migrations (it cannot know what they changed).
+#[tokio::test]
+async fn a_build_does_not_start_on_a_database_migrated_past_its_migrations() {
+    let test_db = TestDb::create().await;
+    db::migrate(&test_db.url).await.expect("migrate");
+    // What a newer build's migration leaves behind.
+    test_db
+        .connect()
+        .await
+        .execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+             VALUES (9999, 'from_a_newer_build', $1, '1')",
+            &[&chrono::Utc::now().to_rfc3339()],
+        )
+        .await
+        .expect("a newer migration's row");
+    let refused = db::migrate(&test_db.url)
+        .await
+        .expect_err("an older build must not start on it");
+    assert!(
+        format!("{refused:#}").contains("missing"),
+        "the error names the migration it does not have: {refused:#}"
+    );
+    // Its own migrations applied again change nothing and start fine once that row is gone.
+    test_db
+        .connect()
+        .await
+        .execute(
+            "DELETE FROM refinery_schema_history WHERE version = 9999",
+            &[],
+        )
+        .await
+        .expect("delete");
+    db::migrate(&test_db.url).await.expect("migrate again");
 }
