@@ -84,6 +84,19 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14).unwrap_or(0) + get(15).unwrap_or(0)
 }
 
+/// Deadlocks Postgres has detected in the benchmark's database so far.
+async fn deadlocks(pg: &tokio_postgres::Client) -> i64 {
+    // The statistics of this transaction's snapshot are cleared first, to see the latest.
+    let _ = pg.batch_execute("SELECT pg_stat_clear_snapshot()").await;
+    pg.query_one(
+        "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+        &[],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(0)
+}
+
 /// Per name, the share of a core (%) each spent between two readings `seconds` apart.
 fn percent(
     t0: &BTreeMap<&'static str, u64>,
@@ -635,6 +648,7 @@ async fn run() {
         if let Some(s) = &statements {
             s.reset(&pg).await;
         }
+        let deadlocks_before = deadlocks(&pg).await;
         let t0 = procs.ticks();
         let started = Instant::now();
         let report = load::run(client.clone(), &opts, Default::default())
@@ -646,6 +660,10 @@ async fn run() {
         let cpu = percent(&t0, &t1, elapsed);
         let mut hop = hops(&pg, report.started_at).await;
         load::print_report(&report);
+        // Deadlocks between the workers' transactions: each costs a batch and a second.
+        let step_deadlocks = deadlocks(&pg).await - deadlocks_before;
+        println!("deadlocks: {step_deadlocks}");
+        hop["deadlocks"] = json!(step_deadlocks);
         println!(
             "conversations opened: {} ({:.2} per inbound message)",
             hop["conversations_opened"],
