@@ -266,12 +266,6 @@ pub fn conversation_from_row(row: &tokio_postgres::Row) -> anyhow::Result<Conver
     })
 }
 
-/// Loads a conversation of `tenant` and locks its row until the transaction ends, so that
-/// two handlers never change one conversation at once. `FOR NO KEY UPDATE` (no handler changes
-/// a conversation's id): it excludes every other handler's lock as `FOR UPDATE` does, but not
-/// the `FOR KEY SHARE` of the foreign-key checks of rows inserted for the conversation
-/// (messages, transitions) by another worker's transaction, which `FOR UPDATE` made wait for
-/// the whole batch (issue 22: a lock convoy between ingest and the bot-router).
 /// Locks `ids`' conversations (those that exist) in the order of their ids, in one statement:
 /// a batch's first lock, taken before its messages lock them one by one (each lane in its own
 /// order), so that two workers' batches over the same conversations (ingest's and the
@@ -293,6 +287,12 @@ pub async fn lock_conversations_in_order(
     Ok(())
 }
 
+/// Loads a conversation of `tenant` and locks its row until the transaction ends, so that
+/// two handlers never change one conversation at once. `FOR NO KEY UPDATE` (no handler changes
+/// a conversation's id): it excludes every other handler's lock as `FOR UPDATE` does, but not
+/// the `FOR KEY SHARE` of the foreign-key checks of rows inserted for the conversation
+/// (messages, transitions) by another worker's transaction, which `FOR UPDATE` made wait for
+/// the whole batch (issue 22: a lock convoy between ingest and the bot-router).
 pub async fn conversation_for_update(
     tx: &Transaction<'_>,
     tenant: &TenantId,
