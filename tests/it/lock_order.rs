@@ -38,6 +38,23 @@ async fn someone_waits_for_a_lock(app: &TestApp, who: &str) {
     .await;
 }
 
+/// Once `worker` waits for the conversation `holder` holds (the lower id), checks that it has
+/// not taken `high` (the higher id) meanwhile, then lets the holder go.
+async fn assert_waits_before_taking(
+    app: &TestApp,
+    worker: &str,
+    holder: tokio_postgres::Client,
+    high: Uuid,
+) {
+    someone_waits_for_a_lock(app, &format!("{worker} waiting for the held conversation")).await;
+    let free = is_free(app, high).await;
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert!(
+        free.is_ok(),
+        "{worker} locked the higher id while waiting for the lower: {free:?}"
+    );
+}
+
 /// Whether `conversation` can be locked at once (no one else holds it).
 async fn is_free(app: &TestApp, conversation: Uuid) -> Result<u64, tokio_postgres::Error> {
     let probe = app.db.connect().await;
@@ -128,14 +145,8 @@ async fn ingest_locks_a_batchs_conversations_in_the_order_of_their_ids() {
     app.customer_says("t1", "mail", low_customer, "second")
         .await;
     start_ingest(&mut app);
-    someone_waits_for_a_lock(&app, "ingest waiting for the held conversation").await;
     // It waits for the lower id before it takes the higher: the higher is free.
-    let free = is_free(&app, high).await;
-    holder.batch_execute("ROLLBACK").await.unwrap();
-    assert!(
-        free.is_ok(),
-        "ingest locked the higher id while waiting for the lower: {free:?}"
-    );
+    assert_waits_before_taking(&app, "ingest", holder, high).await;
     wait_for_count(
         &app.pg,
         "both second messages stored",
@@ -198,13 +209,7 @@ async fn the_bot_router_locks_a_batchs_conversations_in_the_order_of_their_ids()
     let holder = hold(&app, low).await;
     let second = CancellationToken::new();
     let running = bot_router(second.clone());
-    someone_waits_for_a_lock(&app, "the bot-router waiting for the held conversation").await;
-    let free = is_free(&app, high).await;
-    holder.batch_execute("ROLLBACK").await.unwrap();
-    assert!(
-        free.is_ok(),
-        "the bot-router locked the higher id while waiting for the lower: {free:?}"
-    );
+    assert_waits_before_taking(&app, "the bot-router", holder, high).await;
     wait_for_count(
         &app.pg,
         "four bot replies",
