@@ -36,6 +36,13 @@ pub fn pool(config: &CommonConfig) -> anyhow::Result<Pool> {
         config.db_plan_cache_mode
     );
     pg.options(options.trim_start());
+    // `pg_stat_activity` (and a profile of Postgres's CPU by backend) tells the workers apart
+    // by the program's name, unless the URL names the connections itself.
+    if pg.get_application_name().is_none() {
+        if let Some(name) = program_name() {
+            pg.application_name(&name);
+        }
+    }
     let manager = deadpool_postgres::Manager::from_config(
         pg,
         NoTls,
@@ -50,6 +57,12 @@ pub fn pool(config: &CommonConfig) -> anyhow::Result<Pool> {
         .create_timeout(Some(std::time::Duration::from_secs(5)))
         .build()
         .context("building the Postgres pool")
+}
+
+/// The running program's file name (`firstline-ingest`...), for `application_name`.
+fn program_name() -> Option<String> {
+    let exe = std::env::current_exe().ok()?;
+    Some(exe.file_stem()?.to_str()?.to_owned())
 }
 
 /// Applies the migrations in `shared/migrations/`, once even when several processes start
@@ -343,6 +356,24 @@ pub async fn transition(
     conversation: &mut Conversation,
     t: Transition<'_>,
 ) -> anyhow::Result<()> {
+    transition_ending(tx, outbox, conversation, t, None).await
+}
+
+/// [`transition`], and records in the same row version that `ended`'s agent's assignment
+/// ended with their action at that stream sequence (a close or transfer: the dispatcher judges
+/// that agent's late replies by it, workers/dispatcher/src/reply.rs).
+///
+/// One statement: the row's update and the history row's insert (a data-modifying `WITH`), and
+/// one new version of the row for both the state and the end (issue 22: the end was a second
+/// update of the row, and every version of a conversation costs an entry in each of its
+/// indexes, the state being in their predicates).
+pub async fn transition_ending(
+    tx: &Transaction<'_>,
+    outbox: &mut Outbox,
+    conversation: &mut Conversation,
+    t: Transition<'_>,
+    ended: Option<(&AgentId, u64)>,
+) -> anyhow::Result<()> {
     let from = conversation.state;
     anyhow::ensure!(
         from.can_become(t.to),
@@ -356,29 +387,49 @@ pub async fn transition(
         .map(|a| a.as_str());
     let stmt = tx
         .prepare_cached(
-            "UPDATE conversations SET
-                 state = $2,
-                 agent_id = CASE WHEN $2 IN ('waiting', 'assigning') THEN NULL ELSE $3 END,
-                 updated_at = statement_timestamp(),
-                 bot_at = CASE WHEN $2 IN ('bot', 'script') THEN coalesce(bot_at, statement_timestamp()) ELSE bot_at END,
-                 queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, statement_timestamp()) ELSE queued_at END,
-                 assigning_at = CASE WHEN $2 = 'assigning' THEN statement_timestamp() ELSE assigning_at END,
-                 processing_at = CASE WHEN $2 = 'processing' THEN statement_timestamp() ELSE processing_at END,
-                 accepted_at = CASE WHEN $2 = 'processing' THEN coalesce(accepted_at, statement_timestamp()) ELSE accepted_at END,
-                 completed_at = CASE WHEN $2 = 'completed' THEN statement_timestamp() ELSE completed_at END,
-                 closed_by = CASE WHEN $2 = 'completed' THEN $4 ELSE closed_by END
-             WHERE id = $1
-             RETURNING queued_at",
+            "WITH u AS (
+                 UPDATE conversations SET
+                     state = $2,
+                     agent_id = CASE WHEN $2 IN ('waiting', 'assigning') THEN NULL ELSE $3 END,
+                     updated_at = statement_timestamp(),
+                     bot_at = CASE WHEN $2 IN ('bot', 'script') THEN coalesce(bot_at, statement_timestamp()) ELSE bot_at END,
+                     queued_at = CASE WHEN $2 = 'waiting' THEN coalesce(queued_at, statement_timestamp()) ELSE queued_at END,
+                     assigning_at = CASE WHEN $2 = 'assigning' THEN statement_timestamp() ELSE assigning_at END,
+                     processing_at = CASE WHEN $2 = 'processing' THEN statement_timestamp() ELSE processing_at END,
+                     accepted_at = CASE WHEN $2 = 'processing' THEN coalesce(accepted_at, statement_timestamp()) ELSE accepted_at END,
+                     completed_at = CASE WHEN $2 = 'completed' THEN statement_timestamp() ELSE completed_at END,
+                     closed_by = CASE WHEN $2 = 'completed' THEN $4 ELSE closed_by END,
+                     ended_agent = CASE WHEN $6::bigint IS NULL THEN ended_agent ELSE $5 END,
+                     ended_action_seq = coalesce($6::bigint, ended_action_seq)
+                 WHERE id = $1
+                 RETURNING id, queued_at),
+             h AS (
+                 INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
+                 SELECT id, $7, $2, $3, $4 FROM u
+                 RETURNING id, at)
+             SELECT u.queued_at, h.id, h.at FROM u CROSS JOIN h",
         )
         .await?;
+    let (ended_agent, ended_seq) = match ended {
+        Some((agent, seq)) => (Some(agent.as_str()), Some(end_seq_column(seq))),
+        None => (None, None),
+    };
     let row = tx
         .query_one(
             &stmt,
-            &[&conversation.id, &t.to.as_str(), &agent, &t.reason],
+            &[
+                &conversation.id,
+                &t.to.as_str(),
+                &agent,
+                &t.reason,
+                &ended_agent,
+                &ended_seq,
+                &from.as_str(),
+            ],
         )
         .await?;
     conversation.queued_at = row.get(0);
-    record_history(tx, outbox, conversation, Some(from), t).await?;
+    stage_event(outbox, conversation, Some(from), t, row.get(1), row.get(2));
     conversation.state = t.to;
     if !matches!(
         t.to,
@@ -389,36 +440,9 @@ pub async fn transition(
     Ok(())
 }
 
-/// Appends the history row and stages the event for a state the conversation just entered
-/// (`from` is `None` for a new conversation).
-pub async fn record_history(
-    tx: &Transaction<'_>,
-    outbox: &mut Outbox,
-    conversation: &Conversation,
-    from: Option<ConversationState>,
-    t: Transition<'_>,
-) -> anyhow::Result<()> {
-    let agent = t.agent.or(conversation.agent_id.as_ref());
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
-             VALUES ($1, $2, $3, $4, $5) RETURNING id, at",
-        )
-        .await?;
-    let row = tx
-        .query_one(
-            &stmt,
-            &[
-                &conversation.id,
-                &from.map(|f| f.as_str()),
-                &t.to.as_str(),
-                &agent.map(|a| a.as_str()),
-                &t.reason,
-            ],
-        )
-        .await?;
-    stage_event(outbox, conversation, from, t, row.get(0), row.get(1));
-    Ok(())
+/// A stream sequence as `ended_action_seq` stores it (bigint; beyond it, the largest).
+fn end_seq_column(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
 }
 
 /// Stages the `events.conversation` event of history row `transition_id` (and, on entering

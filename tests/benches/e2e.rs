@@ -84,6 +84,35 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14).unwrap_or(0) + get(15).unwrap_or(0)
 }
 
+/// The CPU ticks of the benchmark database's backends, per pid, with their worker's name.
+async fn backend_ticks(pg: &tokio_postgres::Client) -> BTreeMap<u32, (String, u64)> {
+    pgstat::backends(pg)
+        .await
+        .into_iter()
+        .map(|(name, pid)| (pid, (name, cpu_ticks(pid))))
+        .collect()
+}
+
+/// Postgres CPU spent by each worker's connections between `before` and `after` (a connection
+/// opened in between counts from zero), in ms per message `answered`.
+fn backend_cpu_ms_per_msg(
+    before: &BTreeMap<u32, (String, u64)>,
+    after: &BTreeMap<u32, (String, u64)>,
+    answered: u64,
+) -> BTreeMap<String, f64> {
+    // USER_HZ: 100 on Linux (as `percent` assumes).
+    let tick_ms = 10.0;
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for (pid, (name, ticks)) in after {
+        let start = before.get(pid).map_or(0, |(_, t)| *t);
+        *out.entry(name.clone()).or_default() += ticks.saturating_sub(start) as f64 * tick_ms;
+    }
+    for ms in out.values_mut() {
+        *ms = (*ms / answered.max(1) as f64 * 1000.0).round() / 1000.0;
+    }
+    out
+}
+
 /// Deadlocks Postgres has detected in the benchmark's database so far.
 async fn deadlocks(pg: &tokio_postgres::Client) -> i64 {
     // The statistics of this transaction's snapshot are cleared first, to see the latest.
@@ -649,6 +678,7 @@ async fn run() {
             s.reset(&pg).await;
         }
         let deadlocks_before = deadlocks(&pg).await;
+        let b0 = backend_ticks(&pg).await;
         let t0 = procs.ticks();
         let started = Instant::now();
         let report = load::run(client.clone(), &opts, Default::default())
@@ -656,6 +686,7 @@ async fn run() {
             .expect("load run");
         let elapsed = started.elapsed().as_secs_f64();
         let t1 = procs.ticks();
+        let by_worker = backend_cpu_ms_per_msg(&b0, &backend_ticks(&pg).await, report.answered);
         let rss = procs.rss();
         let cpu = percent(&t0, &t1, elapsed);
         let mut hop = hops(&pg, report.started_at).await;
@@ -664,6 +695,15 @@ async fn run() {
         let step_deadlocks = deadlocks(&pg).await - deadlocks_before;
         println!("deadlocks: {step_deadlocks}");
         hop["deadlocks"] = json!(step_deadlocks);
+        println!(
+            "postgres CPU by connection (ms per message answered): {}",
+            by_worker
+                .iter()
+                .map(|(n, ms)| format!("{} {ms:.3}", short(n)))
+                .collect::<Vec<_>>()
+                .join("  ")
+        );
+        hop["pg_cpu_ms_per_msg_by_worker"] = json!(by_worker);
         println!(
             "conversations opened: {} ({:.2} per inbound message)",
             hop["conversations_opened"],

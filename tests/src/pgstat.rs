@@ -183,3 +183,30 @@ pub fn server_pids(postmaster: Option<u32>) -> Vec<u32> {
         })
         .collect()
 }
+
+/// The benchmark database's backends by `application_name` (the worker's program, which
+/// `firstline_shared::db::pool` sets): (name, pid).
+pub async fn backends(pg: &tokio_postgres::Client) -> Vec<(String, u32)> {
+    let Ok(rows) = pg
+        .query(
+            "SELECT application_name, pid FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+    else {
+        return Vec::new();
+    };
+    rows.iter()
+        .map(|r| {
+            let name: String = r.get(0);
+            let pid: i32 = r.get(1);
+            let name = if name.is_empty() {
+                "(unnamed)".into()
+            } else {
+                name
+            };
+            (name, pid as u32)
+        })
+        .collect()
+}

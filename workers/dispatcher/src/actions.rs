@@ -13,7 +13,7 @@ use firstline_shared::wire::{AgentAction, AgentActionKind, CustomerRef, Notifica
 use uuid::Uuid;
 
 use crate::db;
-use crate::reply::{apply_reply, record_end};
+use crate::reply::apply_reply;
 
 /// An agent's action and its `FL_ACTIONS` stream sequence.
 pub(crate) type Sent = (AgentId, AgentAction, u64);
@@ -157,7 +157,8 @@ async fn apply_action(
                 reject(outbox, &conversation.not_served_reason());
                 return Ok(());
             }
-            shared_db::transition(
+            // A reply of this agent handled after the close is judged by its sequence.
+            shared_db::transition_ending(
                 tx,
                 outbox,
                 &mut conversation,
@@ -166,10 +167,9 @@ async fn apply_action(
                     agent: Some(agent),
                     reason: "closed_by_agent",
                 },
+                Some((agent, seq)),
             )
             .await?;
-            // A reply of this agent handled after the close is judged by its sequence.
-            record_end(tx, conversation_id, agent, seq).await?;
             // 滿意度調查, if the channel asks one: after every reply sent before the close
             // (applied before it, in this lane), so after them on `outbound` too.
             firstline_shared::survey::ask(tx, outbox, &conversation).await?;
@@ -211,7 +211,8 @@ async fn apply_action(
                 Some(_) => ConversationState::Processing,
                 None => ConversationState::Waiting,
             };
-            shared_db::transition(
+            // A reply of the former agent sent before the transfer still goes out (reply.rs).
+            shared_db::transition_ending(
                 tx,
                 outbox,
                 &mut conversation,
@@ -220,10 +221,9 @@ async fn apply_action(
                     agent: to_agent.as_ref(),
                     reason: "transferred",
                 },
+                Some((agent, seq)),
             )
             .await?;
-            // A reply of the former agent sent before the transfer still goes out (reply.rs).
-            record_end(tx, conversation_id, agent, seq).await?;
             outbox.notify_agent(
                 tenant,
                 agent,

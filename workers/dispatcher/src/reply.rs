@@ -5,7 +5,8 @@
 //!
 //! When a redelivery comes out of order (an instance died with the reply in hand), the reply
 //! is judged by the conversation's state at the reply's own stream sequence: the close or
-//! transfer that ended an assignment records its sequence and agent ([`record_end`]), and a
+//! transfer that ended an assignment records its sequence and agent (in the same update as its
+//! transition, `firstline_shared::db::transition_ending`), and a
 //! reply of that agent sent before it still goes out, once.
 
 use deadpool_postgres::Transaction;
@@ -33,26 +34,6 @@ pub(crate) fn may_reply(
     seq: u64,
 ) -> bool {
     serving_now || ended.is_some_and(|e| e.agent == *agent && seq < e.seq)
-}
-
-/// Records that `agent`'s assignment of `conversation_id` ended with the action at `seq`.
-pub(crate) async fn record_end(
-    tx: &Transaction<'_>,
-    conversation_id: Uuid,
-    agent: &AgentId,
-    seq: u64,
-) -> anyhow::Result<()> {
-    let stmt = tx
-        .prepare_cached(
-            "UPDATE conversations SET ended_agent = $2, ended_action_seq = $3 WHERE id = $1",
-        )
-        .await?;
-    tx.execute(
-        &stmt,
-        &[&conversation_id, &agent.as_str(), &seq_column(seq)],
-    )
-    .await?;
-    Ok(())
 }
 
 /// Applies `agent`'s reply `text` (action `action_id`, at stream sequence `seq`) to the locked
@@ -150,10 +131,6 @@ async fn ended(tx: &Transaction<'_>, conversation_id: Uuid) -> anyhow::Result<Op
 }
 
 /// A stream sequence as the `bigint` column holds it (sequences stay far below `i64::MAX`).
-fn seq_column(seq: u64) -> i64 {
-    i64::try_from(seq).unwrap_or(i64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

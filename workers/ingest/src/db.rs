@@ -183,16 +183,28 @@ pub async fn open_conversation(
     };
     let id = Uuid::now_v7();
     // New: the row is written here and locked by its insert; what the rest of the handling
-    // needs of it is known without reading it back.
+    // needs of it is known without reading it back. Its history row is inserted by the same
+    // statement (one statement less per new conversation, issue 22).
     let insert = tx
         .prepare_cached(
-            "INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, weight, bot_at, queued_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7,
-                     CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
-                     CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)
-             RETURNING queued_at",
+            "WITH c AS (
+                 INSERT INTO conversations (id, tenant_id, channel_id, customer_id, state, required_skills, weight, bot_at, queued_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7,
+                         CASE WHEN $5 IN ('bot', 'script') THEN statement_timestamp() END,
+                         CASE WHEN $5 = 'waiting' THEN statement_timestamp() END)
+                 RETURNING id, state, queued_at),
+             h AS (
+                 INSERT INTO conversation_transitions (conversation_id, from_state, to_state, agent_id, reason)
+                 SELECT id, NULL, state, NULL, $8 FROM c
+                 RETURNING id, at)
+             SELECT c.queued_at, h.id, h.at FROM c CROSS JOIN h",
         )
         .await?;
+    let transition = Transition {
+        to: state,
+        agent: None,
+        reason: "new_conversation",
+    };
     let row = tx
         .query_one(
             &insert,
@@ -204,6 +216,7 @@ pub async fn open_conversation(
                 &state.as_str(),
                 &settings.required_skills.to_vec(),
                 &settings.weight,
+                &transition.reason,
             ],
         )
         .await?;
@@ -219,18 +232,14 @@ pub async fn open_conversation(
         required_skills: settings.required_skills.clone(),
         queued_at: row.get(0),
     };
-    db::record_history(
-        tx,
+    db::stage_event(
         outbox,
         &conversation,
         None,
-        Transition {
-            to: state,
-            agent: None,
-            reason: "new_conversation",
-        },
-    )
-    .await?;
+        transition,
+        row.get(1),
+        row.get(2),
+    );
     Ok((conversation, true))
 }
 
