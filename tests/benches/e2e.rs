@@ -84,6 +84,9 @@ fn cpu_ticks(pid: u32) -> u64 {
     get(14).unwrap_or(0) + get(15).unwrap_or(0)
 }
 
+/// Clock ticks per second of `/proc/<pid>/stat`'s CPU times (USER_HZ: 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
 /// The CPU ticks of the benchmark database's backends, per pid, with their worker's name.
 async fn backend_ticks(pg: &tokio_postgres::Client) -> BTreeMap<u32, (String, u64)> {
     pgstat::backends(pg)
@@ -100,8 +103,7 @@ fn backend_cpu_ms_per_msg(
     after: &BTreeMap<u32, (String, u64)>,
     answered: u64,
 ) -> BTreeMap<String, f64> {
-    // USER_HZ: 100 on Linux (as `percent` assumes).
-    let tick_ms = 10.0;
+    let tick_ms = 1000.0 / TICKS_PER_SECOND;
     let mut out: BTreeMap<String, f64> = BTreeMap::new();
     for (pid, (name, ticks)) in after {
         let start = before.get(pid).map_or(0, |(_, t)| *t);
@@ -137,7 +139,7 @@ fn percent(
             let before = t0.get(n).copied().unwrap_or(0);
             (
                 *n,
-                t.saturating_sub(before) as f64 / 100.0 / seconds * 100.0,
+                t.saturating_sub(before) as f64 / TICKS_PER_SECOND / seconds * 100.0,
             )
         })
         .collect()

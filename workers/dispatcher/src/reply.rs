@@ -130,7 +130,6 @@ async fn ended(tx: &Transaction<'_>, conversation_id: Uuid) -> anyhow::Result<Op
     })
 }
 
-/// A stream sequence as the `bigint` column holds it (sequences stay far below `i64::MAX`).
 #[cfg(test)]
 mod tests {
     use super::*;
