@@ -55,6 +55,18 @@ async fn assert_waits_before_taking(
     );
 }
 
+/// Waits until ingest has stored both customers' second message.
+async fn both_second_messages_stored(app: &TestApp) {
+    wait_for_count(
+        &app.pg,
+        "both second messages stored",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM messages WHERE body = 'second'",
+        2,
+    )
+    .await;
+}
+
 /// Whether `conversation` can be locked at once (no one else holds it).
 async fn is_free(app: &TestApp, conversation: Uuid) -> Result<u64, tokio_postgres::Error> {
     let probe = app.db.connect().await;
@@ -147,14 +159,7 @@ async fn ingest_locks_a_batchs_conversations_in_the_order_of_their_ids() {
     start_ingest(&mut app);
     // It waits for the lower id before it takes the higher: the higher is free.
     assert_waits_before_taking(&app, "ingest", holder, high).await;
-    wait_for_count(
-        &app.pg,
-        "both second messages stored",
-        Duration::from_secs(20),
-        "SELECT count(*) FROM messages WHERE body = 'second'",
-        2,
-    )
-    .await;
+    both_second_messages_stored(&app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,14 +203,7 @@ async fn the_bot_router_locks_a_batchs_conversations_in_the_order_of_their_ids()
     app.customer_says("t1", "web", high_customer, "second")
         .await;
     app.customer_says("t1", "web", low_customer, "second").await;
-    wait_for_count(
-        &app.pg,
-        "both second messages stored",
-        Duration::from_secs(20),
-        "SELECT count(*) FROM messages WHERE body = 'second'",
-        2,
-    )
-    .await;
+    both_second_messages_stored(&app).await;
     let holder = hold(&app, low).await;
     let second = CancellationToken::new();
     let running = bot_router(second.clone());
