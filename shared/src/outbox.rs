@@ -31,7 +31,8 @@ pub struct Outbox {
     pending: Vec<Pending>,
 }
 
-/// Messages written to the outbox table, to publish once the transaction has committed.
+/// Messages written to the outbox table, to publish once the transaction has committed: each
+/// with the id of its row, in the order they were pushed (a row holds one lane's messages).
 #[derive(Debug, Default)]
 #[must_use = "publish the staged messages after commit"]
 pub struct Staged {
@@ -62,11 +63,14 @@ impl Outbox {
         self.pending.extend(other.pending);
     }
 
-    /// Writes the messages in `tx`. Call just before `tx.commit()`.
+    /// Writes the messages in `tx`, one row per lane ([`lane_of`]: one tenant's messages of
+    /// one kind) holding that lane's messages in order (issue 22: a row, its index entry and
+    /// their WAL per lane of a transaction, not per message). Call just before `tx.commit()`.
     pub async fn stage(self, tx: &Transaction<'_>) -> Result<Staged, tokio_postgres::Error> {
         if self.pending.is_empty() {
             return Ok(Staged::default());
         }
+        let lanes: Vec<String> = self.pending.iter().map(|p| lane_of(&p.subject)).collect();
         let subjects: Vec<&str> = self.pending.iter().map(|p| p.subject.as_str()).collect();
         let ids: Vec<&str> = self.pending.iter().map(|p| p.msg_id.as_str()).collect();
         let payloads: Vec<&[u8]> = self.pending.iter().map(|p| p.payload.as_ref()).collect();
@@ -77,18 +81,34 @@ impl Outbox {
             .collect();
         let stmt = tx
             .prepare_cached(
-                "INSERT INTO outbox (subject, msg_id, payload, traceparent)
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[])
-                 RETURNING id",
+                "INSERT INTO outbox (subjects, msg_ids, payloads, traceparents)
+                 SELECT array_agg(subject ORDER BY n), array_agg(msg_id ORDER BY n),
+                        array_agg(payload ORDER BY n), array_agg(traceparent ORDER BY n)
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::text[])
+                      WITH ORDINALITY AS m(lane, subject, msg_id, payload, traceparent, n)
+                 GROUP BY lane
+                 RETURNING id, subjects[1]",
             )
             .await?;
         let rows = tx
-            .query(&stmt, &[&subjects, &ids, &payloads, &traces])
+            .query(&stmt, &[&lanes, &subjects, &ids, &payloads, &traces])
             .await?;
+        // Each row is told by its lane (a row's first subject names it; a transaction has one
+        // row per lane), not by the order of RETURNING. A lane always has its row: the 0 that
+        // cannot happen would only leave the row to the sweeper, which deletes it.
+        let row_of: Vec<(String, i64)> = rows
+            .iter()
+            .map(|r| (lane_of(r.get::<_, &str>(1)), r.get::<_, i64>(0)))
+            .collect();
         Ok(Staged {
-            rows: rows
+            rows: lanes
                 .iter()
-                .map(|r| r.get::<_, i64>(0))
+                .map(|lane| {
+                    row_of
+                        .iter()
+                        .find(|(l, _)| l == lane)
+                        .map_or(0, |(_, id)| *id)
+                })
                 .zip(self.pending)
                 .collect(),
         })
@@ -104,41 +124,62 @@ impl Staged {
         if self.rows.is_empty() {
             return;
         }
-        let (done, failed) = publish_rows(js, self.rows).await;
-        for ((_, pending), e) in failed {
-            tracing::warn!(
-                msg_id = pending.msg_id,
-                "outbox publish deferred to the sweeper: {e:#}"
-            );
-        }
+        let (done, _) = publish_rows(js, self.rows).await;
         delete_published(client, &done).await;
     }
 }
 
-/// Publishes `rows` in order: returns the ids of those the stream took (or that can never go
-/// and were dead-lettered, [`unpublishable`]), and the others, in order, with their error.
+/// Publishes `rows` (messages with the id of their row) in order: returns the ids of the rows
+/// whose every message the stream took (or that can never go and was dead-lettered,
+/// [`unpublishable`]), and the messages of the other rows, in order, to try again (a message
+/// of such a row that went out goes again: the stream keeps one, by its `Nats-Msg-Id`).
+/// Each failure is logged.
 async fn publish_rows(
     js: &JetStream,
     rows: Vec<(i64, Pending)>,
-) -> (Vec<i64>, Vec<((i64, Pending), anyhow::Error)>) {
+) -> (Vec<i64>, Vec<(i64, Pending)>) {
     let outgoing: Vec<bus::Outgoing> = rows.iter().map(|(_, p)| p.outgoing()).collect();
     let results = bus::publish_all(js, &outgoing).await;
-    let mut done = Vec::with_capacity(rows.len());
-    let mut failed = Vec::new();
-    for ((id, pending), result) in rows.into_iter().zip(results) {
+    let mut failed_rows: Vec<i64> = Vec::new();
+    for ((id, pending), result) in rows.iter().zip(results) {
         match result {
-            Ok(()) => done.push(id),
-            Err(e) if unpublishable(js, id, &pending, &e).await => done.push(id),
-            Err(e) => failed.push(((id, pending), e)),
+            Ok(()) => {}
+            Err(e) if unpublishable(js, *id, pending, &e).await => {}
+            Err(e) => {
+                tracing::warn!(
+                    msg_id = pending.msg_id,
+                    "outbox publish not acknowledged (tried again, else by the sweeper): {e:#}"
+                );
+                if !failed_rows.contains(id) {
+                    failed_rows.push(*id);
+                }
+            }
         }
     }
-    (done, failed)
+    let mut done: Vec<i64> = Vec::new();
+    let mut again = Vec::new();
+    for (id, pending) in rows {
+        if failed_rows.contains(&id) {
+            again.push((id, pending));
+        } else if done.last() != Some(&id) && !done.contains(&id) {
+            done.push(id);
+        }
+    }
+    (done, again)
 }
 
 /// [`delete`]s published rows; a failure only means the sweeper sends them again.
 async fn delete_published(client: &impl GenericClient, ids: &[i64]) {
     if let Err(e) = delete(client, ids).await {
         tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}");
+    }
+}
+
+/// `fl.<tenant>.<kind>`: the lane of a subject (the whole subject where it is not ours).
+pub(crate) fn lane_of(subject: &str) -> String {
+    match crate::subjects::split(subject) {
+        Some((tenant, kind, _)) => format!("fl.{tenant}.{kind}"),
+        None => subject.to_owned(),
     }
 }
 
@@ -219,28 +260,32 @@ pub async fn sweep_once(js: &JetStream, pool: &Pool, min_age: Duration) -> anyho
     let tx = client.transaction().await?;
     let rows = tx
         .query(
-            "SELECT id, subject, msg_id, payload, traceparent FROM outbox
+            "SELECT id, subjects, msg_ids, payloads, traceparents FROM outbox
              WHERE created_at < now() - make_interval(secs => $1)
              ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED",
             &[&min_age.as_secs_f64()],
         )
         .await?;
-    let rows: Vec<(i64, Pending)> = rows
-        .iter()
-        .map(|row| {
+    let mut messages: Vec<(i64, Pending)> = Vec::new();
+    for row in &rows {
+        let id: i64 = row.get(0);
+        let subjects: Vec<String> = row.get(1);
+        let msg_ids: Vec<String> = row.get(2);
+        let payloads: Vec<Vec<u8>> = row.get(3);
+        let traces: Vec<Option<String>> = row.get(4);
+        for (((subject, msg_id), payload), traceparent) in
+            subjects.into_iter().zip(msg_ids).zip(payloads).zip(traces)
+        {
             let pending = Pending {
-                subject: row.get(1),
-                msg_id: row.get(2),
-                payload: Bytes::from(row.get::<_, Vec<u8>>(3)),
-                traceparent: row.get(4),
+                subject,
+                msg_id,
+                payload: Bytes::from(payload),
+                traceparent,
             };
-            (row.get(0), pending)
-        })
-        .collect();
-    let (done, failed) = publish_rows(js, rows).await;
-    for (_, e) in failed {
-        tracing::warn!("outbox sweep: {e:#}");
+            messages.push((id, pending));
+        }
     }
+    let (done, _) = publish_rows(js, messages).await;
     tx.execute("DELETE FROM outbox WHERE id = ANY($1)", &[&done])
         .await?;
     tx.commit().await?;

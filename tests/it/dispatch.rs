@@ -134,8 +134,9 @@ async fn an_offer_not_accepted_within_the_cycle_is_redispatched() {
     .await;
 }
 
-/// A decided message whose publish never happened (the process died after the commit) is
-/// published by the outbox sweeper of any running worker, with its fixed Nats-Msg-Id.
+/// Decided messages whose publish never happened (the process died after the commit) are
+/// published by the outbox sweeper of any running worker, with their fixed Nats-Msg-Ids, in
+/// the order of their row (one row holds a lane's messages of one transaction, V18).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_outbox_publishes_what_a_crashed_process_left_behind() {
     let app = TestApp::spawn(SETUP).await;
@@ -144,21 +145,27 @@ async fn the_outbox_publishes_what_a_crashed_process_left_behind() {
         .subscribe("fl.t1.events.conversation")
         .await
         .unwrap();
-    let payload = json!({"left": "behind"}).to_string();
+    let first = json!({"left": "behind"}).to_string();
+    let second = json!({"and": "after it"}).to_string();
+    let subject = "fl.t1.events.conversation";
     app.pg
         .execute(
-            "INSERT INTO outbox (subject, msg_id, payload, created_at) VALUES ($1, 'crash-1', $2, now() - interval '1 minute')",
-            &[&"fl.t1.events.conversation", &payload.as_bytes()],
+            "INSERT INTO outbox (subjects, msg_ids, payloads, traceparents, created_at)
+             VALUES (ARRAY[$1, $1], ARRAY['crash-1', 'crash-2'], ARRAY[$2::bytea, $3::bytea],
+                     ARRAY[NULL, NULL]::text[], now() - interval '1 minute')",
+            &[&subject, &first.as_bytes(), &second.as_bytes()],
         )
         .await
         .unwrap();
-    let got = crate::helpers::next_json(&mut sub, "the swept message").await;
+    let got = crate::helpers::next_json(&mut sub, "the first swept message").await;
     assert_eq!(got, json!({"left": "behind"}));
+    let got = crate::helpers::next_json(&mut sub, "the second swept message").await;
+    assert_eq!(got, json!({"and": "after it"}));
     wait_for_count(
         &app.pg,
         "the row removed",
         Duration::from_secs(10),
-        "SELECT count(*) FROM outbox WHERE msg_id = 'crash-1'",
+        "SELECT count(*) FROM outbox WHERE 'crash-1' = ANY(msg_ids)",
         0,
     )
     .await;

@@ -272,3 +272,86 @@ async fn the_messages_pages_keep_room_for_the_handled_mark() {
         full_pages * 100.0
     );
 }
+
+/// Issue 22: a transaction's outbox is one row per lane (one tenant's messages of one kind),
+/// holding that lane's messages in the order they were staged, not one row per message.
+#[tokio::test]
+async fn a_transactions_outbox_is_one_row_per_lane_in_order() {
+    use firstline_shared::domain::{AgentId, TenantId};
+    use firstline_shared::wire::NotificationKind;
+    let test_db = TestDb::create().await;
+    let config = CommonConfig::new("nats://127.0.0.1:1", &test_db.url);
+    db::migrate(&config.database_url).await.expect("migrate");
+    let pool = db::pool(&config).expect("pool");
+    let mut client = pool.get().await.expect("connection");
+    let tx = client.transaction().await.expect("begin");
+    let mut outbox = firstline_shared::outbox::Outbox::new();
+    let agent = AgentId::parse("a1").unwrap();
+    let staged: Vec<(&str, u128)> = vec![("t1", 1), ("t2", 2), ("t1", 3), ("t1", 4), ("t2", 5)];
+    for (tenant, n) in &staged {
+        outbox.notify_agent(
+            &TenantId::parse(*tenant).unwrap(),
+            &agent,
+            uuid::Uuid::from_u128(*n),
+            uuid::Uuid::from_u128(*n),
+            NotificationKind::OfferRevoked {
+                offer_id: uuid::Uuid::from_u128(*n),
+                reason: "test".into(),
+            },
+        );
+    }
+    let _staged = outbox.stage(&tx).await.expect("stage");
+    let rows: Vec<(Vec<String>, Vec<String>, usize)> = tx
+        .query(
+            "SELECT subjects, msg_ids, cardinality(payloads) FROM outbox ORDER BY subjects[1]",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get::<_, i32>(2) as usize))
+        .collect();
+    let id = |n: u128| format!("delivery:{}", uuid::Uuid::from_u128(n));
+    assert_eq!(
+        rows,
+        vec![
+            (
+                vec!["fl.t1.delivery.agent".to_string(); 3],
+                vec![id(1), id(3), id(4)],
+                3
+            ),
+            (
+                vec!["fl.t2.delivery.agent".to_string(); 2],
+                vec![id(2), id(5)],
+                2
+            ),
+        ]
+    );
+}
+
+/// V18: a row's payloads are compressed with lz4 where the server has it (this one's, when a
+/// table can be made with it), not with the slower default pglz.
+#[tokio::test]
+async fn the_outbox_payloads_are_compressed_with_lz4_where_the_server_has_it() {
+    let test_db = TestDb::create().await;
+    db::migrate(&test_db.url).await.expect("migrate");
+    let pg = test_db.connect().await;
+    let has_lz4 = pg
+        .batch_execute("CREATE TEMP TABLE lz4_probe (b bytea COMPRESSION lz4)")
+        .await
+        .is_ok();
+    let method: String = pg
+        .query_one(
+            "SELECT attcompression::text FROM pg_attribute
+             WHERE attrelid = 'outbox'::regclass AND attname = 'payloads'",
+            &[],
+        )
+        .await
+        .expect("attribute")
+        .get(0);
+    assert_eq!(
+        method,
+        if has_lz4 { "l" } else { "" },
+        "lz4 available: {has_lz4}"
+    );
+}

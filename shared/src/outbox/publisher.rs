@@ -18,7 +18,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{delete_published, Pending, Staged};
+use super::{delete_published, lane_of, Pending, Staged};
 use crate::bus::JetStream;
 use crate::worker::Services;
 
@@ -88,14 +88,6 @@ impl Publisher {
     }
 }
 
-/// `fl.<tenant>.<kind>`: the lane of a subject (the whole subject where it is not ours).
-fn lane_of(subject: &str) -> String {
-    match crate::subjects::split(subject) {
-        Some((tenant, kind, _)) => format!("fl.{tenant}.{kind}"),
-        None => subject.to_owned(),
-    }
-}
-
 async fn run_lane(
     js: JetStream,
     pool: Pool,
@@ -145,28 +137,19 @@ async fn run_lane(
 /// Publishes `rows` in order and deletes those the stream took (or that can never go and are
 /// dead-lettered); returns the others, in order, to try again.
 async fn publish_rows(js: &JetStream, pool: &Pool, rows: Vec<Row>) -> Vec<Row> {
-    let (done, failed) = super::publish_rows(js, rows).await;
+    let (done, again) = super::publish_rows(js, rows).await;
     if !done.is_empty() {
         match pool.get().await {
             Ok(client) => delete_published(&client, &done).await,
             Err(e) => tracing::warn!("outbox rows published but not deleted (the sweeper will re-send them, deduplicated): {e:#}"),
         }
     }
-    failed
-        .into_iter()
-        .map(|(row, e)| {
-            tracing::warn!(
-                msg_id = row.1.msg_id,
-                "outbox publish not acknowledged, trying again: {e:#}"
-            );
-            row
-        })
-        .collect()
+    again
 }
 
 #[cfg(test)]
 mod tests {
-    use super::lane_of;
+    use crate::outbox::lane_of;
 
     #[test]
     fn a_lane_is_one_tenants_one_kind_of_message() {
